@@ -1,0 +1,47 @@
+"""The one settings object of FaceAdapt, shared by `restoration/`, `worker/` and `app/`.
+
+Every field can be set with an environment variable `FACEADAPT_<FIELD>` (for example
+`FACEADAPT_HOME=/data/faceadapt`). This module only depends on pydantic-settings, so the ML core
+stays importable without any web, database or queue package.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FACEADAPT_", env_file=".env", extra="ignore")
+
+    # --- where things live -------------------------------------------------------------
+    home: Path = Field(default=Path("~/.faceadapt"), description="Root folder for the model zoo, storage and the embedded database.")
+    models_dir: Path | None = Field(default=None, description="Model zoo folder (default: HOME/models).")
+    facexlib_model_root: Path | None = Field(
+        default=None, description="Folder holding facexlib weights such as detection_mobilenet0.25_Final.pth (default: HOME/facexlib)."
+    )
+
+    # --- ML defaults ---------------------------------------------------------------------
+    device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]'.")
+    default_restorer: str = "faceadapt-swinir-small"
+    default_prior: str = "faceadapt-iddpm-small"
+    detector: str = Field(default="auto", description="'auto' (RetinaFace, else MTCNN), 'retinaface' or 'mtcnn'.")
+
+    @property
+    def home_dir(self) -> Path:
+        return Path(self.home).expanduser()
+
+    @property
+    def zoo_dir(self) -> Path:
+        return Path(self.models_dir).expanduser() if self.models_dir else self.home_dir / "models"
+
+    @property
+    def facexlib_dir(self) -> Path:
+        return Path(self.facexlib_model_root).expanduser() if self.facexlib_model_root else self.home_dir / "facexlib"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
