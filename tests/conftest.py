@@ -1,0 +1,28 @@
+"""Shared test fixtures. `../shared` (beside the repo) holds the data and compat fixtures; it is read in place."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("FACEADAPT_SHARED", REPO.parent / "shared")).resolve()
+COMPAT = SHARED / "compat"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"shared data folder not found at {SHARED} (set FACEADAPT_SHARED)")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def compat_dir(shared_dir: Path) -> Path:
+    return shared_dir / "compat"
+
+
+@pytest.fixture(scope="session")
+def facexlib_root(shared_dir: Path) -> Path:
+    return shared_dir / "weights" / "facexlib"
