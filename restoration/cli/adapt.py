@@ -1,0 +1,2 @@
+"""`faceadapt` commands: adapt."""
+from restoration.cli.app import app  # noqa: F401

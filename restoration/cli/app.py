@@ -1,0 +1,10 @@
+"""The root `faceadapt` typer application; command modules register themselves on it."""
+import typer
+
+app = typer.Typer(
+    name="faceadapt",
+    help="FaceAdapt: blind face restoration that adapts to your own images with a diffusion prior.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)

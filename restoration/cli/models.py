@@ -1,0 +1,2 @@
+"""`faceadapt` commands: models."""
+from restoration.cli.app import app  # noqa: F401

@@ -1,0 +1,2 @@
+"""`faceadapt` commands: serve."""
+from restoration.cli.app import app  # noqa: F401

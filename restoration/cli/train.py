@@ -1,0 +1,2 @@
+"""`faceadapt` commands: train."""
+from restoration.cli.app import app  # noqa: F401
