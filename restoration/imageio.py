@@ -1,0 +1,276 @@
+"""Image decoding and encoding for FaceAdapt.
+
+Every image that enters the restoration core goes through :func:`load_image`, which returns an
+``HxWx3`` ``uint8`` RGB array whatever the file held:
+
+* the EXIF orientation tag is applied (the pixels are rotated/flipped, the tag is dropped);
+* grayscale (``1``, ``L``, ``I``, ``I;16``, ``F``) is replicated to three channels;
+* palette images are expanded through their palette;
+* images with an alpha channel (``RGBA``, ``LA``, palette with transparency) are **composited on a
+  white background** (a transparent pixel becomes white, a half transparent one is blended): this is
+  what a viewer shows and it keeps a transparent surround from turning into black "hair";
+* 16-bit images (16-bit grayscale PNG/TIFF, 48/64-bit RGB(A) PNG) are reduced to 8 bits with rounding
+  (``v * 255 / 65535``); PNG files with 16-bit RGB(A) samples are decoded with OpenCV
+  (``IMREAD_UNCHANGED``) because Pillow keeps only the high byte of those;
+* CMYK, YCbCr, LAB and other modes are converted to RGB by Pillow.
+
+Undecodable input (empty, not an image, truncated, corrupt) raises :class:`ImageError`, a
+``ValueError`` subclass, with the reason. ``max_pixels`` is a decompression-bomb guard: the size is
+read from the header and checked *before* any pixel data is decoded.
+"""
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = ["ImageError", "load_image", "encode_image", "save_image", "FORMATS"]
+
+_EXIF_ORIENTATION = 0x0112
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+#: encode formats: name -> (Pillow format name, file suffixes)
+FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "png": ("PNG", (".png",)),
+    "jpeg": ("JPEG", (".jpg", ".jpeg", ".jpe")),
+    "webp": ("WEBP", (".webp",)),
+}
+_FORMAT_ALIASES = {"jpg": "jpeg", "jpe": "jpeg"}
+
+
+class ImageError(ValueError):
+    """The input is not a decodable image, or is refused (too large, wrong array)."""
+
+
+# ----------------------------------------------------------------------------------- loading
+def _read_source(src: bytes | bytearray | memoryview | str | os.PathLike) -> tuple[bytes, str]:
+    """Return (data, label) where label names the source in error messages."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return bytes(src), "image bytes"
+    if isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        try:
+            return path.read_bytes(), str(path)
+        except FileNotFoundError:
+            raise ImageError(f"cannot read image {path}: file not found") from None
+        except IsADirectoryError:
+            raise ImageError(f"cannot read image {path}: is a directory") from None
+        except OSError as exc:
+            raise ImageError(f"cannot read image {path}: {exc}") from None
+    raise TypeError(f"load_image expects bytes or a path, got {type(src).__name__}")
+
+
+def _png_bit_depth_and_colour(data: bytes) -> tuple[int, int] | None:
+    """(bit depth, colour type) from a PNG IHDR chunk, or None when `data` is not a PNG."""
+    if len(data) < 29 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    return data[24], data[25]
+
+
+def _orient(arr: np.ndarray, orientation: int | None) -> np.ndarray:
+    """Apply an EXIF orientation (1..8) to an HxW[xC] array so that it displays upright."""
+    if orientation == 2:
+        arr = arr[:, ::-1]
+    elif orientation == 3:
+        arr = arr[::-1, ::-1]
+    elif orientation == 4:
+        arr = arr[::-1]
+    elif orientation == 5:
+        arr = arr.swapaxes(0, 1)
+    elif orientation == 6:
+        arr = np.rot90(arr, -1)
+    elif orientation == 7:
+        arr = arr[::-1, ::-1].swapaxes(0, 1)
+    elif orientation == 8:
+        arr = np.rot90(arr, 1)
+    return np.ascontiguousarray(arr)
+
+
+def _to_uint8(values: np.ndarray, bits16: bool) -> np.ndarray:
+    """Reduce integer or float samples to uint8 (rounding, never wrapping)."""
+    if values.dtype == np.uint8:
+        return values
+    v = values.astype(np.float64)
+    if np.issubdtype(values.dtype, np.floating):
+        finite = v[np.isfinite(v)]
+        # float images: [0, 1] when they look normalised, otherwise taken as 0..255
+        if finite.size and finite.max() <= 1.0 and finite.min() >= 0.0:
+            v = v * 255.0
+        v = np.nan_to_num(v, nan=0.0, posinf=255.0, neginf=0.0)
+    elif bits16 or v.max(initial=0) > 255:
+        v = v * (255.0 / 65535.0)
+    return np.clip(np.rint(v), 0, 255).astype(np.uint8)
+
+
+def _composite_on_white(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Blend uint8 RGB over white using a uint8 alpha; exact for alpha 0 and 255."""
+    a = alpha.astype(np.float32)[..., None] / 255.0
+    out = rgb.astype(np.float32) * a + 255.0 * (1.0 - a)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def _decode_png16_cv2(data: bytes, label: str) -> np.ndarray:
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None:
+        raise ImageError(f"cannot decode {label}: corrupt 16-bit PNG data")
+    if arr.ndim == 2:
+        rgb = _to_uint8(arr, bits16=arr.dtype == np.uint16)
+        return np.repeat(rgb[..., None], 3, axis=2)
+    bits16 = arr.dtype == np.uint16
+    if arr.shape[2] == 2:  # gray + alpha
+        gray = _to_uint8(arr[..., 0], bits16)
+        return _composite_on_white(np.repeat(gray[..., None], 3, axis=2), _to_uint8(arr[..., 1], bits16))
+    if arr.shape[2] == 4:
+        rgb = _to_uint8(arr[..., 2::-1], bits16)
+        alpha = _to_uint8(arr[..., 3], bits16)
+        return _composite_on_white(rgb, alpha)
+    return np.ascontiguousarray(_to_uint8(arr[..., 2::-1], bits16))
+
+
+def _pil_to_rgb(im: Image.Image) -> np.ndarray:
+    mode = im.mode
+    if mode == "RGB":
+        return np.asarray(im, dtype=np.uint8)
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        bits16 = mode.startswith("I;16")
+        gray = _to_uint8(np.asarray(im), bits16=bits16)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+        mode = "RGBA"
+    elif mode == "P":
+        return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA"):
+        rgba = np.asarray(im.convert("RGBA"), dtype=np.uint8)
+        return _composite_on_white(rgba[..., :3], rgba[..., 3])
+    if mode in ("1", "L"):
+        gray = np.asarray(im.convert("L"), dtype=np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+def load_image(src: bytes | str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """Decode an image file or bytes to an ``HxWx3 uint8`` RGB array (see the module doc).
+
+    ``max_pixels``: refuse images with more than this many pixels (width x height), checked from the
+    header before the pixel data is decoded. Raises :class:`ImageError` for anything undecodable.
+    """
+    data, label = _read_source(src)
+    if not data:
+        raise ImageError(f"cannot decode {label}: empty input")
+    if max_pixels is not None and max_pixels <= 0:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+
+    try:
+        with warnings.catch_warnings():
+            # we enforce our own limit; Pillow's bomb *warning* would only be noise
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"cannot decode {label}: refused as a decompression bomb ({exc})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"cannot decode {label}: not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"cannot decode {label}: {exc}") from None
+
+    with im:
+        width, height = im.size
+        if width <= 0 or height <= 0:
+            raise ImageError(f"cannot decode {label}: empty image ({width}x{height})")
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageError(
+                f"image {label} is {width}x{height} = {width * height} pixels, over the limit of "
+                f"max_pixels={max_pixels}"
+            )
+        try:
+            orientation = im.getexif().get(_EXIF_ORIENTATION)
+        except Exception:  # a broken EXIF block must not make a decodable image fail
+            orientation = None
+        png = _png_bit_depth_and_colour(data)
+        try:
+            if png is not None and png[0] == 16 and png[1] in (2, 4, 6):
+                arr = _decode_png16_cv2(data, label)
+            else:
+                im.load()
+                arr = _pil_to_rgb(im)
+        except ImageError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise ImageError(f"cannot decode {label}: corrupt or truncated image data ({exc})") from None
+
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:  # defensive: never hand back junk
+        raise ImageError(f"cannot decode {label}: unexpected decoded layout {arr.shape} {arr.dtype}")
+    return _orient(arr, orientation if isinstance(orientation, int) else None)
+
+
+# ----------------------------------------------------------------------------------- saving
+def _normalise_format(fmt: str) -> str:
+    f = fmt.lower().lstrip(".")
+    f = _FORMAT_ALIASES.get(f, f)
+    if f not in FORMATS:
+        raise ImageError(f"unsupported output format {fmt!r}; use one of {sorted(FORMATS)}")
+    return f
+
+
+def _check_array(arr: np.ndarray) -> np.ndarray:
+    arr = np.asarray(arr)
+    if arr.dtype != np.uint8:
+        raise ImageError(f"encode_image expects a uint8 array, got {arr.dtype}")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        raise ImageError(f"encode_image expects HxW, HxWx3 or HxWx4, got shape {arr.shape}")
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageError(f"cannot encode an empty image of shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def encode_image(arr: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+    """Encode a uint8 RGB (HxWx3), RGBA (HxWx4, PNG/WebP only) or gray (HxW) array.
+
+    ``fmt``: 'png' (lossless, quality ignored), 'jpeg'/'jpg' or 'webp'; ``quality`` 1..100.
+    """
+    f = _normalise_format(fmt)
+    if not 1 <= int(quality) <= 100:
+        raise ImageError(f"quality must be in 1..100, got {quality}")
+    arr = _check_array(arr)
+    if f == "jpeg" and arr.ndim == 3 and arr.shape[2] == 4:
+        raise ImageError("JPEG has no alpha channel: pass an HxWx3 array")
+    im = Image.fromarray(arr)
+    buf = io.BytesIO()
+    if f == "png":
+        im.save(buf, format="PNG", compress_level=6)
+    elif f == "jpeg":
+        im.save(buf, format="JPEG", quality=int(quality), subsampling=0 if quality >= 90 else 2)
+    else:
+        im.save(buf, format="WEBP", quality=int(quality), method=4)
+    return buf.getvalue()
+
+
+def save_image(path: str | Path, arr: np.ndarray, quality: int = 95) -> Path:
+    """Write an image, format chosen by the suffix (.png, .jpg/.jpeg, .webp); atomic (temp + rename)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    fmt = next((name for name, (_, sfx) in FORMATS.items() if suffix in sfx), None)
+    if fmt is None:
+        raise ImageError(f"cannot tell the format from {path.name!r}; use .png, .jpg, .jpeg or .webp")
+    data = encode_image(arr, fmt, quality)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
