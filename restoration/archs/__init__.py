@@ -1,0 +1,25 @@
+"""Architectures that load public checkpoints strictly; see docs/ARCHITECTURE.md and shared/compat."""
+from __future__ import annotations
+
+import inspect
+
+from torch import nn
+
+from .iddpm_unet import IDDPMUNet
+
+ARCHS: dict[str, type[nn.Module]] = {
+    "iddpm_unet": IDDPMUNet,
+}
+
+
+def build(arch_name: str, config: dict) -> nn.Module:
+    """Instantiate ``ARCHS[arch_name](**config)``; ``config`` holds the reference constructor keywords."""
+    try:
+        cls = ARCHS[arch_name]
+    except KeyError:
+        raise ValueError(f"unknown architecture {arch_name!r}; known: {', '.join(sorted(ARCHS))}") from None
+    try:
+        inspect.signature(cls).bind(**config)
+    except TypeError as exc:
+        raise TypeError(f"bad config for architecture {arch_name!r}: {exc}") from None
+    return cls(**config)
