@@ -29,6 +29,46 @@ class Settings(BaseSettings):
     default_prior: str = "faceadapt-iddpm-small"
     detector: str = Field(default="auto", description="'auto' (RetinaFace, else MTCNN), 'retinaface' or 'mtcnn'.")
 
+    # --- service (app/ and worker/; the ML core never reads these) -------------------------
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: SQLite at HOME/faceadapt.db)."
+    )
+    broker_url: str | None = Field(
+        default=None, description="Celery broker, e.g. redis://host:6379/0 (default: a filesystem transport under HOME/broker, no server)."
+    )
+    broker_key_prefix: str = Field(default="", description="Prefix for every broker key (Redis global_keyprefix); isolates deployments sharing a Redis.")
+    storage_backend: str = Field(default="local", description="'local' (a directory) or 's3' (any S3-compatible store).")
+    storage_dir: Path | None = Field(default=None, description="Blob folder for the local backend (default: HOME/storage).")
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint, e.g. http://minio:9000.")
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    work_dir: Path | None = Field(default=None, description="Job work folders, shared by every worker (default: HOME/work).")
+    cache_dir: Path | None = Field(default=None, description="Per-process cache of registry models fetched from storage (default: HOME/cache).")
+    require_keys: bool = Field(default=False, description="Require `Authorization: Bearer <key>` on /v1 (always on when binding a non-loopback address).")
+    public_tenant: str = Field(default="public", description="Tenant used for every request when keys are not required.")
+    # limits (each violation is a 4xx naming the limit)
+    max_upload_bytes: int = Field(default=50 * 1024 * 1024, description="Largest request body (one image, or one zip).")
+    max_image_pixels: int = Field(default=40_000_000, description="Largest image width*height, checked before decoding.")
+    max_dataset_images: int = Field(default=500, description="Most images in one dataset.")
+    max_zip_entries: int = Field(default=1000, description="Most entries in an uploaded zip.")
+    max_unpacked_bytes: int = Field(default=500 * 1024 * 1024, description="Largest total uncompressed size of an uploaded zip.")
+    # serving
+    model_cache_size: int = Field(default=4, description="Models kept loaded per API process (LRU).")
+    batch_max_size: int = Field(default=8, description="Most face crops restored in one micro-batch.")
+    batch_max_wait_ms: float = Field(default=10.0, description="Longest wait for more requests to join a micro-batch.")
+    # jobs
+    queue_default: str = Field(default="faceadapt", description="Celery queue for orchestration tasks.")
+    queue_gpu: str = Field(default="faceadapt-gpu", description="Celery queue for the ML stages (GPU workers consume it).")
+    target_shards: int = Field(default=4, description="Pseudo-target generation is split into this many parallel shards.")
+    visibility_timeout_s: int = Field(default=12 * 3600, description="Broker redelivery timeout for unacknowledged tasks; longer than the longest job.")
+    task_max_attempts: int = Field(default=3, description="Attempts per stage (redeliveries included) before the job fails.")
+    lease_ttl_s: float = Field(default=60.0, description="A stage whose worker has not sent a heartbeat for this long is taken over by another worker.")
+    heartbeat_s: float = Field(default=10.0, description="Worker heartbeat period while a stage runs.")
+    reaper_interval_s: float = Field(default=15.0, description="How often each worker looks for stages whose worker died.")
+
     @property
     def home_dir(self) -> Path:
         return Path(self.home).expanduser()
@@ -36,6 +76,26 @@ class Settings(BaseSettings):
     @property
     def zoo_dir(self) -> Path:
         return Path(self.models_dir).expanduser() if self.models_dir else self.home_dir / "models"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'faceadapt.db'}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def storage_path(self) -> Path:
+        return Path(self.storage_dir).expanduser() if self.storage_dir else self.home_dir / "storage"
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.work_dir).expanduser() if self.work_dir else self.home_dir / "work"
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir).expanduser() if self.cache_dir else self.home_dir / "cache"
 
     @property
     def facexlib_dir(self) -> Path:

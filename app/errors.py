@@ -1,0 +1,18 @@
+"""One error type for the API: every 4xx/5xx answer is JSON `{"error": code, "detail": message, ...extra}`."""
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, detail: str, **extra):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.extra = status, code, detail, extra
+
+    def body(self) -> dict:
+        return {"error": self.code, "detail": self.detail, **self.extra}
+
+
+class LimitExceeded(ApiError):
+    """A configured limit was hit; `limit` names the setting (FACEADAPT_<LIMIT>)."""
+
+    def __init__(self, limit: str, value, detail: str, status: int = 413):
+        super().__init__(status, "limit_exceeded", detail, limit=limit, limit_value=value)

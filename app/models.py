@@ -1,0 +1,142 @@
+"""SQLAlchemy 2 models of the service: tenants, api_keys, datasets, images, jobs, job_steps, job_events, models.
+
+Ids are random hex strings (nothing to enumerate). The schema is created by alembic (alembic/versions); never by
+`create_all` outside tests.
+"""
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Integer, String, Text, UniqueConstraint, Index
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict: JSON, list: JSON, datetime: DateTime(timezone=True)}
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of the key; the key itself is never stored
+    prefix: Mapped[str] = mapped_column(String(16))  # first characters, to tell keys apart in listings
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    tenant: Mapped[Tenant] = relationship()
+
+
+class Dataset(Base):
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(256), default="")
+    image_count: Mapped[int] = mapped_column(Integer, default=0)
+    face_count: Mapped[int] = mapped_column(Integer, default=0)
+    rejected: Mapped[list] = mapped_column(default=list)  # [{"file": ..., "reason": ...}]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    images: Mapped[list["ImageRow"]] = relationship(
+        back_populates="dataset", cascade="all, delete-orphan", passive_deletes=True, order_by="ImageRow.position"
+    )
+
+
+class ImageRow(Base):
+    __tablename__ = "images"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id", ondelete="CASCADE"), index=True)
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    filename: Mapped[str] = mapped_column(String(512))
+    blob_key: Mapped[str] = mapped_column(String(128))  # the upload, by content hash
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    faces: Mapped[list] = mapped_column(default=list)  # [{"box": [...], "score": s, "crop_key": key}]
+    dataset: Mapped[Dataset] = relationship(back_populates="images")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
+    base_model: Mapped[str] = mapped_column(String(128))
+    name: Mapped[str] = mapped_column(String(128))  # the name the adapted model is registered under
+    params: Mapped[dict] = mapped_column(default=dict)  # engine parameters (AdaptConfig fields)
+    status: Mapped[str] = mapped_column(String(32), default="queued", index=True)
+    stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    progress_done: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int] = mapped_column(Integer, default=0)
+    num_shards: Mapped[int] = mapped_column(Integer, default=1)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    metrics: Mapped[dict] = mapped_column(default=dict)
+    model_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    events: Mapped[list["JobEvent"]] = relationship(cascade="all, delete-orphan", passive_deletes=True, order_by="JobEvent.id")
+
+
+class JobStep(Base):
+    """One unit of a job's work (a stage, or one shard of the target stage) and who holds it.
+
+    A worker takes a step by setting `lease_owner` and renewing `heartbeat_at`; a step whose heartbeat is older than
+    `lease_ttl_s` belongs to a dead worker and may be taken over. `attempts` bounds redelivery.
+    """
+    __tablename__ = "job_steps"
+    __table_args__ = (UniqueConstraint("job_id", "stage", "shard", name="uq_job_steps_job_stage_shard"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    stage: Mapped[str] = mapped_column(String(32))
+    shard: Mapped[int] = mapped_column(Integer, default=0)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | running | done
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    done_count: Mapped[int] = mapped_column(Integer, default=0)
+    total_count: Mapped[int] = mapped_column(Integer, default=0)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    ts: Mapped[datetime] = mapped_column(default=utcnow)
+    stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    kind: Mapped[str] = mapped_column(String(16), default="info")  # info | progress | warning | error
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict] = mapped_column(default=dict)
+
+
+class ModelRow(Base):
+    """The model registry. `tenant_id` NULL means public (shared with every tenant); bundled models are public."""
+    __tablename__ = "models"
+    __table_args__ = (Index("ix_models_tenant_name", "tenant_id", "name"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), default=None)
+    name: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))
+    arch: Mapped[str] = mapped_column(String(64))
+    builtin: Mapped[bool] = mapped_column(Boolean, default=False)  # loaded from the bundled zoo, not from storage
+    job_id: Mapped[str | None] = mapped_column(String(32), unique=True, default=None)  # one model per job, at most
+    sha256: Mapped[str] = mapped_column(String(64), default="")
+    card: Mapped[dict] = mapped_column(default=dict)
+    files: Mapped[dict] = mapped_column(default=dict)  # zoo file name -> storage key
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
