@@ -30,7 +30,7 @@ def to_tensor(crops: list[np.ndarray], size: int) -> torch.Tensor:
     """uint8 HxWx3 RGB crops -> float Bx3xSxS in [0, 1] (resized with antialiasing when needed)."""
     out = []
     for c in crops:
-        t = torch.from_numpy(np.ascontiguousarray(c)).permute(2, 0, 1).float().div_(255.0)
+        t = torch.from_numpy(np.array(c, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
         if t.shape[1:] != (size, size):
             t = F.interpolate(t[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
         out.append(t)
@@ -105,11 +105,10 @@ class Restorer:
     def restore_image(self, img: np.ndarray, aligned: bool = False, only_center_face: bool = False,
                       detector: str | None = None) -> RestoreResult:
         """Detect, align, restore and paste back every face of an RGB uint8 photo (or one aligned crop)."""
-        if aligned:
-            return RestoreResult(image=self.restore_crops([img])[0], faces=[], detector=None, model=self.card.name)
         helper = self.face_helper(detector)
-        out, faces = helper.process(img, self.restore_crops, aligned=False, only_center_face=only_center_face)
-        return RestoreResult(image=out, faces=faces, detector=helper.detector_name, model=self.card.name)
+        out, faces = helper.process(img, self.restore_crops, aligned=aligned, only_center_face=only_center_face)
+        return RestoreResult(image=out, faces=faces, detector=None if aligned else helper.detector_name,
+                             model=self.card.name)
 
 
 def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
