@@ -1,0 +1,288 @@
+"""Image quality metrics: PSNR, SSIM, a no-reference sharpness score, low-pass consistency and LPIPS.
+
+Inputs are images in [0, 1] unless said otherwise:
+
+* numpy ``HxW``, ``HxWxC`` (uint8 arrays are divided by 255 when ``data_range`` is left at 1.0);
+* torch ``CxHxW`` or ``BxCxHxW``. For a batch, :func:`psnr` and :func:`ssim` return the mean of the
+  per-image values (``reduction='none'`` gives the per-image tensor).
+
+SSIM follows Wang et al. 2004: an 11x11 Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03, statistics
+on the 'valid' part of the image only (no padding), computed on each channel and averaged over the
+channels (RGB). ``channel='y'`` computes it on the luma instead, with the ITU-R BT.601 studio-swing Y
+(16..235, as the super-resolution literature does), on the same [0, 1] range.
+
+LPIPS (Zhang et al. 2018) needs two sets of weights that are not shipped here: the ImageNet backbone
+(torchvision's AlexNet or VGG16, looked up in the torch hub cache, never downloaded) and the learned
+linear calibration layers (the ``lpips`` package's ``weights/v0.1/<net>.pth``, or a copy in
+``<settings.home_dir>/lpips/<net>.pth``). :func:`lpips_available` says whether both are there and, if
+not, why; :class:`LPIPS` refuses to build without them.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "psnr",
+    "ssim",
+    "sharpness",
+    "lowpass_psnr",
+    "lpips_available",
+    "LPIPS",
+    "LPIPSUnavailable",
+]
+
+
+# ------------------------------------------------------------------------------ helpers
+def _to_bchw(x, data_range: float) -> tuple[torch.Tensor, float]:
+    """Any accepted image to a float64 BxCxHxW tensor, and the data range that applies to it."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach().to(torch.float64).cpu()
+        if t.ndim == 2:
+            t = t[None, None]
+        elif t.ndim == 3:
+            t = t[None]
+        elif t.ndim != 4:
+            raise ValueError(f"expected a CxHxW or BxCxHxW tensor, got shape {tuple(x.shape)}")
+        return t, data_range
+    a = np.asarray(x)
+    if a.dtype == np.uint8 and data_range == 1.0:
+        a = a.astype(np.float64) / 255.0
+    a = a.astype(np.float64)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3:
+        raise ValueError(f"expected an HxW or HxWxC array, got shape {a.shape}")
+    return torch.from_numpy(np.ascontiguousarray(a.transpose(2, 0, 1)))[None], data_range
+
+
+def _pair(a, b, data_range: float) -> tuple[torch.Tensor, torch.Tensor, float]:
+    ta, r = _to_bchw(a, data_range)
+    tb, _ = _to_bchw(b, data_range)
+    if ta.shape != tb.shape:
+        raise ValueError(f"images differ in shape: {tuple(ta.shape)} vs {tuple(tb.shape)}")
+    return ta, tb, r
+
+
+def _reduce(values: torch.Tensor, reduction: str):
+    if reduction == "none":
+        return values
+    if reduction == "mean":
+        return float(values.mean())
+    raise ValueError("reduction must be 'mean' or 'none'")
+
+
+def _to_hwc01(x) -> np.ndarray:
+    """A single image as float64 HxWxC in [0, 1] (uint8 divided by 255)."""
+    if isinstance(x, torch.Tensor):
+        t = x.detach().cpu().to(torch.float64)
+        if t.ndim == 4:
+            if t.shape[0] != 1:
+                raise ValueError("expected a single image, got a batch")
+            t = t[0]
+        if t.ndim == 3:
+            return t.permute(1, 2, 0).numpy()
+        return t.numpy()[..., None]
+    a = np.asarray(x)
+    a = a.astype(np.float64) / 255.0 if a.dtype == np.uint8 else a.astype(np.float64)
+    return a[..., None] if a.ndim == 2 else a
+
+
+# ------------------------------------------------------------------------------ PSNR / SSIM
+def psnr(a, b, data_range: float = 1.0, reduction: str = "mean"):
+    """Peak signal-to-noise ratio in dB; ``inf`` for identical images."""
+    ta, tb, r = _pair(a, b, data_range)
+    mse = ((ta - tb) ** 2).flatten(1).mean(1)
+    vals = torch.where(mse > 0, 10.0 * torch.log10(r**2 / mse.clamp_min(1e-300)), torch.full_like(mse, math.inf))
+    return _reduce(vals, reduction)
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    g = torch.arange(size, dtype=torch.float64) - (size - 1) / 2.0
+    g = torch.exp(-(g**2) / (2.0 * sigma**2))
+    g = g / g.sum()
+    return g
+
+
+def _rgb_to_y(t: torch.Tensor) -> torch.Tensor:
+    if t.shape[1] != 3:
+        raise ValueError("channel='y' needs RGB images")
+    w = torch.tensor([65.481, 128.553, 24.966], dtype=t.dtype).view(1, 3, 1, 1)
+    return (t * w).sum(1, keepdim=True) / 255.0 + 16.0 / 255.0
+
+
+def ssim(a, b, data_range: float = 1.0, channel: str = "rgb", win_size: int = 11, sigma: float = 1.5,
+         reduction: str = "mean"):
+    """Structural similarity (see the module doc); 1.0 for identical images."""
+    ta, tb, r = _pair(a, b, data_range)
+    if channel == "y":
+        if r != 1.0:
+            ta, tb, r = ta / r, tb / r, 1.0
+        ta, tb = _rgb_to_y(ta), _rgb_to_y(tb)
+    elif channel != "rgb":
+        raise ValueError("channel must be 'rgb' or 'y'")
+    if min(ta.shape[-2:]) < win_size:
+        raise ValueError(f"SSIM needs images of at least {win_size}x{win_size}, got {tuple(ta.shape[-2:])}")
+    c = ta.shape[1]
+    g = _gaussian_window(win_size, sigma)
+    kx = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+    ky = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+
+    def filt(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(x, kx, groups=c), ky, groups=c)
+
+    c1, c2 = (0.01 * r) ** 2, (0.03 * r) ** 2
+    mu_a, mu_b = filt(ta), filt(tb)
+    saa = filt(ta * ta) - mu_a**2
+    sbb = filt(tb * tb) - mu_b**2
+    sab = filt(ta * tb) - mu_a * mu_b
+    num = (2 * mu_a * mu_b + c1) * (2 * sab + c2)
+    den = (mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2)
+    vals = (num / den).flatten(1).mean(1)
+    return _reduce(vals, reduction)
+
+
+# ------------------------------------------------------------------------------ no-reference / consistency
+def sharpness(img) -> float:
+    """Variance of the Laplacian of the luma (image in [0, 1], uint8 accepted); higher = sharper.
+
+    A no-reference score, comparable only between images of the same size and content type.
+    """
+    a = _to_hwc01(img)
+    y = a[..., 0] if a.shape[2] == 1 else a[..., :3] @ np.array([0.299, 0.587, 0.114])
+    lap = cv2.Laplacian(np.ascontiguousarray(y, dtype=np.float64), cv2.CV_64F, ksize=1,
+                        borderType=cv2.BORDER_REFLECT_101)
+    return float(lap.var())
+
+
+def lowpass_psnr(out, inp, factor: float = 4.0) -> float:
+    """PSNR between the low-passed output and the low-passed input (fidelity to the input's content).
+
+    Both images are reduced with area averaging (an anti-aliased low-pass) to the input's size divided
+    by ``factor``; the output may be larger than the input (for example an upscaled result).
+    """
+    if factor < 1:
+        raise ValueError("factor must be >= 1")
+    o, i = _to_hwc01(out), _to_hwc01(inp)
+    h, w = i.shape[:2]
+    size = (max(1, int(round(w / factor))), max(1, int(round(h / factor))))
+
+    def low(x: np.ndarray) -> np.ndarray:
+        y = cv2.resize(np.ascontiguousarray(x, dtype=np.float64), size, interpolation=cv2.INTER_AREA)
+        return y[..., None] if y.ndim == 2 else y
+
+    return psnr(low(o), low(i))
+
+
+# ------------------------------------------------------------------------------ LPIPS
+_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
+_TAPS = {"alex": (2, 5, 8, 10, 12), "vgg": (4, 9, 16, 23, 30)}  # feature indices ending each stage
+_CHANNELS = {"alex": (64, 192, 384, 256, 256), "vgg": (64, 128, 256, 512, 512)}
+
+
+class LPIPSUnavailable(RuntimeError):
+    """LPIPS weights are not on disk (nothing is downloaded)."""
+
+
+def _hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _lin_candidates(net: str) -> list[Path]:
+    out = []
+    spec = importlib.util.find_spec("lpips")
+    if spec is not None and spec.origin:
+        out.append(Path(spec.origin).parent / "weights" / "v0.1" / f"{net}.pth")
+    try:
+        from .settings import get_settings
+
+        out.append(get_settings().home_dir / "lpips" / f"{net}.pth")
+    except Exception:  # settings must never break a metric
+        pass
+    return out
+
+
+def _find_weights(net: str, backbone_path=None, lin_path=None) -> tuple[Path | None, Path | None, str]:
+    if net not in _BACKBONE_FILES:
+        raise ValueError(f"net must be one of {sorted(_BACKBONE_FILES)}")
+    reasons = []
+    bb = Path(backbone_path) if backbone_path else _hub_checkpoint_dir() / _BACKBONE_FILES[net]
+    if not bb.is_file():
+        reasons.append(f"backbone weights {bb} not found (torchvision {net} ImageNet weights; not downloaded)")
+        bb = None
+    cands = [Path(lin_path)] if lin_path else _lin_candidates(net)
+    lin = next((p for p in cands if p.is_file()), None)
+    if lin is None:
+        where = ", ".join(str(p) for p in cands) or "nowhere (the lpips package is not installed)"
+        msg = f"LPIPS linear-layer weights v0.1/{net}.pth not found (looked in: {where})"
+        if importlib.util.find_spec("lpips") is None:
+            msg += "; the lpips package is not installed"
+        reasons.append(msg)
+    return bb, lin, "; ".join(reasons)
+
+
+def lpips_available(net: str = "alex") -> tuple[bool, str]:
+    """(True, 'ok') when LPIPS can be built offline, else (False, the reason)."""
+    bb, lin, why = _find_weights(net)
+    if bb is None or lin is None:
+        return False, f"LPIPS ({net}) unavailable: {why}"
+    return True, "ok"
+
+
+class LPIPS(nn.Module):
+    """Learned perceptual distance (lower = more similar), inputs RGB in [0, 1] (``BxCxHxW``).
+
+    Built only from weights on disk: ``backbone_path`` (torchvision ImageNet state_dict) and
+    ``lin_path`` (the v0.1 linear layers) default to the locations :func:`lpips_available` checks.
+    """
+
+    def __init__(self, net: str = "alex", backbone_path=None, lin_path=None):
+        super().__init__()
+        bb, lin, why = _find_weights(net, backbone_path, lin_path)
+        if bb is None or lin is None:
+            raise LPIPSUnavailable(f"LPIPS ({net}) unavailable: {why}")
+        import torchvision
+
+        model = torchvision.models.alexnet(weights=None) if net == "alex" else torchvision.models.vgg16(weights=None)
+        state = torch.load(str(bb), map_location="cpu", weights_only=True)
+        feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+        model.features.load_state_dict(feats, strict=True)
+        layers = list(model.features.children())
+        taps = _TAPS[net]
+        starts = (0,) + taps[:-1]
+        self.stages = nn.ModuleList(nn.Sequential(*layers[s:e]) for s, e in zip(starts, taps))
+        for m in self.stages.modules():
+            if isinstance(m, nn.ReLU):
+                m.inplace = False
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _CHANNELS[net])
+        lin_state = torch.load(str(lin), map_location="cpu", weights_only=True)
+        for i, conv in enumerate(self.lins):
+            key = next((k for k in (f"lin{i}.model.1.weight", f"lin{i}.weight", f"{i}.weight") if k in lin_state), None)
+            if key is None:
+                raise LPIPSUnavailable(f"{lin} does not hold LPIPS linear layer {i}")
+            conv.weight.data.copy_(lin_state[key].float())
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
+        self.net = net
+        self.eval().requires_grad_(False)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Per-image distances (shape B) for inputs in [0, 1]."""
+        if a.shape != b.shape:
+            raise ValueError(f"images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+        xa = ((a * 2 - 1) - self.shift) / self.scale
+        xb = ((b * 2 - 1) - self.shift) / self.scale
+        total = torch.zeros(a.shape[0], device=a.device, dtype=a.dtype)
+        for stage, lin in zip(self.stages, self.lins):
+            xa, xb = stage(xa), stage(xb)
+            na = xa / (xa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            nb = xb / (xb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
+            total = total + lin((na - nb) ** 2).mean(dim=(1, 2, 3))
+        return total
