@@ -92,3 +92,16 @@ def migrate(url: str | None = None) -> None:
 def ping(url: str | None = None) -> None:
     with get_engine(url).connect() as conn:
         conn.execute(text("SELECT 1"))
+
+
+STARTUP_LOCK = 7340772
+
+
+@contextmanager
+def startup_lock(session: Session) -> Iterator[None]:
+    """Serialise start-up work of several API processes: a PostgreSQL transaction-level advisory lock held until
+    the commit at the end of the block (SQLite needs none: the embedded mode has one API process)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": STARTUP_LOCK})
+    yield
+    session.commit()

@@ -111,6 +111,7 @@ class JobStep(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     done_count: Mapped[int] = mapped_column(Integer, default=0)
     total_count: Mapped[int] = mapped_column(Integer, default=0)
+    result: Mapped[dict] = mapped_column(default=dict)  # the stage's summary and {"blobs": {work-dir path: key}}
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
 

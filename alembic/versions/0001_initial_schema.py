@@ -140,6 +140,7 @@ def upgrade() -> None:
     sa.Column('heartbeat_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('done_count', sa.Integer(), nullable=False),
     sa.Column('total_count', sa.Integer(), nullable=False),
+    sa.Column('result', sa.JSON(), nullable=False),
     sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
     sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('id'),

@@ -1,2 +1,105 @@
-"""`faceadapt` commands: serve."""
-from restoration.cli.app import app  # noqa: F401
+"""`faceadapt serve` (the HTTP service, embedded mode by default) and `faceadapt keys create`.
+
+The web app, database and queue packages are imported inside the commands only: the ML core stays importable
+without them.
+"""
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import socket
+import subprocess
+import sys
+from typing import Optional
+
+import typer
+
+from restoration.cli.app import app
+
+keys_app = typer.Typer(help="API keys of the HTTP service.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(a[4][0]).is_loopback for a in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def worker_command(settings) -> list[str]:
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
+            "--concurrency", "1", "--prefetch-multiplier", "1", "--loglevel", "INFO",
+            "-Q", f"{settings.queue_default},{settings.queue_gpu}", "-n", f"embedded-{os.getpid()}@%h"]
+
+
+@app.command("serve")
+def serve(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (non-loopback needs FACEADAPT_REQUIRE_KEYS=true)."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    worker: Optional[bool] = typer.Option(
+        None, "--worker/--no-worker",
+        help="Start a local Celery worker process (default: yes when no FACEADAPT_BROKER_URL is set, i.e. embedded mode)."),
+    log_level: str = typer.Option("info", "--log-level"),
+):
+    """Run the HTTP API. Without FACEADAPT_DATABASE_URL / FACEADAPT_BROKER_URL this is the embedded mode: SQLite and
+    local storage under FACEADAPT_HOME, a serverless broker and one local worker process."""
+    from restoration.settings import get_settings
+
+    settings = get_settings()
+    if not is_loopback(host) and not settings.require_keys:
+        typer.secho(f"error: refusing to bind {host} without API keys; set FACEADAPT_REQUIRE_KEYS=true "
+                    "(and create keys with `faceadapt keys create --tenant NAME`) or bind 127.0.0.1",
+                    err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    import uvicorn
+
+    from app.main import create_app, startup
+
+    settings.home_dir.mkdir(parents=True, exist_ok=True)
+    startup()  # migrations before the worker touches the database
+    if worker is None:
+        worker = settings.broker_url is None
+    proc = None
+    if worker:
+        proc = subprocess.Popen(worker_command(settings), env=dict(os.environ))
+    config = uvicorn.Config(create_app(), host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(config)
+    shown = f"[{host}]" if ":" in host else host
+    mode = "embedded" if settings.database_url is None else "service"
+    typer.echo(f"FaceAdapt ({mode} mode) serving on http://{shown}:{port}  (API docs: http://{shown}:{port}/docs)", err=True)
+    typer.echo(f"http://{shown}:{port}")
+    try:
+        server.run()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # warm shutdown: the running step stops at its next batch or finishes
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc is not None:
+            typer.echo("worker stopped", err=True)
+
+
+@keys_app.command("create")
+def keys_create(tenant: str = typer.Option(..., "--tenant", help="Tenant name (created when new).")):
+    """Create an API key for TENANT and print it (alone, on stdout). Only its hash is stored."""
+    from app.auth import create_key
+    from app.db import migrate, session_scope
+
+    migrate()
+    try:
+        with session_scope() as s:
+            key = create_key(s, tenant)
+    except ValueError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+    typer.echo(key)

@@ -1,0 +1,1 @@
+"""Thin v1 routes: parse, check access, call app/ helpers, shape the answer."""

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, File, Form, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from sqlalchemy.orm import Session
+
+from app.api.deps import DB, CurrentPrincipal, Principal
+from app.datasets import dataset_out, delete_dataset, get_dataset, ingest
+from app.errors import ApiError
+from app.limits import UploadedFile, read_upload
+from app.schemas import DatasetOut
+from restoration.settings import get_settings
+
+router = APIRouter(tags=["datasets"])
+
+
+@router.post("/v1/datasets", status_code=201, response_model=DatasetOut)
+async def create_dataset(
+    files: list[UploadFile] = File(..., description="face images, or one zip of them"),
+    name: str = Form(""),
+    principal: Principal = CurrentPrincipal,
+):
+    """Upload a customer's images (many files or one zip). Images without a detectable face are rejected with a reason."""
+    settings = get_settings()
+    uploads, total = [], 0
+    for f in files:
+        data = await read_upload(f, settings, already=total)
+        total += len(data)
+        uploads.append(UploadedFile(f.filename or f"file{len(uploads)}", data))
+    if not uploads:
+        raise ApiError(400, "no_files", "send images (or one zip) in the 'files' field")
+    return await run_in_threadpool(ingest, principal.tenant_id, name, uploads, settings)
+
+
+@router.get("/v1/datasets/{dataset_id}", response_model=DatasetOut)
+def read_dataset(dataset_id: str, principal: Principal = CurrentPrincipal, session: Session = DB):
+    return dataset_out(get_dataset(session, principal.tenant_id, dataset_id))
+
+
+@router.delete("/v1/datasets/{dataset_id}", status_code=204)
+def remove_dataset(dataset_id: str, principal: Principal = CurrentPrincipal, session: Session = DB):
+    delete_dataset(session, principal.tenant_id, dataset_id)

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.metrics import REGISTRY
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz():
+    """The process is up."""
+    return {"status": "ok"}
+
+
+def _checks() -> dict[str, str]:
+    from app.db import ping, session_factory
+    from app.serving import resolve_model
+    from app.storage import get_storage
+    from restoration.settings import get_settings
+    from worker.celery_app import ping_broker
+
+    checks: dict[str, str] = {}
+
+    def run(name, fn):
+        try:
+            fn()
+            checks[name] = "ok"
+        except Exception as exc:
+            checks[name] = f"error: {type(exc).__name__}: {exc}"[:300]
+
+    def default_model():
+        from restoration.zoo import Zoo
+
+        with session_factory()() as s:
+            row = resolve_model(s, "", get_settings().default_restorer)
+        if row.builtin:
+            Zoo().path(row.name)
+        else:
+            storage = get_storage()
+            missing = [f for f, k in row.files.items() if not storage.exists(k)]
+            if missing:
+                raise RuntimeError(f"files {missing} of {row.name} are missing from storage")
+
+    run("database", ping)
+    run("broker", ping_broker)
+    run("storage", lambda: get_storage().ping())
+    run("default_model", default_model)
+    return checks
+
+
+@router.get("/readyz")
+async def readyz():
+    """Ready to serve: database, broker, storage and the default model are reachable."""
+    checks = await run_in_threadpool(_checks)
+    ok = all(v == "ok" for v in checks.values())
+    return JSONResponse({"status": "ready" if ok else "not ready", "checks": checks}, status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics():
+    data = await run_in_threadpool(generate_latest, REGISTRY)
+    return Response(data, media_type=CONTENT_TYPE_LATEST)

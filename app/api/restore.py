@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import base64
+from typing import Literal
+
+from fastapi import APIRouter, File, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response
+
+from app.api.deps import CurrentPrincipal, Principal
+from app.db import session_factory
+from app.errors import ApiError
+from app.limits import check_pixels, read_upload
+from app.schemas import RestoreJSON
+from app.serving import get_cache, resolve_model
+from restoration.settings import get_settings
+
+router = APIRouter(tags=["restore"])
+MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+
+
+@router.post("/v1/restore", responses={200: {"content": {"image/png": {}, "application/json": {"model": RestoreJSON}}}})
+async def restore(
+    request: Request,
+    image: UploadFile = File(..., description="the photo (or an aligned face crop with aligned=true)"),
+    model: str = Form("default", description="model name or id (GET /v1/models)"),
+    aligned: bool = Form(False),
+    only_center_face: bool = Form(False),
+    format: Literal["png", "jpeg", "webp"] = Form("png"),
+    principal: Principal = CurrentPrincipal,
+):
+    """Restore every face of a photo. `Accept: application/json` returns the image base64 with the face boxes."""
+    settings = get_settings()
+    data = await read_upload(image, settings)
+    if not data:
+        raise ApiError(400, "bad_image", "the uploaded image is empty")
+    check_pixels(data, settings, image.filename or "image")
+
+    def lookup():
+        with session_factory()() as s:
+            return resolve_model(s, principal.tenant_id, model)
+
+    row = await run_in_threadpool(lookup)
+
+    def work():
+        from restoration.imageio import ImageError, encode_image, load_image
+
+        try:
+            img = load_image(data, max_pixels=settings.max_image_pixels)
+        except ImageError as exc:
+            raise ApiError(400, "bad_image", f"cannot read the image: {exc}") from None
+        loaded = get_cache().get(row)
+        out, faces, detector = loaded.restore(img, aligned, only_center_face)
+        return encode_image(out, format), faces, detector
+
+    encoded, faces, detector = await run_in_threadpool(work)
+    if "application/json" in request.headers.get("accept", ""):
+        body = RestoreJSON(
+            image=base64.b64encode(encoded).decode(), format=format, model=row.name, model_id=row.id, detector=detector,
+            faces=[{"box": [float(v) for v in f.box], "score": float(f.score),
+                    "landmarks": [[float(x), float(y)] for x, y in f.landmarks5]} for f in faces],
+        )
+        return JSONResponse(body.model_dump())
+    return Response(encoded, media_type=MEDIA[format],
+                    headers={"X-FaceAdapt-Model": row.name, "X-FaceAdapt-Faces": str(len(faces))})

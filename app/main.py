@@ -1,0 +1,84 @@
+"""The FastAPI application factory: `uvicorn --factory app.main:create_app` (or `faceadapt serve`)."""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import ApiError, LimitExceeded
+from app.metrics import LATENCY, REQUESTS
+from restoration.settings import get_settings
+
+log = logging.getLogger("faceadapt.api")
+
+
+def startup() -> None:
+    """`alembic upgrade head`, then publish the zoo's models in the registry (both under one lock)."""
+    from app.db import migrate, session_factory, startup_lock
+    from app.serving import sync_zoo_models
+
+    migrate()
+    with session_factory()() as s, startup_lock(s):
+        sync_zoo_models(s)
+
+
+def create_app(run_startup: bool = True) -> FastAPI:
+    settings = get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if run_startup:
+            from fastapi.concurrency import run_in_threadpool
+
+            await run_in_threadpool(startup)
+        yield
+        from app.serving import get_cache
+
+        get_cache().clear()
+
+    app = FastAPI(
+        title="FaceAdapt", version="1.0", lifespan=lifespan,
+        description="Blind face restoration that adapts to a customer's own images with a diffusion prior.",
+    )
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        length = request.headers.get("content-length")
+        if request.method in ("POST", "PUT") and length and length.isdigit() and int(length) > settings.max_upload_bytes + 65536:
+            err = LimitExceeded("max_upload_bytes", settings.max_upload_bytes,
+                                f"request body of {length} bytes is larger than max_upload_bytes ({settings.max_upload_bytes})")
+            response = JSONResponse(err.body(), status_code=err.status, headers={"Connection": "close"})
+        else:
+            response = await call_next(request)
+        route = request.scope.get("route")
+        label = getattr(route, "path", None) or "unmatched"
+        REQUESTS.labels(label, request.method, str(response.status_code)).inc()
+        LATENCY.labels(label, request.method).observe(time.perf_counter() - t0)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        errs = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
+        detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errs)
+        return JSONResponse({"error": "invalid_request", "detail": detail, "errors": errs}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"error": "http_error", "detail": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
+
+    from app.api import adaptations, datasets, health, models, restore
+
+    for module in (health, restore, datasets, adaptations, models):
+        app.include_router(module.router)
+    return app

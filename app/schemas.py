@@ -1,0 +1,101 @@
+"""Request and response bodies of the v1 API."""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+JOB_STATUSES = ("queued", "preparing", "generating_targets", "finetuning", "evaluating", "succeeded", "failed", "cancelled")
+FINAL_STATUSES = ("succeeded", "failed", "cancelled")
+JobStatus = Literal["queued", "preparing", "generating_targets", "finetuning", "evaluating", "succeeded", "failed", "cancelled"]
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+
+
+class FaceOut(BaseModel):
+    box: list[float]
+    score: float
+    landmarks: list[list[float]] | None = None
+
+
+class RestoreJSON(BaseModel):
+    image: str = Field(description="the restored image, base64")
+    format: str
+    faces: list[FaceOut]
+    model: str
+    model_id: str
+    detector: str | None = None
+
+
+class Rejected(BaseModel):
+    file: str
+    reason: str
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    images_accepted: int
+    faces_found: int
+    rejected: list[Rejected]
+    created_at: datetime
+
+
+class AdaptationIn(BaseModel):
+    dataset_id: str
+    base_model: str = "default"
+    name: str = Field(description="name the adapted model is registered under (lowercase letters, digits, '.', '_', '-')")
+    params: dict[str, Any] = Field(default_factory=dict, description="optional engine parameters (AdaptConfig fields)")
+    shards: int | None = Field(default=None, ge=1, le=64, description="parallel pseudo-target shards (default: settings)")
+
+
+class Progress(BaseModel):
+    stage: str | None
+    done: int
+    total: int
+
+
+class EventOut(BaseModel):
+    ts: datetime
+    stage: str | None
+    kind: str
+    message: str
+    data: dict = {}
+
+
+class AdaptationOut(BaseModel):
+    id: str
+    status: JobStatus
+    dataset_id: str | None
+    base_model: str
+    name: str
+    params: dict
+    progress: Progress
+    events: list[EventOut] | None = None
+    evaluation: dict = {}
+    model_id: str | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ModelOut(BaseModel):
+    id: str
+    name: str
+    kind: str
+    arch: str
+    public: bool
+    builtin: bool
+    job_id: str | None = None
+    sha256: str
+    created_at: datetime
+
+
+class ModelDetail(ModelOut):
+    card: dict

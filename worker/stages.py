@@ -1,0 +1,188 @@
+"""The stage bodies: materialise what a stage needs in the job's work dir, call `restoration.adapt`, upload results.
+
+The work dir (`settings.work_path/<job id>`) is a cache: everything a finished step produced is also in the blob
+storage (content keys in `job_steps.result["blobs"]`), so a worker on another host rebuilds the inputs of its stage
+from storage. With a work dir shared by the workers (the compose volume), an interrupted stage also resumes from its
+partial state (finished pseudo targets, the last fine-tuning checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path, PurePosixPath
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from app.models import Dataset, Job, JobStep, ModelRow
+from app.storage import get_storage
+from restoration.errors import Cancelled
+from restoration.settings import get_settings
+from worker.steps import Lease, session, workdir
+
+
+def _safe_name(name: str) -> str:
+    p = PurePosixPath(name)
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", p.stem).strip("_")[:60] or "img"
+    suffix = p.suffix.lower() if re.fullmatch(r"\.[a-z0-9]{1,5}", p.suffix.lower()) else ".img"
+    return stem + suffix
+
+
+def upload(wd: Path, files: list[Path]) -> dict[str, str]:
+    storage = get_storage()
+    return {str(f.relative_to(wd)): storage.put(f.read_bytes()) for f in files if f.is_file()}
+
+
+def restore_blobs(job_id: str, wd: Path) -> int:
+    """Fetch the outputs of the job's finished steps that this work dir lacks."""
+    storage, n = get_storage(), 0
+    with session() as s:
+        results = s.scalars(select(JobStep.result).where(JobStep.job_id == job_id, JobStep.status == "done")).all()
+    for res in results:
+        for rel, key in (res or {}).get("blobs", {}).items():
+            target = wd / rel
+            if not target.is_file():
+                storage.fetch_to(key, target)
+                n += 1
+    return n
+
+
+def _place_model(row: ModelRow, zoo_root: Path) -> str:
+    """Make model `row` loadable from the job zoo; returns its name there."""
+    from restoration.zoo import Zoo
+
+    dest = zoo_root / row.name
+    if (dest / "card.json").is_file():
+        return row.name
+    if row.builtin:
+        card = Zoo().get(row.name)
+        if card.builtin:
+            return row.name  # the job zoo searches the bundled models itself
+        src = Path(card.path)
+        tmp = zoo_root / f".{row.name}.copy"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        tmp.rename(dest)
+        return row.name
+    storage = get_storage()
+    for fname, key in row.files.items():
+        storage.fetch_to(key, dest / fname)
+    return row.name
+
+
+def job_zoo(job: Job, wd: Path):
+    """A zoo rooted in the work dir, holding the job's base restorer and prior (the adapted model lands there too)."""
+    from restoration.zoo import Zoo
+
+    root = wd / "zoo"
+    root.mkdir(parents=True, exist_ok=True)
+    settings = get_settings()
+    with session() as s:
+        base = s.get(ModelRow, job.base_model)
+        if base is None:
+            raise ValueError(f"base model {job.base_model} was deleted")
+        prior = s.scalar(select(ModelRow).where(ModelRow.name == settings.default_prior, ModelRow.tenant_id.is_(None)))
+        base_name = _place_model(base, root)
+        prior_name = _place_model(prior, root) if prior is not None else settings.default_prior
+    return Zoo(root=root), base_name, prior_name
+
+
+def run_stage(job_id: str, stage: str, shard: int, lease: Lease) -> dict:
+    from restoration import adapt
+
+    wd = workdir(job_id)
+    wd.mkdir(parents=True, exist_ok=True)
+    with session() as s:
+        job = s.get(Job, job_id)
+        s.expunge(job)
+    restore_blobs(job_id, wd)
+    zoo, base_name, prior_name = job_zoo(job, wd)
+    kw = dict(progress=lease.progress, should_cancel=lease.should_cancel)
+
+    if stage == "prepare":
+        paths = fetch_inputs(job, wd / "inputs")
+        cfg = adapt.AdaptConfig.from_dict(job.params)
+        if cfg.use_prior:
+            cfg = adapt.apply_prior_defaults(cfg, zoo.get(prior_name), explicit=list((job.params.get("pseudo") or {})))
+        size = int(cfg.size or zoo.get(base_name).input_size)
+        man = adapt.prepare(wd, paths, aligned=cfg.aligned, size=size, config=cfg, base=base_name, prior=prior_name,
+                            name=job.name, **kw)
+        files = [wd / "job.json", wd / "prepare" / "manifest.json", *sorted((wd / "prepare").glob("crops/*.png")),
+                 *sorted((wd / "prepare").glob("gt/*.png"))]
+        return {"faces": man["counts"], "skipped": man["skipped"][:50], "size": size, "blobs": upload(wd, files)}
+
+    if stage == "targets":
+        res = adapt.generate_targets(wd, shard, job.num_shards, zoo=zoo, **kw)
+        tdir = wd / "targets"
+        mf = tdir / f"manifest.shard-{shard}-of-{job.num_shards}.jsonl"
+        files = [mf, tdir / f"shard-{shard}-of-{job.num_shards}.json"]
+        for line in mf.read_text().splitlines() if mf.is_file() else []:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            files += [tdir / rec[k] for k in ("target", "x0") if k in rec]
+        return {**res, "blobs": upload(wd, files)}
+
+    if stage == "finetune":
+        res = adapt.finetune(wd, zoo=zoo, **kw)
+        summary = {k: res.get(k) for k in ("steps", "losses", "hq_source", "pairs", "resumed_from", "seconds")}
+        return {**summary, "blobs": upload(wd, [wd / "finetune" / "model.safetensors", wd / "finetune" / "result.json"])}
+
+    if stage == "evaluate":
+        res = adapt.evaluate(wd, zoo=zoo, **kw)
+        with session() as s:
+            s.get(Job, job_id).metrics = res
+            s.commit()
+        return {"count": res.get("count"), "blobs": upload(wd, [wd / "eval" / "metrics.json", wd / "eval" / "grid.png"])}
+
+    if stage == "register":
+        return register(job, wd, zoo, lease)
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def fetch_inputs(job: Job, folder: Path) -> list[Path]:
+    storage = get_storage()
+    with session() as s:
+        ds = s.get(Dataset, job.dataset_id) if job.dataset_id else None
+        if ds is None:
+            raise ValueError("the job's dataset was deleted")
+        images = [(im.position, im.filename, im.blob_key) for im in ds.images]
+    paths = []
+    for pos, fname, key in images:
+        p = folder / f"{pos:05d}-{_safe_name(fname)}"
+        storage.fetch_to(key, p)
+        paths.append(p)
+    return paths
+
+
+def register(job: Job, wd: Path, zoo, lease: Lease) -> dict:
+    """Register the adapted model exactly once: the models.job_id unique constraint decides between racing workers."""
+    from restoration import adapt
+
+    with session() as s:
+        existing = s.scalar(select(ModelRow).where(ModelRow.job_id == job.id))
+        if existing is not None:
+            s.get(Job, job.id).model_id = existing.id
+            s.commit()
+            return {"model_id": existing.id, "name": existing.name, "already_registered": True}
+    if lease.should_cancel():
+        raise Cancelled("cancelled before registering")
+    card = adapt.register(wd, zoo=zoo, name=job.name, overwrite=True)
+    folder = Path(zoo.path(job.name))
+    files = upload(folder.parent, [folder / "model.safetensors", folder / "config.json", folder / "card.json"])
+    files = {Path(k).name: v for k, v in files.items()}
+    with session() as s:
+        row = ModelRow(tenant_id=job.tenant_id, name=job.name, kind=card.kind, arch=card.arch, builtin=False,
+                       job_id=job.id, sha256=card.sha256, card=card.to_json(), files=files)
+        s.add(row)
+        try:
+            s.flush()
+        except IntegrityError:
+            s.rollback()
+            row = s.scalar(select(ModelRow).where(ModelRow.job_id == job.id))
+        j = s.get(Job, job.id)
+        j.model_id = row.id
+        s.commit()
+        return {"model_id": row.id, "name": row.name, "sha256": row.sha256}

@@ -1,0 +1,323 @@
+"""A job's steps: claim (lease), run a `restoration.adapt` stage, record progress and events, advance.
+
+Steps: prepare -> targets[0..n-1] (in parallel: a Celery group, joined here in the database) -> finetune -> evaluate
+-> register. A step is claimed under a row lock: a step already done, or held by a live worker (fresh heartbeat), is
+left alone, so duplicate deliveries are harmless; a step whose worker stopped sending heartbeats is taken over and
+the engine resumes it (finished images are skipped, fine-tuning continues from its last checkpoint). `attempts`
+bounds redelivery. Finished steps upload their outputs to the blob storage (content keys recorded in the step), so a
+worker with an empty work dir can rebuild what it needs. No ML here: the stage functions come from restoration.adapt.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import traceback
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from sqlalchemy import select, func
+from sqlalchemy.orm import Session
+
+from app.db import session_factory
+from app.models import Dataset, Job, JobEvent, JobStep, ModelRow, utcnow
+from app.storage import get_storage
+from restoration.errors import Cancelled
+from restoration.settings import get_settings
+
+log = logging.getLogger("faceadapt.worker")
+
+ORDER = ["prepare", "targets", "finetune", "evaluate", "register"]
+STATUS = {"prepare": "preparing", "targets": "generating_targets", "finetune": "finetuning",
+          "evaluate": "evaluating", "register": "evaluating"}
+FINAL = ("succeeded", "failed", "cancelled")
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class LeaseLost(Exception):
+    """Another worker took this step over (our heartbeats were late): stop without touching it."""
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _aware(dt: datetime | None) -> datetime | None:
+    return dt.replace(tzinfo=timezone.utc) if dt is not None and dt.tzinfo is None else dt
+
+
+def session() -> Session:
+    return session_factory()()
+
+
+def event(s: Session, job_id: str, message: str, stage: str | None = None, kind: str = "info", **data) -> None:
+    s.add(JobEvent(job_id=job_id, stage=stage, kind=kind, message=message, data=data))
+
+
+def workdir(job_id: str) -> Path:
+    return get_settings().work_path / job_id
+
+
+def create_steps(s: Session, job: Job) -> None:
+    for stage in ORDER:
+        for shard in range(job.num_shards if stage == "targets" else 1):
+            s.add(JobStep(job_id=job.id, stage=stage, shard=shard, status="queued" if stage == "prepare" else "pending"))
+
+
+# ------------------------------------------------------------------------------------------------- claiming
+def claim(job_id: str, stage: str, shard: int) -> str:
+    """'run' when this worker now holds the step; otherwise why not ('done', 'busy', 'final')."""
+    settings = get_settings()
+    with session() as s:
+        job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        if job is None:
+            return "final"
+        step = s.scalar(select(JobStep).where(JobStep.job_id == job_id, JobStep.stage == stage, JobStep.shard == shard)
+                        .with_for_update())
+        if step is None:
+            return "final"
+        if job.status in FINAL:
+            return "final"
+        if job.cancel_requested:
+            finish_cancelled(s, job, stage, "cancelled before the stage started")
+            s.commit()
+            return "final"
+        if step.status == "done":
+            return "done"
+        hb = _aware(step.heartbeat_at)
+        if step.status == "running" and hb is not None and now() - hb < timedelta(seconds=settings.lease_ttl_s) \
+                and step.lease_owner != WORKER_ID:
+            return "busy"
+        takeover = step.lease_owner is not None  # it ran before: resume from what that worker left
+        if step.attempts >= settings.task_max_attempts:
+            fail(s, job, stage, f"stage {stage}{_shard_label(job, stage, shard)} did not finish after "
+                                f"{step.attempts} attempts (task_max_attempts); last holder {step.lease_owner}")
+            s.commit()
+            return "final"
+        step.attempts += 1
+        step.status, step.lease_owner, step.heartbeat_at = "running", WORKER_ID, now()
+        if job.started_at is None:
+            job.started_at = utcnow()
+        if ORDER.index(stage) >= ORDER.index(_stage_of(job)):
+            job.status, job.stage = STATUS[stage], stage
+        label = _shard_label(job, stage, shard)
+        if takeover:
+            event(s, job_id, f"{stage}{label}: resumed by {WORKER_ID} (attempt {step.attempts}); previous worker "
+                             f"{step.lease_owner} stopped", stage, "warning", attempt=step.attempts, shard=shard)
+        else:
+            event(s, job_id, f"{stage}{label}: started on {WORKER_ID}", stage, attempt=step.attempts, shard=shard)
+        s.commit()
+        return "run"
+
+
+def _stage_of(job: Job) -> str:
+    return job.stage if job.stage in ORDER else "prepare"
+
+
+def _shard_label(job: Job, stage: str, shard: int) -> str:
+    return f" shard {shard + 1}/{job.num_shards}" if stage == "targets" else ""
+
+
+def fail(s: Session, job: Job, stage: str | None, message: str, **data) -> None:
+    job.status, job.error, job.finished_at = "failed", message, utcnow()
+    event(s, job.id, f"failed: {message}", stage, "error", **data)
+
+
+def finish_cancelled(s: Session, job: Job, stage: str | None, message: str) -> None:
+    if job.status not in FINAL:
+        job.status, job.finished_at = "cancelled", utcnow()
+        event(s, job.id, message, stage)
+
+
+# ------------------------------------------------------------------------------------------------- the lease
+class Lease:
+    """Heartbeat thread + throttled progress writer + cancellation check for one running step."""
+
+    def __init__(self, job_id: str, stage: str, shard: int):
+        self.job_id, self.stage, self.shard = job_id, stage, shard
+        self.settings = get_settings()
+        self.lost = False
+        self.cancel = False
+        self._stop = threading.Event()
+        self._progress: tuple[int, int] | None = None
+        self._written: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.flush()
+
+    def _beat(self) -> None:
+        period = max(0.2, min(self.settings.heartbeat_s, 1.0))  # progress is written at most this often
+        last_hb = 0.0
+        while not self._stop.wait(period):
+            try:
+                if time.monotonic() - last_hb >= self.settings.heartbeat_s or self._progress != self._written:
+                    self.flush()
+                    last_hb = time.monotonic()
+            except Exception as exc:  # a database hiccup must not kill the stage; the next beat retries
+                log.warning("heartbeat failed: %s", exc)
+
+    def flush(self) -> None:
+        with self._lock:
+            prog = self._progress
+        with session() as s:
+            step = s.scalar(select(JobStep).where(JobStep.job_id == self.job_id, JobStep.stage == self.stage,
+                                                  JobStep.shard == self.shard))
+            job = s.get(Job, self.job_id)
+            if step is None or job is None:
+                self.lost = True
+                return
+            if step.lease_owner != WORKER_ID or step.status != "running":
+                self.lost = True
+                return
+            step.heartbeat_at = now()
+            if prog is not None:
+                step.done_count, step.total_count = prog
+                if job.stage == self.stage:
+                    if self.stage == "targets":
+                        s.flush()
+                        done, total = s.execute(select(func.sum(JobStep.done_count), func.sum(JobStep.total_count))
+                                                .where(JobStep.job_id == self.job_id, JobStep.stage == "targets")).one()
+                        job.progress_done, job.progress_total = int(done or 0), int(total or 0)
+                    else:
+                        job.progress_done, job.progress_total = prog
+            self.cancel = bool(job.cancel_requested) or job.status in FINAL
+            s.commit()
+            self._written = prog
+
+    def progress(self, _stage: str, done: int, total: int) -> None:
+        with self._lock:
+            self._progress = (int(done), int(total))
+
+    def should_cancel(self) -> bool:
+        return self.cancel or self.lost
+
+
+# ------------------------------------------------------------------------------------------------- running
+def run(job_id: str, stage: str, shard: int = 0) -> str:
+    """Run one step of a job (the body of the Celery task). Returns what happened, for logs and tests."""
+    verdict = claim(job_id, stage, shard)
+    if verdict == "done":
+        advance(job_id, stage, shard)  # a duplicate delivery after the step finished: make sure the job moves on
+        return "done"
+    if verdict != "run":
+        return verdict
+    from worker import stages
+
+    t0 = time.monotonic()
+    try:
+        with Lease(job_id, stage, shard) as lease:
+            result = stages.run_stage(job_id, stage, shard, lease)
+            if lease.lost:
+                raise LeaseLost()
+    except LeaseLost:
+        log.warning("job %s %s/%s: lease lost, stopping", job_id, stage, shard)
+        return "lease_lost"
+    except Cancelled:
+        with session() as s:
+            job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+            if job is not None and job.cancel_requested:
+                finish_cancelled(s, job, stage, f"cancelled during {stage}")
+                release(s, job_id, stage, shard, "cancelled")
+            else:  # our lease was taken over: the new holder goes on
+                log.warning("job %s %s/%s: lease lost, stopping", job_id, stage, shard)
+            s.commit()
+        return "cancelled"
+    except Exception as exc:
+        log.exception("job %s stage %s shard %s failed", job_id, stage, shard)
+        with session() as s:
+            job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+            if job is not None and job.status not in FINAL:
+                fail(s, job, stage, f"{stage}: {type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
+                release(s, job_id, stage, shard, "failed")
+            s.commit()
+        return "failed"
+    with session() as s:
+        step = s.scalar(select(JobStep).where(JobStep.job_id == job_id, JobStep.stage == stage, JobStep.shard == shard)
+                        .with_for_update())
+        if step.lease_owner != WORKER_ID or step.status != "running":
+            return "lease_lost"
+        job = s.get(Job, job_id)
+        step.status, step.finished_at, step.result = "done", utcnow(), result
+        event(s, job_id, f"{stage}{_shard_label(job, stage, shard)}: finished in {time.monotonic() - t0:.1f}s",
+              stage, summary={k: v for k, v in result.items() if k != "blobs"})
+        s.commit()
+    advance(job_id, stage, shard)
+    return "ok"
+
+
+def release(s: Session, job_id: str, stage: str, shard: int, status: str) -> None:
+    step = s.scalar(select(JobStep).where(JobStep.job_id == job_id, JobStep.stage == stage, JobStep.shard == shard))
+    if step is not None and step.lease_owner == WORKER_ID:
+        step.status = status
+
+
+def advance(job_id: str, stage: str, shard: int) -> None:
+    """After a step is done: queue the next step(s) exactly once (the job row lock serialises finishing shards)."""
+    from worker.tasks import enqueue
+
+    to_send: list[tuple[str, int]] = []
+    with session() as s:
+        job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        if job is None or job.status in FINAL:
+            return
+        steps = s.scalars(select(JobStep).where(JobStep.job_id == job_id)).all()
+        by_stage: dict[str, list[JobStep]] = {}
+        for st in steps:
+            by_stage.setdefault(st.stage, []).append(st)
+        if stage == "register":
+            job.status, job.finished_at, job.progress_done, job.progress_total = "succeeded", utcnow(), 1, 1
+            event(s, job_id, f"succeeded: model {job.name!r} ({job.model_id}) is registered", "register",
+                  model_id=job.model_id)
+        else:
+            nxt = ORDER[ORDER.index(stage) + 1]
+            if stage == "targets" and not all(st.status == "done" for st in by_stage["targets"]):
+                s.commit()
+                return
+            for st in by_stage[nxt]:
+                if st.status == "pending":
+                    st.status = "queued"
+                    to_send.append((nxt, st.shard))
+        s.commit()
+    if to_send:
+        enqueue(job_id, to_send)
+
+
+# ------------------------------------------------------------------------------------------------- reaper
+def reap() -> int:
+    """Re-queue steps whose worker died (no heartbeat for lease_ttl_s). Returns how many were re-queued.
+
+    The step goes back to 'queued' (its lease owner kept, for the 'resumed' event), so every worker's reaper sends
+    it once, and a slow-but-alive former holder sees it lost its lease at its next heartbeat.
+    """
+    from worker.tasks import enqueue
+
+    settings = get_settings()
+    cutoff = now() - timedelta(seconds=settings.lease_ttl_s)
+    stale = []
+    with session() as s:
+        rows = s.scalars(
+            select(JobStep).join(Job, Job.id == JobStep.job_id)
+            .where(JobStep.status == "running", Job.status.not_in(FINAL)).with_for_update(skip_locked=True, of=JobStep)
+        ).all()
+        for step in rows:
+            hb = _aware(step.heartbeat_at)
+            if hb is None or hb < cutoff:
+                step.status = "queued"
+                event(s, step.job_id, f"{step.stage} shard {step.shard}: no heartbeat from {step.lease_owner} for "
+                                      f"{settings.lease_ttl_s:.0f}s; re-queued", step.stage, "warning")
+                stale.append((step.job_id, step.stage, step.shard))
+        s.commit()
+    for job_id, stage, shard in stale:
+        log.warning("job %s %s/%s: worker stopped sending heartbeats; re-queued", job_id, stage, shard)
+        enqueue(job_id, [(stage, shard)])
+    return len(stale)

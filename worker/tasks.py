@@ -1,0 +1,66 @@
+"""Celery tasks: thin wrappers over worker.steps (claim, run a restoration.adapt stage, advance)."""
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery import group
+from celery.signals import worker_ready, worker_shutdown
+
+from restoration.settings import get_settings
+from worker.celery_app import app
+
+log = logging.getLogger("faceadapt.worker")
+
+
+@app.task(name="faceadapt.run_step", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+def run_step(job_id: str, stage: str, shard: int = 0) -> str:
+    from worker import steps
+
+    return steps.run(job_id, stage, shard)
+
+
+def enqueue(job_id: str, steps: list[tuple[str, int]]) -> None:
+    """Send steps to the GPU queue; several (the target shards) go out as one group and run in parallel."""
+    sigs = [run_step.si(job_id, stage, shard) for stage, shard in steps]
+    if len(sigs) == 1:
+        sigs[0].apply_async()
+    else:
+        group(sigs).apply_async()
+
+
+def start_job(job_id: str) -> None:
+    """Create the job's steps and queue its first stage (called by the API)."""
+    from app.db import session_factory
+    from app.models import Job
+    from worker.steps import create_steps
+
+    with session_factory()() as s:
+        create_steps(s, s.get(Job, job_id))
+        s.commit()
+    enqueue(job_id, [("prepare", 0)])
+
+
+# ------------------------------------------------------------------------------------------------ reaper thread
+_stop = threading.Event()
+
+
+def _reaper_loop() -> None:
+    from worker.steps import reap
+
+    interval = get_settings().reaper_interval_s
+    while not _stop.wait(interval):
+        try:
+            reap()
+        except Exception as exc:  # keep reaping after a database hiccup
+            log.warning("reaper: %s", exc)
+
+
+@worker_ready.connect
+def _start_reaper(**_):
+    threading.Thread(target=_reaper_loop, name="faceadapt-reaper", daemon=True).start()
+
+
+@worker_shutdown.connect
+def _stop_reaper(**_):
+    _stop.set()
