@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from restoration.archs import ARCHS, build
 
-ARCH_NAMES = ["iddpm_unet"]
+ARCH_NAMES = ["swinir_face", "iddpm_unet"]
 # Full-size forwards that are too heavy for the shared CI CPUs run only with FACEADAPT_SLOW_TESTS=1.
 SLOW_PROBES = {"iddpm_unet"}
 SLOW = os.environ.get("FACEADAPT_SLOW_TESTS") == "1"
@@ -82,7 +82,8 @@ def test_full_config_structure(arch, compat_dir):
     assert layout == manifest["state_dict"]
     assert sum(p.numel() for p in model.parameters()) == manifest["param_count"]
     assert sum(v.numel() for v in model.state_dict().values()) == manifest["state_dict_numel"]
-    assert set(manifest["buffer_keys"]) == {k for k, _ in model.named_buffers()}
+    persistent_buffers = set(model.state_dict()) - {k for k, _ in model.named_parameters()}
+    assert persistent_buffers == set(manifest["buffer_keys"])
 
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
@@ -90,7 +91,12 @@ def test_golden_small(arch, compat_dir):
     d = compat_dir / arch / "golden_small"
     cfg = _json(d / "config.json")
     model = build(arch, cfg["constructor_kwargs"]).eval()
-    model.load_state_dict(load_file(_require(d / "weights.safetensors")), strict=True)
+    weights = load_file(_require(d / "weights.safetensors"))
+    # buffers the constructor computes (attn_mask, relative_position_index) must equal the reference's
+    for key, buf in model.named_buffers():
+        if key in weights:
+            assert torch.equal(buf, weights[key]), key
+    model.load_state_dict(weights, strict=True)
     assert sum(p.numel() for p in model.parameters()) == cfg["param_count"]
     inputs = load_file(_require(d / "inputs.safetensors"))
     refs = load_file(_require(d / "outputs.safetensors"))
@@ -105,10 +111,10 @@ def test_golden_small(arch, compat_dir):
 
 @pytest.mark.parametrize("arch", ARCH_NAMES)
 def test_full_config_probe(arch, compat_dir):
-    if arch in SLOW_PROBES and not SLOW:
-        pytest.skip("full-size forward; set FACEADAPT_SLOW_TESTS=1")
     manifest = _json(compat_dir / arch / "manifest.json")
     probe = _json(compat_dir / arch / "full_config_probe.json")
+    if arch in SLOW_PROBES and not SLOW:
+        pytest.skip("full-size forward; set FACEADAPT_SLOW_TESTS=1")
     assert probe["recipe"]["base_seed"] == 100000
 
     index = {key: i for i, (key, _, _) in enumerate(manifest["state_dict"])}
@@ -130,10 +136,64 @@ def test_full_config_probe(arch, compat_dir):
     assert list(out.shape) == expected["stats"]["shape"]
     tol = dict(rel=1e-4, abs=1e-4)
     coords = expected["probe_coords_hw"]
-    probes = [[out[0, c, h, w].item() for h, w in coords] for c in range(out.shape[1])]
-    assert probes == [pytest.approx(row, **tol) for row in expected["probe_values"]]
+    assert len(expected["probe_values"]) == out.shape[1]
+    for c, row in enumerate(expected["probe_values"]):  # probe_values[channel][coordinate]
+        assert [out[0, c, h, w].item() for h, w in coords] == pytest.approx(row, **tol), f"channel {c}"
     assert out.mean().item() == pytest.approx(expected["stats"]["mean"], **tol)
     assert out.std().item() == pytest.approx(expected["stats"]["std"], **tol)
     got = checksum(out)
     assert got["sum"] == pytest.approx(expected["checksum"]["sum"], rel=1e-4)
     assert got["abs_sum"] == pytest.approx(expected["checksum"]["abs_sum"], rel=1e-4)
+
+
+def _small_swinir(**overrides) -> torch.nn.Module:
+    cfg = dict(
+        img_size=16, embed_dim=16, depths=[2], num_heads=[2], window_size=8, mlp_ratio=2, sf=4,
+        upsampler="nearest+conv", unshuffle=True, unshuffle_scale=4,
+    )
+    return build("swinir_face", cfg | overrides)
+
+
+@pytest.mark.parametrize("scale", [2, 4, 8])
+def test_swinir_other_scales(scale):
+    model = _small_swinir(sf=scale, unshuffle_scale=scale).eval()
+    ups = {k.split(".")[0] for k in model.state_dict() if k.startswith("conv_up")}
+    assert ups == {f"conv_up{i}" for i in range(1, scale.bit_length())}
+    size = 16 * scale  # token grid 16x16 == img_size: the stored attn_mask is used
+    with torch.no_grad():
+        assert model(torch.rand(1, 3, size, size)).shape == (1, 3, size, size)
+
+
+def test_swinir_input_sizes():
+    model = _small_swinir().eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        # a few pixels short of a multiple of 32 (unshuffle 4 x window 8): reflect-padded, output cropped back
+        short = model(x[..., :62, :60])
+        assert short.shape == (1, 3, 62, 60)
+        padded = torch.nn.functional.pad(x[..., :62, :60], (0, 4, 0, 2), mode="reflect")
+        assert torch.equal(short, model(padded)[..., :62, :60])
+        with pytest.raises(ValueError, match="multiples of 32"):
+            model(torch.rand(1, 3, 40, 64))
+
+
+def test_swinir_training_step():
+    model = _small_swinir(use_checkpoint=True, ape=True, resi_connection="3conv").train()
+    model(torch.rand(2, 3, 64, 64)).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"resblock_updown": True}, {"use_new_attention_order": True}, {"num_classes": 3}, {"num_res_blocks": 1}],
+)
+def test_iddpm_unet_options(overrides):
+    cfg = dict(
+        image_size=16, in_channels=3, model_channels=32, out_channels=6, num_res_blocks=[1, 1],
+        attention_resolutions=[8], channel_mult=[1, 2], num_head_channels=32, use_scale_shift_norm=True,
+    )
+    model = build("iddpm_unet", cfg | overrides)
+    y = torch.tensor([0, 2]) if "num_classes" in overrides else None
+    out = model(torch.randn(2, 3, 16, 16), torch.tensor([0, 999]), y)
+    assert out.shape == (2, 6, 16, 16)
+    out.square().mean().backward()

@@ -6,8 +6,10 @@ import inspect
 from torch import nn
 
 from .iddpm_unet import IDDPMUNet
+from .swinir_face import SwinIRFace
 
 ARCHS: dict[str, type[nn.Module]] = {
+    "swinir_face": SwinIRFace,
     "iddpm_unet": IDDPMUNet,
 }
 
