@@ -213,12 +213,30 @@ def _zoo(zoo):
 
 
 def load_prior(zoo, name: str, device, respacing: str | None = None):
-    """A `restoration.prior.Prior` for the zoo model `name`."""
-    from restoration import prior as prior_mod
+    """A `restoration.prior.IDDPMPrior` for the zoo prior `name`.
 
-    if hasattr(prior_mod, "load_prior"):
-        return prior_mod.load_prior(name, zoo=zoo, device=device, respacing=respacing)
-    return prior_mod.Prior.from_zoo(name, zoo=zoo, device=device, respacing=respacing)
+    The process comes from the card's `extra.diffusion` (`steps`, `noise_schedule`, `learn_sigma`, and `respacing`
+    or `timestep_respacing`); `respacing` (the pseudo-target parameter) overrides the sampler respacing.
+    """
+    import inspect
+
+    from restoration import diffusion as dm
+    from restoration.prior import IDDPMPrior
+
+    zoo = _zoo(zoo)
+    card = zoo.get(name)
+    if card.kind != "prior":
+        raise ValueError(f"{name} is a {card.kind}, not a prior")
+    d = dict((card.extra or {}).get("diffusion") or {})
+    if "respacing" in d:
+        d.setdefault("timestep_respacing", d.pop("respacing"))
+    if respacing is not None:
+        d["timestep_respacing"] = respacing
+    if d.get("timestep_respacing") is not None and not isinstance(d["timestep_respacing"], (list, tuple)):
+        d["timestep_respacing"] = str(d["timestep_respacing"])
+    known = set(inspect.signature(dm.create_gaussian_diffusion).parameters)
+    diffusion = dm.create_gaussian_diffusion(**{k: v for k, v in d.items() if k in known})
+    return IDDPMPrior(zoo.load(name, device=device), diffusion, image_size=card.input_size)
 
 
 def _check_cancel(should_cancel: CancelFn | None, what: str) -> None:
@@ -597,7 +615,9 @@ def evaluate(
             gt = _load_rgb(workdir / PREPARE / it["gt"]).astype(np.float64) / 255.0 if has_gt else None
             for key, arr in (("input", imgs[k]), ("base", outs["base"][k]), ("adapted", outs["adapted"][k])):
                 o = arr.astype(np.float64) / 255.0
-                m = {"consistency_psnr": lp_psnr(o, inp), "sharpness": sharp(o)}
+                m = {"sharpness": sharp(o)}
+                if key != "input":  # the input against itself would be +inf
+                    m["consistency_psnr"] = lp_psnr(o, inp)
                 if gt is not None:
                     m["psnr"], m["ssim"] = psnr(o, gt), ssim(o, gt)
                 per_model[key].append(m)

@@ -227,18 +227,19 @@ def _make_perceptual(cfg: FinetuneConfig, device: torch.device) -> tuple[Callabl
     try:
         from restoration import metrics
 
-        if metrics.lpips_available():
+        ok, why = metrics.lpips_available()
+        if ok:
             lp = metrics.LPIPS().to(device).eval()
             for p in lp.parameters():
                 p.requires_grad_(False)
             return (lambda a, b: lp(a, b).mean()), "lpips"
-    except (ImportError, AttributeError, FileNotFoundError, RuntimeError, OSError):
-        pass
+    except (ImportError, AttributeError, FileNotFoundError, RuntimeError, OSError) as exc:
+        why = f"LPIPS unavailable: {exc}"
     if cfg.perceptual_fallback == "gradient":
-        return _gradient_l1, "gradient-l1 (LPIPS weights not available)"
+        return _gradient_l1, f"gradient-l1 instead of LPIPS ({why})"
     if cfg.perceptual_fallback == "ssim":
-        return _ssim_loss, "1-ssim (LPIPS weights not available)"
-    return None, "none (LPIPS weights not available)"
+        return _ssim_loss, f"1-ssim instead of LPIPS ({why})"
+    return None, f"none ({why})"
 
 
 @torch.no_grad()

@@ -303,7 +303,9 @@ def generate_pseudo_targets(
         if len(shapes) != 1:
             raise ValueError(f"images of one batch differ in size: {sorted(shapes)}; align/resize them first")
         y = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255.0).to(device)
-        x0 = restore_batch(restorer, y)
+        # x0 is quantised to 8 bits, as the reference reads the restorer's outputs back from PNG files; this also
+        # removes the last-bit differences of batched vs single-image network kernels before the prior sees x0
+        x0 = restore_batch(restorer, y).mul(255.0).add(0.5).floor().div(255.0)
         if prior is None:
             target = x0
         else:

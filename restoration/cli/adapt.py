@@ -1,2 +1,124 @@
-"""`faceadapt` commands: adapt."""
-from restoration.cli.app import app  # noqa: F401
+"""`faceadapt adapt`: adapt a restorer to a folder of your own low-quality photos (Kuai et al., WACV 2025)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from restoration.cli.app import app
+
+
+class _Bars:
+    """One tqdm bar per stage, driven by `progress(stage, done, total)`."""
+
+    def __init__(self):
+        self.bars = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        bar = self.bars.get(stage)
+        if bar is None:
+            for other in self.bars.values():
+                other.close()
+            bar = self.bars[stage] = tqdm(total=total, desc=f"{stage:>14}", unit="step" if stage == "finetune" else "img",
+                                          dynamic_ncols=True)
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+@app.command("adapt")
+def adapt(
+    data: Path = typer.Option(..., "--data", help="Folder of low-quality photos from the target domain (no ground truth needed)."),
+    name: str = typer.Option(..., "--name", help="Zoo name for the adapted model."),
+    base: Optional[str] = typer.Option(None, "--base", help="Restorer to adapt (default: FACEADAPT_DEFAULT_RESTORER)."),
+    prior: Optional[str] = typer.Option(None, "--prior", help="Diffusion prior (default: FACEADAPT_DEFAULT_PRIOR)."),
+    aligned: bool = typer.Option(False, "--aligned", help="Inputs are aligned face crops: no detection."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Fine-tuning steps (default 1000)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Fine-tuning batch size (default 8)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (default: FACEADAPT_DEVICE)."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Work dir (default: FACEADAPT_HOME/adapt/NAME); re-running resumes."),
+    start: Optional[int] = typer.Option(None, "--start", help="Respaced step the restored image is noised to (prior card default, else 150)."),
+    constrain_until: Optional[int] = typer.Option(None, "--constrain-until", help="Low frequencies are replaced in steps t >= this (default 90)."),
+    down_n: Optional[int] = typer.Option(None, "--down-n", help="Low-pass factor N (8 or 16; default from the prior card)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="ancestral (paper) or ddim (fast)."),
+    fast_steps: Optional[int] = typer.Option(None, "--fast-steps", min=1, help="Network calls of the ddim schedule (default 25)."),
+    eval_fraction: float = typer.Option(0.1, "--eval-fraction", min=0.0, max=0.9, help="Share of images held out for evaluation."),
+    hq_dir: Optional[Path] = typer.Option(None, "--hq-dir", help="Clean HQ faces for the discriminator (default: the UTKFace training split)."),
+    no_prior: bool = typer.Option(False, "--no-prior", help="Ablation: pseudo target = the base model's output (no diffusion prior)."),
+    seed: int = typer.Option(0, "--seed"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing zoo model of that name."),
+):
+    """Adapt a restorer to your images: pseudo targets from a diffusion prior, then fine-tuning; registers NAME."""
+    import dataclasses
+
+    from restoration.adapt import AdaptConfig, apply_prior_defaults, run_adaptation
+    from restoration.errors import Cancelled
+    from restoration.settings import get_settings
+    from restoration.zoo import Zoo, ZooError
+
+    settings = get_settings()
+    base = base or settings.default_restorer
+    prior = prior or settings.default_prior
+    zoo = Zoo()
+    cfg = AdaptConfig(eval_fraction=eval_fraction, aligned=aligned, seed=seed, use_prior=not no_prior,
+                      hq_dir=str(hq_dir) if hq_dir else None, device=device or settings.device)
+    given = {"start": start, "constrain_until": constrain_until, "down_N": down_n, "schedule": schedule,
+             "fast_steps": fast_steps}
+    given = {k: v for k, v in given.items() if v is not None}
+    try:
+        if not no_prior:
+            cfg = apply_prior_defaults(cfg, zoo.get(prior), explicit=list(given))
+        cfg = dataclasses.replace(cfg, pseudo=dataclasses.replace(cfg.pseudo, **given))
+        ft = {k: v for k, v in {"steps": steps, "batch_size": batch_size}.items() if v is not None}
+        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **ft))
+    except (ZooError, ValueError) as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+
+    p = cfg.pseudo
+    typer.echo(f"adapting {base} with prior {prior if not no_prior else '(none: self-training)'} -> {name}")
+    typer.echo(f"  pseudo targets: start {p.start}/{p.respacing}, constrain until {p.constrain_until}, "
+               f"down_N {p.down_N}, schedule {p.schedule}" + (f" ({p.fast_steps} steps)" if p.schedule == "ddim" else ""))
+    typer.echo(f"  fine-tuning: {cfg.finetune.steps} steps x batch {cfg.finetune.batch_size}, lr {cfg.finetune.lr} -> "
+               f"{cfg.finetune.lr_min}")
+    bars = _Bars()
+    try:
+        res = run_adaptation(data, base=base, prior=prior, name=name, config=cfg, workdir=workdir, progress=bars,
+                             zoo=zoo, overwrite=overwrite)
+    except (ZooError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        bars.close()
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(1)
+    except (Cancelled, KeyboardInterrupt):
+        bars.close()
+        typer.secho("interrupted: run the same command again to resume", err=True, fg=typer.colors.YELLOW)
+        raise typer.Exit(130)
+    bars.close()
+
+    ev = res["evaluation"]
+    typer.echo("")
+    typer.secho(f"registered {res['name']}", fg=typer.colors.GREEN, bold=True)
+    typer.echo(f"  faces: {res['faces']['train']} train, {res['faces']['eval']} held out "
+               f"({res['skipped_images']} images skipped)")
+    typer.echo(f"  losses: {json.dumps(res['finetune']['losses'])}")
+    typer.echo(f"  discriminator real images: {res['finetune']['hq_source']}")
+    if ev.get("count"):
+        m = ev["metrics"]
+        cols = ["consistency_psnr", "sharpness"] + (["psnr", "ssim"] if ev.get("has_gt") else [])
+        typer.echo(f"  held-out evaluation ({ev['count']} faces):")
+        typer.echo("    " + f"{'':10}" + "".join(f"{c:>18}" for c in cols))
+        for row in ("input", "base", "adapted"):
+            typer.echo("    " + f"{row:10}" + "".join(f"{m[row][c]:>18.4f}" if c in m[row] else f"{'-':>18}" for c in cols))
+        typer.echo(f"  before/after grid: {Path(res['workdir']) / ev['grid']}")
+    else:
+        typer.echo(f"  evaluation: {ev.get('note')}")
+    typer.echo("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["timings"].items()) + f" (total {res['seconds']:.1f}s)")
+    typer.echo(f"  work dir: {res['workdir']}")

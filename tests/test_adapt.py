@@ -1,0 +1,316 @@
+"""Adaptation engine: pseudo targets (resumable, shardable), fine-tuning (exact resume after SIGKILL), run_adaptation
+(registers a zoo model), cancellation, config round trip, CLI. Tiny models and a handful of 64x64 faces."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from restoration.adapt import AdaptConfig, run_adaptation, targets_status
+from restoration.errors import Cancelled
+from restoration.finetune import FinetuneConfig, finetune, load_checkpoint
+from restoration.pseudo import PseudoTargetParams, generate_pseudo_targets, read_manifest
+from restoration.zoo import Zoo
+
+REPO = Path(__file__).resolve().parents[1]
+N_IMAGES = 6
+
+TINY_SWINIR = dict(img_size=8, patch_size=1, in_chans=3, embed_dim=16, depths=[1], num_heads=[2], window_size=8,
+                   mlp_ratio=2, sf=8, img_range=1.0, upsampler="nearest+conv", resi_connection="1conv",
+                   unshuffle=True, unshuffle_scale=8)
+TINY_UNET = dict(image_size=32, in_channels=3, model_channels=32, out_channels=6, attention_resolutions=[2],
+                 dropout=0, channel_mult=[1, 1], num_res_blocks=1, conv_resample=True, dims=2, use_fp16=False,
+                 num_head_channels=32, use_scale_shift_norm=True, resblock_updown=False, use_new_attention_order=False)
+# few diffusion steps so that the tests stay fast: respaced 10 steps, start 4, constrain until 2; the prior works at
+# 32x32 (Prior resizes the 64x64 crops to its size and back)
+FAST_PSEUDO = dict(start=4, respacing="10", constrain_until=2, down_N=8, schedule="ancestral", fast_steps=3, batch_size=4)
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+def _tiny_restorer(seed: int = 0):
+    from restoration.archs import build
+
+    torch.manual_seed(seed)
+    return build("swinir_face", TINY_SWINIR).eval()
+
+
+def _tiny_unet(seed: int = 1):
+    from restoration.archs import build
+
+    torch.manual_seed(seed)
+    return build("iddpm_unet", TINY_UNET).eval()
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    z = Zoo(root=tmp_path_factory.mktemp("zoo"), builtin_dir=None)
+    z.register("tiny-restorer", "swinir_face", TINY_SWINIR, _tiny_restorer().state_dict(), kind="restorer",
+               input_size=64, value_range=(0, 1), license="test", random_init=True)
+    z.register("tiny-prior", "iddpm_unet", TINY_UNET, _tiny_unet().state_dict(), kind="prior", input_size=32,
+               value_range=(-1, 1), license="test", random_init=True,
+               extra={"diffusion": {"steps": 1000, "noise_schedule": "linear", "learn_sigma": True, "respacing": "10"},
+                      "pseudo_target_defaults": {"start": 4, "constrain_until": 2, "down_N": 4}})
+    return z
+
+
+@pytest.fixture(scope="module")
+def prior(zoo):
+    from restoration.adapt import load_prior
+
+    return load_prior(zoo, "tiny-prior", torch.device("cpu"), respacing="10")
+
+
+def _degrade(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    from PIL import ImageFilter
+
+    im = Image.fromarray(img).filter(ImageFilter.GaussianBlur(1.2))
+    arr = np.asarray(im).astype(np.float32) + rng.normal(0, 8, img.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=30)
+    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory, shared_dir):
+    """N_IMAGES low-quality 64x64 faces (lq/) and their ground truth (gt/), same file names."""
+    root = shared_dir / "data" / "faces-utk200"
+    names = sorted(p.name for p in root.iterdir())[:N_IMAGES]
+    d = tmp_path_factory.mktemp("faces")
+    (d / "lq").mkdir()
+    (d / "gt").mkdir()
+    rng = np.random.default_rng(0)
+    for i, n in enumerate(names):
+        hq = np.asarray(Image.open(root / n).convert("RGB").resize((64, 64), Image.BICUBIC))
+        Image.fromarray(hq).save(d / "gt" / f"face{i}.png")
+        Image.fromarray(_degrade(hq, rng)).save(d / "lq" / f"face{i}.png")
+    return d
+
+
+def _inputs(faces):
+    return [(p.stem, p) for p in sorted((faces / "lq").iterdir())]
+
+
+def _pngs(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))}
+
+
+# ------------------------------------------------------------------------------------------------ pseudo targets
+def test_pseudo_targets_resumable_and_sharded(tmp_path, faces, prior):
+    restorer = _tiny_restorer()
+    params = PseudoTargetParams(**FAST_PSEUDO, seed=7)
+    inputs = _inputs(faces)
+    full = tmp_path / "full"
+    calls = []
+
+    # cancelled after the first batch: finished images stay recorded
+    with pytest.raises(Cancelled):
+        generate_pseudo_targets(inputs, restorer, prior, full, params,
+                                progress=lambda s, d, t: calls.append((s, d, t)), should_cancel=lambda: len(calls) >= 2)
+    assert len(read_manifest(full)) == params.batch_size
+    r = generate_pseudo_targets(inputs, restorer, prior, full, params)
+    assert (r.generated, r.skipped, r.total) == (N_IMAGES - params.batch_size, params.batch_size, N_IMAGES)
+    r = generate_pseudo_targets(inputs, restorer, prior, full, params)  # everything done: skipped
+    assert (r.generated, r.skipped) == (0, N_IMAGES)
+    assert calls[0] == ("pseudo_targets", 0, N_IMAGES)
+
+    # 2 shards, another batch size: the same pixels
+    sharded = tmp_path / "sharded"
+    p2 = dataclasses.replace(params, batch_size=2)
+    for i in range(2):
+        generate_pseudo_targets(inputs, restorer, prior, sharded, p2, shard=(i, 2))
+    a, b = _pngs(full), _pngs(sharded)
+    assert sorted(a) == sorted(b) and len(a) == 2 * N_IMAGES  # targets + x0
+    worst = max(int(np.abs(a[k].astype(int) - b[k].astype(int)).max()) for k in a)
+    assert worst == 0, f"sharded/batched results differ from unsharded by up to {worst}/255"
+    # the prior changed the images (pseudo target != x0), another seed changes them again
+    assert any(not np.array_equal(a[f"{i}.png"], a[f"{i}.x0.png"]) for i, _ in inputs)
+    other = tmp_path / "other"
+    generate_pseudo_targets(inputs[:1], restorer, prior, other, dataclasses.replace(params, seed=8))
+    assert not np.array_equal(_pngs(other)[f"{inputs[0][0]}.png"], a[f"{inputs[0][0]}.png"])
+    # a torn manifest line (killed mid-write) is ignored; changed parameters do not reuse old results
+    with open(next(full.glob("manifest.shard-*.jsonl")), "a") as fh:
+        fh.write('{"id": "face0", "targ')
+    assert len(read_manifest(full)) == N_IMAGES
+    r = generate_pseudo_targets(inputs[:2], restorer, prior, full, dataclasses.replace(params, down_N=4))
+    assert r.generated == 2
+
+
+# ------------------------------------------------------------------------------------------------ fine-tuning
+FT_CHILD = textwrap.dedent("""
+    import sys, time, torch, numpy as np
+    sys.path.insert(0, {tests!r})
+    torch.set_num_threads(1)
+    from test_adapt import _ft_setup
+    from restoration.finetune import finetune
+    model, pairs, hq, cfg = _ft_setup()
+    def progress(stage, step, total):
+        print("step", step, flush=True)
+        if step >= {slow_after}:
+            time.sleep(30)  # the parent kills us here
+    finetune(model, pairs, hq, cfg, {ckpt!r}, progress=progress)
+""")
+
+
+def _ft_setup():
+    rng = np.random.default_rng(3)
+    imgs = [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(7)]
+    pairs = [(imgs[i], imgs[i + 1]) for i in range(4)]
+    hq = imgs[4:]
+    cfg = FinetuneConfig(steps=5, batch_size=2, grad_accum=2, ckpt_every=2, d_channels=8, log_every=1, seed=11,
+                         ema_decay=0.9, lr=1e-3, lr_min=1e-4)
+    return _tiny_restorer(seed=5), pairs, hq, cfg
+
+
+def test_finetune_resume_after_sigkill(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        # reference: uninterrupted
+        model, pairs, hq, cfg = _ft_setup()
+        ref = finetune(model, pairs, hq, cfg, tmp_path / "ref")
+        assert ref.step == 5 and ref.resumed_from == 0
+
+        # killed (SIGKILL) after the first checkpoint, then resumed in this process
+        ck = tmp_path / "killed"
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+        code = FT_CHILD.format(tests=str(REPO / "tests"), slow_after=3, ckpt=str(ck))
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=env, cwd=str(REPO))
+        try:
+            for line in proc.stdout:
+                if line.strip() == "step 3":
+                    break
+            else:
+                pytest.fail("child ended early: " + proc.stderr.read())
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL
+        assert load_checkpoint(ck)["step"] == 2
+
+        model, pairs, hq, cfg = _ft_setup()
+        seen = []
+        res = finetune(model, pairs, hq, cfg, ck, progress=lambda s, d, t: seen.append(d))
+        assert res.resumed_from == 2 and res.step == 5 and seen[0] == 2
+        for a, b in ((ref.model, res.model), (ref.ema, res.ema)):
+            for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+                assert torch.equal(va, vb), f"{k} differs after resume"
+        da, db = load_checkpoint(tmp_path / "ref"), load_checkpoint(ck)
+        for k, v in da["net_d"].items():
+            assert torch.equal(v, db["net_d"][k]), f"D {k} differs after resume"
+        assert da["history"] == db["history"]
+        assert res.losses["gan"] == 0.1 and res.losses["l1"] == 1.0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_finetune_cancel_saves_checkpoint(tmp_path):
+    model, pairs, hq, cfg = _ft_setup()
+    cfg = dataclasses.replace(cfg, gan=0.0)
+    steps = []
+    with pytest.raises(Cancelled):
+        finetune(model, pairs, [], cfg, tmp_path, progress=lambda s, d, t: steps.append(d),
+                 should_cancel=lambda: len(steps) >= 2)
+    assert load_checkpoint(tmp_path)["step"] == 1
+    res = finetune(_tiny_restorer(seed=5), pairs, [], dataclasses.replace(cfg, steps=2), tmp_path)
+    assert res.resumed_from == 1 and res.step == 2 and res.losses["gan"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ engine
+def _config(**kw) -> AdaptConfig:
+    ft = FinetuneConfig(steps=2, batch_size=2, ckpt_every=1, d_channels=8, log_every=1)
+    return AdaptConfig(pseudo=PseudoTargetParams(**FAST_PSEUDO), finetune=ft, eval_fraction=0.34, aligned=True,
+                       device="cpu", **kw)
+
+
+def test_config_json_roundtrip():
+    cfg = _config(hq_dir="/x")
+    d = json.loads(json.dumps(cfg.to_dict()))
+    assert AdaptConfig.from_dict(d) == cfg
+    assert AdaptConfig.from_json(cfg.to_json()).finetune.betas == (0.9, 0.99)
+    with pytest.raises(ValueError, match="unknown"):
+        AdaptConfig.from_dict({"bogus": 1})
+    with pytest.raises(ValueError):
+        PseudoTargetParams(schedule="euler")
+
+
+def test_run_adaptation_registers_model(tmp_path, faces, zoo):
+    stages = set()
+    res = run_adaptation(faces / "lq", base="tiny-restorer", prior="tiny-prior", name="tiny-adapted",
+                         config=_config(), workdir=tmp_path / "work", zoo=zoo, gt_dir=faces / "gt",
+                         hq_images=sorted((faces / "gt").glob("*.png")), progress=lambda s, d, t: stages.add(s))
+    assert stages >= {"prepare", "pseudo_targets", "finetune", "evaluate", "register"}
+    assert res["faces"] == {"train": 4, "eval": 2}
+    card = zoo.get("tiny-adapted")
+    ex = card.extra
+    assert card.kind == "restorer" and card.input_size == 64
+    assert ex["base"] == "tiny-restorer" and ex["prior"] == "tiny-prior" and ex["data_count"] == N_IMAGES
+    assert len(ex["data_sha256"]) == 64 and ex["config"]["pseudo"]["start"] == 4
+    ev = ex["evaluation"]["metrics"]
+    for row in ("base", "adapted"):
+        assert set(ev[row]) == {"consistency_psnr", "sharpness", "psnr", "ssim"}
+    assert set(ev["input"]) == {"sharpness", "psnr", "ssim"}
+    assert (tmp_path / "work" / "eval" / "grid.png").is_file()
+    adapted = zoo.load("tiny-adapted")
+    base = zoo.load("tiny-restorer")
+    assert any(not torch.equal(a, b) for a, b in zip(adapted.state_dict().values(), base.state_dict().values()))
+    assert targets_status(tmp_path / "work")["complete"]
+    # eval images never became training pairs
+    man = json.loads((tmp_path / "work" / "prepare" / "manifest.json").read_text())
+    eval_ids = {i["id"] for i in man["items"] if i["split"] == "eval"}
+    assert eval_ids and not eval_ids & set(read_manifest(tmp_path / "work" / "targets"))
+
+
+def test_run_adaptation_cancel_and_resume(tmp_path, faces, zoo):
+    state = {"ft": 0}
+
+    def progress(stage, done, total):
+        if stage == "finetune":
+            state["ft"] = done
+
+    kw = dict(base="tiny-restorer", prior="tiny-prior", name="tiny-resumed", workdir=tmp_path / "w", zoo=zoo,
+              hq_images=sorted((faces / "gt").glob("*.png")))
+    cfg = _config(use_prior=False)  # self-training ablation: cheap, and exercises prior=None
+    with pytest.raises(Cancelled):
+        run_adaptation(faces / "lq", config=cfg, progress=progress, should_cancel=lambda: state["ft"] >= 1, **kw)
+    assert load_checkpoint(tmp_path / "w" / "finetune" / "ckpt")["step"] == 1
+    with pytest.raises(Exception):
+        zoo.get("tiny-resumed")
+    res = run_adaptation(faces / "lq", config=cfg, **kw)
+    assert res["finetune"]["resumed_from"] == 1 and res["pseudo_targets"]["generated"] == 0
+    assert zoo.get("tiny-resumed").extra["prior"] is None
+
+
+def test_cli_adapt(tmp_path, faces, zoo, monkeypatch):
+    from typer.testing import CliRunner
+
+    from restoration.cli import app
+    from restoration.settings import get_settings
+
+    monkeypatch.setenv("FACEADAPT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FACEADAPT_MODELS_DIR", str(zoo.root))
+    get_settings.cache_clear()
+    try:
+        r = CliRunner().invoke(app, ["adapt", "--data", str(faces / "lq"), "--base", "tiny-restorer", "--prior",
+                                     "tiny-prior", "--name", "cli-adapted", "--aligned", "--steps", "1",
+                                     "--batch-size", "2", "--device", "cpu", "--schedule", "ddim", "--fast-steps", "2",
+                                     "--hq-dir", str(faces / "gt"), "--workdir", str(tmp_path / "w")])
+        assert r.exit_code == 0, r.output + repr(r.exception)
+        assert "registered cli-adapted" in r.output and "consistency_psnr" in r.output
+        card = Zoo(root=zoo.root, builtin_dir=None).get("cli-adapted")
+        p = card.extra["config"]["pseudo"]
+        # from the prior card's pseudo_target_defaults / diffusion.respacing, and the flags
+        assert (p["start"], p["constrain_until"], p["respacing"], p["schedule"], p["fast_steps"]) == (4, 2, "10", "ddim", 2)
+    finally:
+        get_settings.cache_clear()
