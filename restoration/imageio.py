@@ -173,7 +173,8 @@ def load_image(src: bytes | str | Path, max_pixels: int | None = None) -> np.nda
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as exc:
-        raise ImageError(f"cannot decode {label}: refused as a decompression bomb ({exc})") from None
+        limit = f"over the limit of max_pixels={max_pixels}; " if max_pixels is not None else ""
+        raise ImageError(f"image {label} is {limit}refused as a decompression bomb ({exc})") from None
     except UnidentifiedImageError:
         raise ImageError(f"cannot decode {label}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as exc:
