@@ -1,0 +1,69 @@
+"""Job robustness on real workers: a SIGKILLed worker's stage is resumed by another one, and cancellation."""
+from __future__ import annotations
+
+import copy
+import time
+
+pytest_plugins = ["test_service_harness"]
+
+from test_service_harness import TINY_PARAMS, face_files  # noqa: E402
+
+
+def _start(st, key, name, params, n_faces=8, offset=0):
+    r = st.upload_faces(key, face_files(n_faces, offset=offset), name=name)
+    assert r.status_code == 201, r.text
+    r = st.client.post("/v1/adaptations", json={"dataset_id": r.json()["id"], "name": name, "params": params},
+                       headers=st.auth(key))
+    assert r.status_code == 202, r.text
+    return r.json()["id"]
+
+
+def test_worker_killed_mid_finetune_is_resumed(service_stack, tenant_a):
+    st = service_stack
+    params = copy.deepcopy(TINY_PARAMS)
+    params["finetune"].update(steps=24, ckpt_every=2)
+    job_id = _start(st, tenant_a, "killed-v1", params, offset=30)
+    st.wait_job(tenant_a, job_id, pred=lambda j: j["status"] == "finetuning" and j["progress"]["done"] >= 4,
+                timeout=240)
+    (owner,) = st.sql("SELECT lease_owner FROM job_steps WHERE job_id = %s AND stage = 'finetune'", job_id)[0]
+    pid = int(owner.rsplit(":", 1)[1])
+    assert pid in [p.pid for p in st.workers.alive()], (owner, [p.pid for p in st.workers.procs])
+    t_kill = time.time()
+    st.workers.kill(pid)
+    st.workers.start()  # keep two workers for the other tests; the surviving one may take over first
+    job = st.wait_job(st_key := tenant_a, job_id, timeout=300)
+    assert job["status"] == "succeeded", job
+    # exactly one model; the killed step ran twice, every other step once (nothing else redone)
+    assert st.sql("SELECT count(*) FROM models WHERE job_id = %s", job_id)[0][0] == 1
+    attempts = {(s, sh): a for s, sh, a in st.sql("SELECT stage, shard, attempts FROM job_steps WHERE job_id = %s", job_id)}
+    assert attempts.pop(("finetune", 0)) == 2, attempts
+    assert set(attempts.values()) == {1}, attempts
+    (result,) = st.sql("SELECT result FROM job_steps WHERE job_id = %s AND stage = 'finetune'", job_id)[0]
+    assert result["resumed_from"], result  # fine-tuning went on from the last checkpoint, not from step 0
+    messages = [e["message"] for e in job["events"]]
+    assert any("resumed by" in m for m in messages), messages
+    assert any("no heartbeat" in m for m in messages), messages
+    assert st_key and time.time() - t_kill < 300
+    models = [m for m in st.client.get("/v1/models", headers=st.auth(tenant_a)).json() if m["name"] == "killed-v1"]
+    assert len(models) == 1
+
+
+def test_cancel_stops_running_job(service_stack, tenant_b):
+    st = service_stack
+    params = copy.deepcopy(TINY_PARAMS)
+    params["finetune"].update(steps=2000, ckpt_every=50)
+    job_id = _start(st, tenant_b, "cancel-me", params, offset=60)
+    st.wait_job(tenant_b, job_id, pred=lambda j: j["status"] == "finetuning" and j["progress"]["done"] >= 1,
+                timeout=240)
+    t0 = time.time()
+    r = st.client.post(f"/v1/adaptations/{job_id}/cancel", headers=st.auth(tenant_b))
+    assert r.status_code == 202 and r.json()["cancel_requested"], r.text
+    job = st.wait_job(tenant_b, job_id, timeout=60)
+    assert job["status"] == "cancelled", job
+    assert time.time() - t0 < 30
+    assert job["progress"]["done"] < 2000
+    assert job["model_id"] is None
+    assert st.sql("SELECT count(*) FROM models WHERE job_id = %s", job_id)[0][0] == 0
+    assert any("cancelled during finetune" in e["message"] for e in job["events"]), job["events"]
+    # a finished job cannot be cancelled again
+    assert st.client.post(f"/v1/adaptations/{job_id}/cancel", headers=st.auth(tenant_b)).status_code == 409

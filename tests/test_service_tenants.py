@@ -1,0 +1,59 @@
+"""Tenant isolation and API keys: another tenant's datasets, jobs and models answer 404."""
+from __future__ import annotations
+
+pytest_plugins = ["test_service_harness"]
+
+from test_service_harness import face_files  # noqa: E402
+
+
+def test_keys_required_and_checked(service_stack, tenant_a):
+    c = service_stack.client
+    assert c.get("/v1/models").status_code == 401
+    r = c.get("/v1/models", headers={"Authorization": "Bearer fa_not-a-key"})
+    assert r.status_code == 401 and r.json()["error"] == "unauthorized"
+    assert c.get("/v1/models", headers={"Authorization": "Basic abc"}).status_code == 401
+    assert c.get("/healthz").status_code == 200  # health and metrics stay open
+    # only the key's hash is stored
+    rows = service_stack.sql("SELECT key_hash, prefix FROM api_keys")
+    assert rows and all(len(h) == 64 and h != tenant_a for h, _ in rows)
+    assert any(tenant_a.startswith(p) for _, p in rows)
+
+
+def test_tenant_isolation(service_stack, tenant_a, tenant_b, adapted):
+    st = service_stack
+    a, b = st.auth(tenant_a), st.auth(tenant_b)
+    ds_id, job_id, model_id = adapted["dataset"]["id"], adapted["job"]["id"], adapted["job"]["model_id"]
+    # the owner sees everything
+    assert st.client.get(f"/v1/datasets/{ds_id}", headers=a).status_code == 200
+    assert st.client.get(f"/v1/models/{model_id}", headers=a).status_code == 200
+    # the other tenant sees none of it
+    assert st.client.get(f"/v1/datasets/{ds_id}", headers=b).status_code == 404
+    assert st.client.delete(f"/v1/datasets/{ds_id}", headers=b).status_code == 404
+    assert st.client.get(f"/v1/adaptations/{job_id}", headers=b).status_code == 404
+    assert st.client.post(f"/v1/adaptations/{job_id}/cancel", headers=b).status_code == 404
+    assert job_id not in [j["id"] for j in st.client.get("/v1/adaptations", headers=b).json()]
+    for ref in (model_id, "acme-v1"):
+        assert st.client.get(f"/v1/models/{ref}", headers=b).status_code == 404
+        assert st.client.delete(f"/v1/models/{ref}", headers=b).status_code == 404
+    names_b = [m["name"] for m in st.client.get("/v1/models", headers=b).json()]
+    assert "acme-v1" not in names_b
+    settings_default = st.env.get("FACEADAPT_DEFAULT_RESTORER", "faceadapt-swinir-small")
+    assert settings_default in names_b  # public models are shared
+    img = face_files(1, offset=21)[0].read_bytes()
+    r = st.client.post("/v1/restore", files={"image": ("x.jpg", img, "image/jpeg")}, data={"model": "acme-v1"}, headers=b)
+    assert r.status_code == 404 and "/v1/models" in r.json()["detail"]
+    r = st.client.post("/v1/adaptations", json={"dataset_id": ds_id, "name": "stolen"}, headers=b)
+    assert r.status_code == 404
+    # public models cannot be deleted by a tenant
+    default_id = next(m["id"] for m in st.client.get("/v1/models", headers=b).json() if m["name"] == settings_default)
+    assert st.client.delete(f"/v1/models/{default_id}", headers=b).status_code == 403
+
+
+def test_model_and_dataset_delete(service_stack, tenant_b):
+    st, b = service_stack, service_stack.auth(tenant_b)
+    r = st.upload_faces(tenant_b, face_files(2, offset=90), name="to-delete")
+    assert r.status_code == 201
+    ds_id = r.json()["id"]
+    assert st.client.delete(f"/v1/datasets/{ds_id}", headers=b).status_code == 204
+    assert st.client.get(f"/v1/datasets/{ds_id}", headers=b).status_code == 404
+    assert st.sql("SELECT count(*) FROM images WHERE dataset_id = %s", ds_id)[0][0] == 0
