@@ -427,6 +427,8 @@ class FaceHelper:
             if restored.shape[:2] != (h, w):
                 interp = cv2.INTER_AREA if restored.shape[0] > h else cv2.INTER_CUBIC
                 restored = cv2.resize(restored, (w, h), interpolation=interp)
+            elif restored is img:
+                restored = img.copy()  # never hand the caller's array back as the result
             lm = template(self.size) * np.array([w / self.size, h / self.size])
             face = Face(box=np.array([0, 0, w, h], np.float32), score=1.0, landmarks5=lm.astype(np.float32),
                         extra={"aligned": True})
