@@ -11,6 +11,9 @@ on the 'valid' part of the image only (no padding), computed on each channel and
 channels (RGB). ``channel='y'`` computes it on the luma instead, with the ITU-R BT.601 studio-swing Y
 (16..235, as the super-resolution literature does), on the same [0, 1] range.
 
+PSNR, SSIM, sharpness and lowpass_psnr are evaluation metrics: they detach their inputs and compute
+in float64 on the CPU (no gradients). :class:`LPIPS` is an ``nn.Module`` and can serve as a loss.
+
 LPIPS (Zhang et al. 2018) needs two sets of weights that are not shipped here: the ImageNet backbone
 (torchvision's AlexNet or VGG16, looked up in the torch hub cache, never downloaded) and the learned
 linear calibration layers (the ``lpips`` package's ``weights/v0.1/<net>.pth``, or a copy in
