@@ -731,6 +731,15 @@ def run_adaptation(
         pcard = zoo.get(prior)
         if pcard.kind != "prior":
             raise ValueError(f"{prior} is a {pcard.kind}, not a prior")
+    if register_model and not overwrite:
+        from restoration.zoo import ModelNotFound
+
+        try:
+            zoo.get(name)
+        except ModelNotFound:
+            pass
+        else:
+            raise ValueError(f"a model named {name!r} already exists in the zoo; choose another name or overwrite")
     size = int(cfg.size or base_card.input_size)
     images = list_images(data_dir)
     gt = None

@@ -222,27 +222,37 @@ def restore_batch(restorer, x):
 _LIST_GENERATORS: dict[type, bool] = {}
 
 
-def _prior_targets(prior, x0, params: PseudoTargetParams, generators: list):
+def _prior_targets(prior, x0, params: PseudoTargetParams, generators: list, should_cancel: CancelFn | None = None):
     """Pseudo targets for a batch; every image gets its own generator.
 
-    A prior whose `pseudo_targets` accepts a list of generators (one per image) is called once per batch;
-    otherwise it is called once per image with that image's generator, so that results never depend on the
-    batch composition.
+    `restoration.prior.Prior.pseudo_targets` accepts a list of generators (one per image) and is called once per
+    batch; a prior that does not (TypeError) is called once per image with that image's generator, so that results
+    never depend on the batch composition. `should_cancel` is passed on (checked every diffusion step) and the
+    sampler's `SamplingCancelled` becomes `Cancelled`.
     """
     import torch
 
     kwargs = dict(start=int(params.start), constrain_until=int(params.constrain_until), down_N=int(params.down_N),
                   schedule=params.schedule, steps=int(params.fast_steps))
+    if should_cancel is not None:
+        kwargs["should_cancel"] = should_cancel
+    try:
+        from restoration.diffusion import SamplingCancelled
+    except ImportError:  # pragma: no cover
+        SamplingCancelled = Cancelled  # noqa: N806
     cls = type(prior)
-    if _LIST_GENERATORS.get(cls, True) and len(generators) > 1:
-        try:
-            out = prior.pseudo_targets(x0, generator=list(generators), **kwargs)
-            _LIST_GENERATORS[cls] = True
-            return out.float().clamp(0.0, 1.0)
-        except (TypeError, AttributeError, ValueError, RuntimeError):
-            _LIST_GENERATORS[cls] = False
-    outs = [prior.pseudo_targets(x0[k:k + 1], generator=generators[k], **kwargs) for k in range(x0.shape[0])]
-    return torch.cat(outs, 0).float().clamp(0.0, 1.0)
+    try:
+        if _LIST_GENERATORS.get(cls, True) and len(generators) > 1:
+            try:
+                out = prior.pseudo_targets(x0, generator=list(generators), **kwargs)
+                _LIST_GENERATORS[cls] = True
+                return out.float().clamp(0.0, 1.0)
+            except TypeError:
+                _LIST_GENERATORS[cls] = False
+        outs = [prior.pseudo_targets(x0[k:k + 1], generator=generators[k], **kwargs) for k in range(x0.shape[0])]
+        return torch.cat(outs, 0).float().clamp(0.0, 1.0)
+    except SamplingCancelled as exc:
+        raise Cancelled(f"pseudo-target generation cancelled during sampling: {exc}") from exc
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,7 +325,7 @@ def generate_pseudo_targets(
                 g.manual_seed(image_seed(params.seed, i))
                 gens.append(g)
             with torch.no_grad():
-                target = _prior_targets(prior, x0, params, gens)
+                target = _prior_targets(prior, x0, params, gens, should_cancel)
         for k, i in enumerate(batch_ids):
             rec = {"id": i, "target": f"{i}.png", "source": str(paths[i]), "fingerprint": fp,
                    "seed": image_seed(params.seed, i)}

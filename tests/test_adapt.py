@@ -314,3 +314,17 @@ def test_cli_adapt(tmp_path, faces, zoo, monkeypatch):
         assert (p["start"], p["constrain_until"], p["respacing"], p["schedule"], p["fast_steps"]) == (4, 2, "10", "ddim", 2)
     finally:
         get_settings.cache_clear()
+
+
+def test_cancel_during_diffusion_sampling(tmp_path, faces, prior):
+    """should_cancel reaches the sampler: a long batch stops within a step, not at the end of the batch."""
+    calls = {"n": 0}
+
+    def should_cancel():
+        calls["n"] += 1
+        return calls["n"] > 2  # the batch check passes, then the sampler's 2nd step check cancels
+
+    with pytest.raises(Cancelled, match="during sampling"):
+        generate_pseudo_targets(_inputs(faces), _tiny_restorer(), prior, tmp_path,
+                                PseudoTargetParams(**FAST_PSEUDO), should_cancel=should_cancel)
+    assert read_manifest(tmp_path) == {}
