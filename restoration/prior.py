@@ -190,6 +190,8 @@ class IDDPMPrior(Prior):
 
         zoo = zoo or Zoo()
         card = zoo.get(name)
+        if card.kind != "prior" or card.arch != "iddpm_unet":
+            raise ValueError(f"zoo model {name!r} is a {card.kind} ({card.arch}), not an iddpm_unet prior")
         unet = zoo.load(name, device=device)
         diff = dm.create_gaussian_diffusion(**dict(card.extra.get("diffusion", {})))
         return cls(unet, diff, image_size=card.input_size)
