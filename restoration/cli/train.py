@@ -1,2 +1,164 @@
-"""`faceadapt` commands: train."""
-from restoration.cli.app import app  # noqa: F401
+"""`faceadapt train ...`: train the small default models (prior, restorer) and export them to a zoo folder."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from restoration.cli.app import app
+
+train_app = typer.Typer(
+    help=("Train the small default models on the UTK200 faces (64x64): the diffusion prior (iddpm_unet) and the "
+          "restorer (swinir_face). Runs are seeded and resume from the last checkpoint in their out dir. "
+          "See docs/MODELS.md for the commands used for the shipped weights."),
+    no_args_is_help=True,
+)
+app.add_typer(train_app, name="train")
+
+
+def _fail(msg: str, code: int = 1):
+    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
+    raise typer.Exit(code)
+
+
+def _deadline(until: Optional[str], max_minutes: Optional[float]) -> Optional[float]:
+    """'HH:MM' (local time, today or tomorrow) or a unix time -> unix time; combined with --max-minutes (earliest)."""
+    out = []
+    if until:
+        if ":" in until:
+            try:
+                hh, mm = (int(v) for v in until.split(":"))
+                now = datetime.now()
+                t = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+            except ValueError:
+                _fail(f"--until must be HH:MM or a unix time, not {until!r}")
+            if t <= now:
+                t += timedelta(days=1)
+            out.append(t.timestamp())
+        else:
+            try:
+                out.append(float(until))
+            except ValueError:
+                _fail(f"--until must be HH:MM or a unix time, not {until!r}")
+    if max_minutes:
+        out.append(time.time() + 60 * max_minutes)
+    return min(out) if out else None
+
+
+def _common(cfg, out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every, data_root, cache_dir,
+            limit, until, max_minutes):
+    cfg.out_dir = str(out)
+    for k, v in dict(steps=steps, seed=seed, device=device, batch_size=batch_size, lr=lr, threads=threads,
+                     ckpt_every=ckpt_every, sample_every=sample_every, limit=limit).items():
+        if v is not None:
+            setattr(cfg, k, v)
+    if data_root is not None:
+        cfg.data_root = str(data_root)
+    if cache_dir is not None:
+        cfg.cache_dir = str(cache_dir) if str(cache_dir) else None
+    cfg.until = _deadline(until, max_minutes)
+    return cfg
+
+
+def _report(res: dict) -> None:
+    typer.echo(json.dumps(res, indent=1))
+
+
+_OUT = typer.Option(..., "--out", "-o", help="Run folder: checkpoints, log.jsonl and sample grids (resumed if present).")
+_STEPS = typer.Option(None, help="Total optimizer steps (a resumed run continues up to this number).")
+_SEED = typer.Option(None, help="Random seed (default 0).")
+_DEVICE = typer.Option(None, help="Torch device: 'cpu' (default), 'cuda', 'cuda:1'.")
+_RESUME = typer.Option(True, "--resume/--no-resume", help="Continue from the last checkpoint in --out (default) or refuse to reuse it.")
+_BS = typer.Option(None, "--batch-size", help="Batch size (default 16).")
+_LR = typer.Option(None, help="Learning rate (AdamW).")
+_THREADS = typer.Option(None, help="torch.set_num_threads (default 1).")
+_CK = typer.Option(None, "--ckpt-every", help="Checkpoint every N steps (also every 5 minutes).")
+_SAMPLE = typer.Option(None, "--sample-every", help="Write a sample grid PNG every N steps (0: never).")
+_DATA = typer.Option(None, "--data-root", help="Faces folder (default: shared/data/faces-utk200).")
+_CACHE = typer.Option(None, "--cache-dir", help="Cache folder for the resized faces (.npy); '' disables (default runs/cache).")
+_LIMIT = typer.Option(None, help="Use only the first N training faces (smoke tests).")
+_UNTIL = typer.Option(None, help="Stop (after a checkpoint) at this local time HH:MM, or unix time.")
+_MAXMIN = typer.Option(None, "--max-minutes", help="Stop (after a checkpoint) after this many minutes.")
+
+
+def _check_fresh(out: Path, resume: bool) -> None:
+    from restoration.train import last_checkpoint
+
+    if not resume and last_checkpoint(out) is not None:
+        _fail(f"{out} already holds checkpoints; pass --resume or choose another --out")
+
+
+@train_app.command("prior")
+def prior(
+    out: Path = _OUT, steps: Optional[int] = _STEPS, seed: Optional[int] = _SEED, device: Optional[str] = _DEVICE,
+    resume: bool = _RESUME, batch_size: Optional[int] = _BS, lr: Optional[float] = _LR,
+    threads: Optional[int] = _THREADS, ckpt_every: Optional[int] = _CK, sample_every: Optional[int] = _SAMPLE,
+    data_root: Optional[Path] = _DATA, cache_dir: Optional[str] = _CACHE, limit: Optional[int] = _LIMIT,
+    until: Optional[str] = _UNTIL, max_minutes: Optional[float] = _MAXMIN,
+    model_json: Optional[str] = typer.Option(None, "--model-json", help="iddpm_unet constructor config as JSON (default: the small 64 px config)."),
+):
+    """Train the small iddpm_unet diffusion prior (iDDPM hybrid loss, AdamW, EMA) at 64x64."""
+    from restoration.train import PriorTrainConfig, train_prior
+
+    _check_fresh(out, resume)
+    cfg = _common(PriorTrainConfig(), out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every,
+                  data_root, cache_dir, limit, until, max_minutes)
+    if model_json:
+        cfg.model = json.loads(model_json)
+    _report(train_prior(cfg, resume=resume))
+
+
+@train_app.command("restorer")
+def restorer(
+    out: Path = _OUT, steps: Optional[int] = _STEPS, seed: Optional[int] = _SEED, device: Optional[str] = _DEVICE,
+    resume: bool = _RESUME, batch_size: Optional[int] = _BS, lr: Optional[float] = _LR,
+    threads: Optional[int] = _THREADS, ckpt_every: Optional[int] = _CK, sample_every: Optional[int] = _SAMPLE,
+    data_root: Optional[Path] = _DATA, cache_dir: Optional[str] = _CACHE, limit: Optional[int] = _LIMIT,
+    until: Optional[str] = _UNTIL, max_minutes: Optional[float] = _MAXMIN,
+    gan_weight: Optional[float] = typer.Option(None, "--gan-weight", help="Weight of the GAN term (default 0.005; 0 = L1 only)."),
+    gan_start: Optional[int] = typer.Option(None, "--gan-start", help="Steps of pure L1 before the GAN term starts (default 500)."),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="'cosine' (default, to 10% at --steps) or 'constant'."),
+    model_json: Optional[str] = typer.Option(None, "--model-json", help="swinir_face constructor config as JSON (default: the small 64 px config)."),
+):
+    """Train the small swinir_face restorer on synthetic degradations (L1 + small GAN term) at 64x64."""
+    from restoration.train import RestorerTrainConfig, train_restorer
+
+    _check_fresh(out, resume)
+    cfg = _common(RestorerTrainConfig(), out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every,
+                  data_root, cache_dir, limit, until, max_minutes)
+    if gan_weight is not None:
+        cfg.gan_weight = gan_weight
+    if gan_start is not None:
+        cfg.gan_start = gan_start
+    if lr_schedule is not None:
+        if lr_schedule not in ("cosine", "constant"):
+            _fail("--lr-schedule must be 'cosine' or 'constant'")
+        cfg.lr_schedule = lr_schedule
+    if model_json:
+        cfg.model = json.loads(model_json)
+    _report(train_restorer(cfg, resume=resume))
+
+
+@train_app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="Run folder written by `faceadapt train prior|restorer`."),
+    dest: Path = typer.Argument(..., help="Zoo model folder to (over)write, e.g. restoration/zoo_defaults/faceadapt-iddpm-small."),
+    extra_json: Optional[Path] = typer.Option(None, "--extra-json", help="JSON file merged into card.extra (e.g. pseudo_target_defaults, metrics)."),
+):
+    """Export the EMA weights of a run's last checkpoint as a zoo folder (model.safetensors, config.json, card.json)."""
+    from restoration.train import export
+
+    extra = json.loads(extra_json.read_text()) if extra_json else None
+    metrics = extra.pop("metrics", None) if extra else None
+    try:
+        p = export(run_dir, dest, extra=extra, metrics=metrics, command=" ".join(shlex.quote(a) for a in sys.argv))
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    size = (p / "model.safetensors").stat().st_size
+    typer.echo(f"exported {run_dir} -> {p} ({size / 1e6:.2f} MB)")

@@ -1,0 +1,121 @@
+"""Small tests of the default-model training: split, a few steps of each trainer on 8 faces, resume, export."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from restoration import data as D
+from restoration import train as T
+
+TINY_PRIOR = dict(T.PRIOR_MODEL_SMALL, image_size=16, model_channels=32, channel_mult=[1, 2],
+                  num_res_blocks=[1, 1], attention_resolutions=[8])
+TINY_RESTORER = dict(T.RESTORER_MODEL_SMALL, img_size=8, embed_dim=16, depths=[1], num_heads=[2], sf=2,
+                     unshuffle_scale=2)
+
+
+@pytest.fixture(scope="module")
+def faces_root(shared_dir):
+    root = shared_dir / "data" / "faces-utk200"
+    if not root.is_dir():
+        pytest.skip(f"no faces at {root}")
+    return root
+
+
+def test_split_is_deterministic_and_committed(faces_root):
+    names = D.list_faces(faces_root)
+    a, b = D.make_split(names), D.make_split(list(reversed(names)))
+    assert a == b
+    assert {k: len(v) for k, v in a.items()} == {"train": len(names) - 1000, "val": 500, "test": 500}
+    assert not (set(a["train"]) & set(a["val"])) and not (set(a["val"]) & set(a["test"]))
+    assert set(a["train"]) | set(a["val"]) | set(a["test"]) == set(names)
+    for s in D.SPLITS:  # the committed files are what make_split gives
+        assert D.load_split(s) == a[s]
+    assert D.make_split(names, seed=1) != a
+
+
+def test_dataset_resize_and_flip(faces_root):
+    ds = D.FacesDataset("val", 64, root=faces_root, limit=4)
+    x = ds[0]
+    assert x.shape == (3, 64, 64) and x.dtype == torch.float32 and 0 <= float(x.min()) and float(x.max()) <= 1
+    flip = D.FacesDataset("val", 64, root=faces_root, limit=4, flip=True)
+    torch.manual_seed(0)
+    outs = [flip[0] for _ in range(16)]
+    assert any(torch.equal(o, x.flip(-1)) for o in outs) and any(torch.equal(o, x) for o in outs)
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_prior_trains_resumes_and_exports(tmp_path, faces_root):
+    out = tmp_path / "prior"
+    cfg = T.PriorTrainConfig(out_dir=str(out), size=16, batch_size=4, steps=2, limit=8, model=TINY_PRIOR,
+                             data_root=str(faces_root), cache_dir=None, ckpt_every=1, sample_every=2, n_samples=2,
+                             sample_respacing="4", warmup_steps=1)
+    r = T.train_prior(cfg, show_bar=False)
+    assert r["step"] == 2 and (out / "samples_00000002.png").is_file()
+    first = T.load_checkpoint(T.last_checkpoint(out))
+    cfg.steps = 3
+    assert T.train_prior(cfg, show_bar=False)["step"] == 3
+    log = _log(out)
+    assert [e for e in log if e.get("event") == "resume"][0]["step"] == 2
+    last = T.load_checkpoint(T.last_checkpoint(out))
+    assert last["step"] == 3 and last["train_seconds"] >= first["train_seconds"]
+    assert not torch.equal(last["ema"]["out.2.weight"], first["ema"]["out.2.weight"])
+
+    dest = T.export(out, tmp_path / "zoo" / "tiny-prior", extra={"pseudo_target_defaults": {"start": 40,
+                                                                                             "constrain_until": 10,
+                                                                                             "down_N": 4}})
+    from restoration.zoo import Zoo
+
+    zoo = Zoo(root=tmp_path / "zoo", builtin_dir=None)
+    card = zoo.get("tiny-prior")
+    assert card.kind == "prior" and card.input_size == 16 and card.value_range == [-1.0, 1.0]
+    assert card.extra["training"]["steps"] == 3 and card.extra["pseudo_target_defaults"]["start"] == 40
+    assert "non-commercial" in card.extra["data"]["terms"] and card.extra["diffusion"]["learn_sigma"]
+    m = zoo.load("tiny-prior")
+    assert m(torch.zeros(1, 3, 16, 16), torch.tensor([10])).shape == (1, 6, 16, 16)
+    assert (dest / "model.safetensors").is_file()
+
+
+def test_restorer_trains_resumes_and_exports(tmp_path, faces_root):
+    out = tmp_path / "restorer"
+    cfg = T.RestorerTrainConfig(out_dir=str(out), size=16, batch_size=4, steps=2, limit=8, model=TINY_RESTORER,
+                                data_root=str(faces_root), cache_dir=None, ckpt_every=1, sample_every=2, n_grid=2,
+                                gan_start=1, warmup_steps=1)
+    assert T.train_restorer(cfg, show_bar=False)["step"] == 2
+    cfg.steps = 3
+    assert T.train_restorer(cfg, show_bar=False)["step"] == 3
+    ck = T.load_checkpoint(T.last_checkpoint(out))
+    assert ck["step"] == 3 and "disc" in ck["extra"]
+    T.export(out, tmp_path / "zoo" / "tiny-restorer", metrics={"val_psnr": 1.0})
+    from restoration.zoo import Zoo
+
+    zoo = Zoo(root=tmp_path / "zoo", builtin_dir=None)
+    assert zoo.get("tiny-restorer").extra["metrics"] == {"val_psnr": 1.0}
+    m = zoo.load("tiny-restorer")
+    assert m(torch.rand(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+
+
+def test_resume_refuses_other_model(tmp_path, faces_root):
+    out = tmp_path / "prior"
+    cfg = T.PriorTrainConfig(out_dir=str(out), size=16, batch_size=2, steps=1, limit=4, model=TINY_PRIOR,
+                             data_root=str(faces_root), cache_dir=None, sample_every=0)
+    T.train_prior(cfg, show_bar=False)
+    cfg.model = dict(TINY_PRIOR, num_res_blocks=[2, 1])
+    cfg.steps = 2
+    with pytest.raises(ValueError, match="cannot resume"):
+        T.train_prior(cfg, show_bar=False)
+
+
+def test_cli_train_help():
+    from typer.testing import CliRunner
+
+    from restoration.cli import app
+
+    r = CliRunner().invoke(app, ["train", "--help"])
+    assert r.exit_code == 0 and "prior" in r.output and "restorer" in r.output
+    r = CliRunner().invoke(app, ["train", "prior", "--help"])
+    assert r.exit_code == 0 and "--resume" in r.output and "--out" in r.output
