@@ -19,7 +19,10 @@ router = APIRouter(tags=["restore"])
 MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-@router.post("/v1/restore", responses={200: {"content": {"image/png": {}, "application/json": {"model": RestoreJSON}}}})
+@router.post("/v1/restore", response_class=Response, responses={
+    200: {"model": RestoreJSON, "description": "the restored image (image/png, image/jpeg or image/webp), or JSON with "
+          "`Accept: application/json`", "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
+    404: {"description": "unknown model"}, 413: {"description": "a limit was exceeded"}})
 async def restore(
     request: Request,
     image: UploadFile = File(..., description="the photo (or an aligned face crop with aligned=true)"),

@@ -5,6 +5,7 @@ without them.
 """
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import signal
@@ -75,6 +76,16 @@ def serve(
     mode = "embedded" if settings.database_url is None else "service"
     typer.echo(f"FaceAdapt ({mode} mode) serving on http://{shown}:{port}  (API docs: http://{shown}:{port}/docs)", err=True)
     typer.echo(f"http://{shown}:{port}")
+    # Ctrl-C / SIGTERM: stop accepting, finish requests in flight, then stop the worker (a second Ctrl-C forces)
+    server.capture_signals = contextlib.nullcontext  # uvicorn would re-raise the signal after shutdown
+
+    def on_signal(signum, _frame):
+        if server.should_exit:
+            server.force_exit = True
+        server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
     try:
         server.run()
     finally:
