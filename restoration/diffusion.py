@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from restoration.errors import Cancelled
+
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ProgressFn = Callable[[str, int, int], None]
 
@@ -153,7 +155,7 @@ def _mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
-class SamplingCancelled(RuntimeError):
+class SamplingCancelled(Cancelled):
     """Raised by the samplers when their ``should_cancel()`` callback returns True."""
 
 
