@@ -21,8 +21,10 @@ def startup() -> None:
     """`alembic upgrade head`, then publish the zoo's models in the registry (both under one lock)."""
     from app.db import migrate, session_factory, startup_lock
     from app.serving import sync_zoo_models
+    from app.storage import get_storage
 
     migrate()
+    get_storage().setup()
     with session_factory()() as s, startup_lock(s):
         sync_zoo_models(s)
 

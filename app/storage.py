@@ -40,6 +40,9 @@ class Storage:
     def ping(self) -> None:
         """Raise when the store cannot be reached."""
 
+    def setup(self) -> None:
+        """Create what the store needs (folder, bucket); called once at API start."""
+
     def fetch_to(self, key: str, path: Path) -> Path:
         """Write blob `key` to `path` atomically (skipped when `path` already holds it)."""
         path = Path(path)
@@ -104,6 +107,9 @@ class LocalStorage(Storage):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def setup(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
     def ping(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         if not os.access(self.root, os.W_OK):
@@ -155,6 +161,14 @@ class S3Storage(Storage):
 
     def ping(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)
+
+    def setup(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
 
 
 def make_storage(settings: Settings) -> Storage:
