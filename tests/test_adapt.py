@@ -328,3 +328,48 @@ def test_cancel_during_diffusion_sampling(tmp_path, faces, prior):
         generate_pseudo_targets(_inputs(faces), _tiny_restorer(), prior, tmp_path,
                                 PseudoTargetParams(**FAST_PSEUDO), should_cancel=should_cancel)
     assert read_manifest(tmp_path) == {}
+
+
+def test_prepare_detects_and_aligns(tmp_path, shared_dir, facexlib_root):
+    """Whole photos: faces are detected (RetinaFace from the shared weights) and aligned; a photo without a face is
+    recorded as skipped; the data fingerprint does not depend on the file order."""
+    from restoration.adapt import prepare
+    from restoration.face import FaceHelper
+
+    whole = shared_dir / "data" / "realworld" / "whole"
+    src = [whole / "04.jpg", whole / "05.jpg"]
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((120, 120, 3), 128, np.uint8)).save(blank)
+    helper = FaceHelper(64, detector="retinaface", model_root=facexlib_root)
+    cfg = AdaptConfig(eval_fraction=0.0, max_faces=2)
+    man = prepare(tmp_path / "w", src + [blank], aligned=False, size=64, helper=helper, config=cfg,
+                  base="b", prior="p", name="n")
+    assert man["detector"] == "retinaface" and man["counts"]["eval"] == 0
+    assert [s["reason"] for s in man["skipped"]] == ["no face detected"]
+    assert 2 <= man["counts"]["train"] <= 4
+    for it in man["items"]:
+        crop = np.asarray(Image.open(tmp_path / "w" / "prepare" / it["crop"]))
+        assert crop.shape == (64, 64, 3) and len(it["face"]["affine"]) == 2
+    man2 = prepare(tmp_path / "w2", [blank] + src[::-1], aligned=False, size=64, helper=helper, config=cfg)
+    assert man2["data_sha256"] == man["data_sha256"] and man2["data_count"] == 3
+
+
+def test_stages_worker_style_sharded(tmp_path, faces, zoo):
+    """The worker's order: prepare, targets shard by shard (finetune refuses until all are done), finetune."""
+    from restoration import adapt
+
+    wd = tmp_path / "w"
+    cfg = _config(use_prior=False)
+    paths = sorted((faces / "lq").glob("*.png"))
+    man = adapt.prepare(wd, paths, aligned=True, size=64, config=cfg, base="tiny-restorer", prior="tiny-prior",
+                        name="x")
+    assert adapt.AdaptConfig.from_dict(json.loads((wd / "job.json").read_text())["config"]).use_prior is False
+    r0 = adapt.generate_targets(wd, 0, 2, zoo=zoo, device="cpu")
+    st = adapt.targets_status(wd)
+    assert r0["total"] == 2 and st == {"done": 2, "total": 4, "complete": False, "missing": st["missing"]}
+    with pytest.raises(RuntimeError, match="incomplete"):
+        adapt.finetune(wd, zoo=zoo, device="cpu", hq_images=[])
+    adapt.generate_targets(wd, 1, 2, zoo=zoo, device="cpu")
+    assert adapt.targets_status(wd)["complete"] and man["counts"]["train"] == 4
+    res = adapt.finetune(wd, zoo=zoo, device="cpu", hq_images=[])
+    assert res["steps"] == 2 and res["losses"]["gan"] == 0.0 and (wd / "finetune" / "model.safetensors").is_file()
