@@ -4,6 +4,8 @@ from __future__ import annotations
 import copy
 import time
 
+import pytest
+
 pytest_plugins = ["test_service_harness"]
 
 from test_service_harness import TINY_PARAMS, face_files  # noqa: E402
@@ -18,33 +20,52 @@ def _start(st, key, name, params, n_faces=8, offset=0):
     return r.json()["id"]
 
 
-def test_worker_killed_mid_finetune_is_resumed(service_stack, tenant_a):
-    st = service_stack
-    params = copy.deepcopy(TINY_PARAMS)
-    params["finetune"].update(steps=24, ckpt_every=2)
-    job_id = _start(st, tenant_a, "killed-v1", params, offset=30)
-    st.wait_job(tenant_a, job_id, pred=lambda j: j["status"] == "finetuning" and j["progress"]["done"] >= 4,
-                timeout=240)
-    (owner,) = st.sql("SELECT lease_owner FROM job_steps WHERE job_id = %s AND stage = 'finetune'", job_id)[0]
+def _kill_holder(st, job_id, stage):
+    rows = st.sql("SELECT lease_owner, shard FROM job_steps WHERE job_id = %s AND stage = %s AND status = 'running' "
+                  "AND done_count >= 1 AND done_count < total_count ORDER BY shard", job_id, stage)
+    if not rows:
+        return None
+    owner, shard = rows[0]
     pid = int(owner.rsplit(":", 1)[1])
     assert pid in [p.pid for p in st.workers.alive()], (owner, [p.pid for p in st.workers.procs])
-    t_kill = time.time()
     st.workers.kill(pid)
     st.workers.start()  # keep two workers for the other tests; the surviving one may take over first
-    job = st.wait_job(st_key := tenant_a, job_id, timeout=300)
+    return shard
+
+
+@pytest.mark.parametrize("stage", ["targets", "finetune"])
+def test_worker_killed_mid_stage_is_resumed(service_stack, tenant_a, stage):
+    """SIGKILL the worker running `stage`; another worker resumes from the last finished image / checkpoint."""
+    st = service_stack
+    params = copy.deepcopy(TINY_PARAMS)
+    if stage == "targets":  # slow shards (one image per batch, more diffusion steps) so the kill lands mid-shard
+        params["pseudo"].update(start=60, respacing="100", constrain_until=10, batch_size=1)
+    else:
+        params["finetune"].update(steps=24, ckpt_every=2)
+    job_id = _start(st, tenant_a, f"killed-{stage}", params, offset=30 if stage == "finetune" else 40)
+    deadline, shard = time.time() + 240, None
+    while shard is None:
+        job = st.client.get(f"/v1/adaptations/{job_id}", headers=st.auth(tenant_a)).json()
+        assert job["status"] not in ("succeeded", "failed", "cancelled") and time.time() < deadline, job
+        shard = _kill_holder(st, job_id, stage)
+        time.sleep(0.3)
+    job = st.wait_job(tenant_a, job_id, timeout=300)
     assert job["status"] == "succeeded", job
     # exactly one model; the killed step ran twice, every other step once (nothing else redone)
     assert st.sql("SELECT count(*) FROM models WHERE job_id = %s", job_id)[0][0] == 1
     attempts = {(s, sh): a for s, sh, a in st.sql("SELECT stage, shard, attempts FROM job_steps WHERE job_id = %s", job_id)}
-    assert attempts.pop(("finetune", 0)) == 2, attempts
+    assert attempts.pop((stage, shard)) == 2, attempts
     assert set(attempts.values()) == {1}, attempts
-    (result,) = st.sql("SELECT result FROM job_steps WHERE job_id = %s AND stage = 'finetune'", job_id)[0]
-    assert result["resumed_from"], result  # fine-tuning went on from the last checkpoint, not from step 0
+    (result,) = st.sql("SELECT result FROM job_steps WHERE job_id = %s AND stage = %s AND shard = %s",
+                       job_id, stage, shard)[0]
+    if stage == "finetune":
+        assert result["resumed_from"], result  # went on from the last checkpoint, not from step 0
+    else:
+        assert result["skipped"] >= 1 and result["generated"] < result["total"], result  # finished images kept
     messages = [e["message"] for e in job["events"]]
     assert any("resumed by" in m for m in messages), messages
     assert any("no heartbeat" in m for m in messages), messages
-    assert st_key and time.time() - t_kill < 300
-    models = [m for m in st.client.get("/v1/models", headers=st.auth(tenant_a)).json() if m["name"] == "killed-v1"]
+    models = [m for m in st.client.get("/v1/models", headers=st.auth(tenant_a)).json() if m["name"] == f"killed-{stage}"]
     assert len(models) == 1
 
 

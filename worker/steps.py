@@ -262,10 +262,14 @@ def release(s: Session, job_id: str, stage: str, shard: int, status: str) -> Non
 
 
 def advance(job_id: str, stage: str, shard: int) -> None:
-    """After a step is done: queue the next step(s) exactly once (the job row lock serialises finishing shards)."""
+    """After a step is done: queue the next step(s) exactly once (the job row lock serialises finishing shards).
+
+    Messages go out before the 'queued' mark is committed: a worker dying in between leaves the next steps 'pending'
+    with their messages sent (they run; a later re-send is a harmless duplicate), never 'queued' without a message.
+    Steps left 'pending' behind a finished stage are found by the reaper (`reap`), which calls this again.
+    """
     from worker.tasks import enqueue
 
-    to_send: list[tuple[str, int]] = []
     with session() as s:
         job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
         if job is None or job.status in FINAL:
@@ -278,18 +282,13 @@ def advance(job_id: str, stage: str, shard: int) -> None:
             job.status, job.finished_at, job.progress_done, job.progress_total = "succeeded", utcnow(), 1, 1
             event(s, job_id, f"succeeded: model {job.name!r} ({job.model_id}) is registered", "register",
                   model_id=job.model_id)
-        else:
-            nxt = ORDER[ORDER.index(stage) + 1]
-            if stage == "targets" and not all(st.status == "done" for st in by_stage["targets"]):
-                s.commit()
-                return
-            for st in by_stage[nxt]:
-                if st.status == "pending":
-                    st.status = "queued"
-                    to_send.append((nxt, st.shard))
+        elif all(st.status == "done" for st in by_stage[stage]):  # the last target shard to finish moves on
+            nxt = [st for st in by_stage[ORDER[ORDER.index(stage) + 1]] if st.status == "pending"]
+            if nxt:
+                enqueue(job_id, [(st.stage, st.shard) for st in nxt])
+                for st in nxt:
+                    st.status, st.heartbeat_at = "queued", now()
         s.commit()
-    if to_send:
-        enqueue(job_id, to_send)
 
 
 # ------------------------------------------------------------------------------------------------- reaper
@@ -320,4 +319,32 @@ def reap() -> int:
     for job_id, stage, shard in stale:
         log.warning("job %s %s/%s: worker stopped sending heartbeats; re-queued", job_id, stage, shard)
         enqueue(job_id, [(stage, shard)])
-    return len(stale)
+    return len(stale) + resume_stalled(cutoff)
+
+
+def resume_stalled(cutoff: datetime) -> int:
+    """Jobs whose worker died between finishing a stage and queueing the next: a finished stage (older than the
+    lease TTL) followed by a stage still 'pending'. Calls `advance` for them again."""
+    n = 0
+    with session() as s:
+        rows = s.execute(
+            select(JobStep.job_id, JobStep.stage, JobStep.status, JobStep.finished_at)
+            .join(Job, Job.id == JobStep.job_id).where(Job.status.not_in(FINAL))
+        ).all()
+    jobs: dict[str, dict[str, list]] = {}
+    for job_id, stage, status, finished in rows:
+        jobs.setdefault(job_id, {}).setdefault(stage, []).append((status, _aware(finished)))
+    for job_id, stages in jobs.items():
+        last = stages.get(ORDER[-1], [])
+        if last and all(st == "done" and f is not None and f < cutoff for st, f in last):
+            advance(job_id, ORDER[-1], 0)  # registered, but the job was never marked succeeded
+            n += 1
+            continue
+        for prev, nxt in zip(ORDER, ORDER[1:]):
+            done = stages.get(prev, [])
+            if done and all(st == "done" and f is not None and f < cutoff for st, f in done) \
+                    and any(st == "pending" for st, _ in stages.get(nxt, [])):
+                log.warning("job %s: %s finished but %s was never queued; queueing it", job_id, prev, nxt)
+                advance(job_id, prev, 0)
+                n += 1
+    return n
