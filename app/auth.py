@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import ApiError
@@ -35,9 +36,12 @@ class Principal:
 def get_or_create_tenant(session: Session, name: str) -> Tenant:
     tenant = session.scalar(select(Tenant).where(Tenant.name == name))
     if tenant is None:
-        tenant = Tenant(name=name)
-        session.add(tenant)
-        session.flush()
+        try:
+            with session.begin_nested():  # two first requests at once: the loser reads the winner's row
+                tenant = Tenant(name=name)
+                session.add(tenant)
+        except IntegrityError:
+            tenant = session.scalar(select(Tenant).where(Tenant.name == name))
     return tenant
 
 

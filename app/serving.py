@@ -17,7 +17,6 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np

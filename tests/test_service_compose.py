@@ -96,3 +96,33 @@ def test_compose_environment_points_at_its_services():
         for k in (svc.get("environment") or {}):
             if k.startswith("FACEADAPT_"):
                 assert k in fields, f"{k} is not a FaceAdapt setting"
+
+
+def test_queue_depth_reads_the_broker():
+    """faceadapt_queue_depth's source on a real Redis broker (own key prefix and queues; nothing consumes them)."""
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    tag = uuid.uuid4().hex[:8]
+    env = dict(os.environ, FACEADAPT_BROKER_URL=os.environ.get("FACEADAPT_TEST_REDIS", "redis://127.0.0.1:6379/11"),
+               FACEADAPT_BROKER_KEY_PREFIX=f"qd-{tag}:", FACEADAPT_QUEUE_GPU=f"qd-{tag}-gpu",
+               FACEADAPT_QUEUE_DEFAULT=f"qd-{tag}")
+    code = f"""
+import redis
+from worker.celery_app import queue_depths
+from worker.tasks import enqueue
+from restoration.settings import get_settings
+s = get_settings()
+before = queue_depths()
+enqueue("job", [("targets", 0), ("targets", 1), ("targets", 2)])
+after = queue_depths()
+r = redis.Redis.from_url(s.broker_url)
+for k in r.scan_iter(match="qd-{tag}:*"):
+    r.delete(k)
+print(before[s.queue_gpu], after[s.queue_gpu], after[s.queue_default])
+"""
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "3", "0"]

@@ -1,6 +1,8 @@
 """Tenant isolation and API keys: another tenant's datasets, jobs and models answer 404."""
 from __future__ import annotations
 
+import re
+
 pytest_plugins = ["test_service_harness"]
 
 from test_service_harness import face_files  # noqa: E402
@@ -8,6 +10,9 @@ from test_service_harness import face_files  # noqa: E402
 
 def test_keys_required_and_checked(service_stack, tenant_a):
     c = service_stack.client
+    out = service_stack.admin_key("tenant-c")
+    assert re.fullmatch(r"fa_[A-Za-z0-9_-]{43}\n", out), out  # the key alone on stdout
+    assert c.get("/v1/models", headers=service_stack.auth(out.strip())).status_code == 200
     assert c.get("/v1/models").status_code == 401
     r = c.get("/v1/models", headers={"Authorization": "Bearer fa_not-a-key"})
     assert r.status_code == 401 and r.json()["error"] == "unauthorized"

@@ -13,7 +13,6 @@ Run: `celery -A worker.celery_app worker -Q faceadapt,faceadapt-gpu --pool solo 
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 from celery import Celery
 
@@ -63,9 +62,10 @@ def queue_depths() -> dict[str, int]:
     out = {}
     with app.connection_for_read() as conn:
         channel = conn.default_channel
+        size = getattr(channel, "_size", None)  # kombu's virtual transports (redis, filesystem, sqlalchemy)
         for q in (settings.queue_default, settings.queue_gpu):
             try:
-                out[q] = int(channel.queue_declare(queue=q, passive=True).message_count)
+                out[q] = int(size(q)) if size else int(channel.queue_declare(queue=q, passive=True).message_count)
             except Exception:  # a queue nobody declared yet holds nothing
                 out[q] = 0
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
 import threading
 import time
@@ -22,8 +23,7 @@ from sqlalchemy import select, func
 from sqlalchemy.orm import Session
 
 from app.db import session_factory
-from app.models import Dataset, Job, JobEvent, JobStep, ModelRow, utcnow
-from app.storage import get_storage
+from app.models import Job, JobEvent, JobStep, utcnow
 from restoration.errors import Cancelled
 from restoration.settings import get_settings
 
@@ -282,6 +282,9 @@ def advance(job_id: str, stage: str, shard: int) -> None:
             job.status, job.finished_at, job.progress_done, job.progress_total = "succeeded", utcnow(), 1, 1
             event(s, job_id, f"succeeded: model {job.name!r} ({job.model_id}) is registered", "register",
                   model_id=job.model_id)
+            s.commit()
+            shutil.rmtree(workdir(job_id), ignore_errors=True)  # everything worth keeping is in the storage
+            return
         elif all(st.status == "done" for st in by_stage[stage]):  # the last target shard to finish moves on
             nxt = [st for st in by_stage[ORDER[ORDER.index(stage) + 1]] if st.status == "pending"]
             if nxt:

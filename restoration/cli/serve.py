@@ -70,7 +70,7 @@ def serve(
     proc = None
     if worker:
         proc = subprocess.Popen(worker_command(settings), env=dict(os.environ))
-    config = uvicorn.Config(create_app(), host=host, port=port, log_level=log_level)
+    config = uvicorn.Config(create_app(run_startup=False), host=host, port=port, log_level=log_level)
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host
     mode = "embedded" if settings.database_url is None else "service"
