@@ -15,6 +15,7 @@ Every adapted row uses the same fine-tuning recipe (L1 1.0 + LPIPS-or-substitute
 runs through the engine's stage functions (`restoration.adapt.prepare / generate_targets / finetune`).
 
     python bench/adaptation.py                    # defaults sized for ~20-25 min on 2 busy CPU cores
+    python bench/adaptation.py --zoo-root /tmp/zoo   # models exported from runs/ (train.export) before they ship
     python bench/adaptation.py --n-train 32 --steps 100 --methods base,fast,self
 
 Work files go to --out (default /tmp/faceadapt-bench-adaptation); re-running resumes finished stages.
@@ -119,10 +120,11 @@ def main() -> None:
     ap.add_argument("--zoo-root", default=None, help="user zoo folder (default: settings); bundled defaults always searched")
     ap.add_argument("--out", default="/tmp/faceadapt-bench-adaptation")
     ap.add_argument("--methods", default="base,prior,fast,self")
-    ap.add_argument("--n-train", type=int, default=48)
+    ap.add_argument("--n-train", type=int, default=24)
     ap.add_argument("--n-test", type=int, default=100)
     ap.add_argument("--n-hq", type=int, default=500)
-    ap.add_argument("--steps", type=int, default=150, help="fine-tuning steps")
+    ap.add_argument("--steps", type=int, default=100, help="fine-tuning steps")
+    ap.add_argument("--d-channels", type=int, default=16, help="discriminator width (64x64 faces: 16 is plenty)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--lr", type=float, default=1e-4, help="miniature: fewer steps than the paper, higher lr")
     ap.add_argument("--lr-min", type=float, default=2.5e-5)
@@ -130,7 +132,7 @@ def main() -> None:
     ap.add_argument("--constrain-until", type=int, default=None)
     ap.add_argument("--down-n", type=int, default=None)
     ap.add_argument("--fast-steps", type=int, default=15)
-    ap.add_argument("--pt-batch", type=int, default=16, help="pseudo-target batch size")
+    ap.add_argument("--pt-batch", type=int, default=12, help="pseudo-target batch size")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -158,7 +160,8 @@ def main() -> None:
     base_cfg = adapt.AdaptConfig(
         pseudo=PseudoTargetParams(batch_size=args.pt_batch, seed=args.seed, fast_steps=args.fast_steps),
         finetune=FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_min=args.lr_min,
-                                ckpt_every=max(1, args.steps // 3), seed=args.seed, ema_decay=0.99),
+                                ckpt_every=max(1, args.steps // 3), seed=args.seed, ema_decay=0.99,
+                                d_channels=args.d_channels),
         eval_fraction=0.0, aligned=True, size=size, device="cpu", seed=args.seed)
     if any(m in methods for m in ("prior", "fast")):
         prior_card = zoo.get(args.prior)
@@ -171,7 +174,7 @@ def main() -> None:
           f"fast: ddim {p.fast_steps} steps", flush=True)
     f = base_cfg.finetune
     print(f"fine-tuning: {f.steps} steps x batch {f.batch_size}, AdamW lr {f.lr} -> {f.lr_min} cosine, EMA {f.ema_decay}, "
-          f"L1 {f.l1} + perceptual {f.lpips} + GAN {f.gan}", flush=True)
+          f"L1 {f.l1} + perceptual {f.lpips} + GAN {f.gan} (U-Net D, {f.d_channels} channels, lr {f.d_lr})", flush=True)
 
     rows = []
     base_model = zoo.load(args.base)
