@@ -4,9 +4,11 @@ from __future__ import annotations
 import base64
 import io
 
+import httpx
+
 pytest_plugins = ["test_service_harness"]
 
-from test_service_harness import face_files  # noqa: E402
+from test_service_harness import face_files, start_api, stop_api, wait_ready  # noqa: E402
 
 
 def test_e2e_adapt_then_restore(service_stack, tenant_a, adapted):
@@ -43,6 +45,21 @@ def test_e2e_adapt_then_restore(service_stack, tenant_a, adapted):
 
     out = Image.open(io.BytesIO(base64.b64decode(body["image"])))
     assert out.format == "JPEG" and out.size == (200, 200)
+    # the API process above was started before the model existed; a second process serves it as well (the
+    # registry is the database, the weights come from the blob storage: nothing shared in memory)
+    api2 = start_api(st.env, st.home / "logs" / "api2.log")
+    try:
+        wait_ready(api2, st.home / "logs" / "api2.log")
+        r = httpx.post(api2.url + "/v1/restore", files={"image": ("f.jpg", img, "image/jpeg")},
+                       data={"model": job["model_id"]}, headers=auth, timeout=120)
+        assert r.status_code == 200 and r.headers["x-faceadapt-model"] == "acme-v1", r.text
+    finally:
+        stop_api(api2)
+    # the OpenAPI document
+    paths = st.client.get("/openapi.json").json()["paths"]
+    for p in ("/v1/restore", "/v1/datasets", "/v1/datasets/{dataset_id}", "/v1/adaptations", "/v1/adaptations/{job_id}",
+              "/v1/adaptations/{job_id}/cancel", "/v1/models", "/v1/models/{model_id}", "/healthz", "/readyz", "/metrics"):
+        assert p in paths, p
     # listing, metrics
     jobs = st.client.get("/v1/adaptations", headers=auth).json()
     assert job["id"] in [j["id"] for j in jobs]

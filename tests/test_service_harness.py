@@ -151,6 +151,38 @@ class Stack:
         return self.client.post("/v1/datasets", files=parts, data={"name": name}, headers=self.auth(key))
 
 
+def start_api(env: dict, log_path: Path) -> subprocess.Popen:
+    """A real uvicorn API process on 127.0.0.1 (its URL is `proc.url`)."""
+    port = free_port()
+    proc = subprocess.Popen([PY, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
+                             "--port", str(port)], cwd=REPO, env=env, stdout=open(log_path, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc.url = f"http://127.0.0.1:{port}"
+    return proc
+
+
+def wait_ready(proc: subprocess.Popen, log_path: Path, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(proc.url + "/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            raise RuntimeError(f"API did not become ready:\n{log_path.read_text()[-4000:]}")
+        time.sleep(0.5)
+
+
+def stop_api(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture(scope="session")
 def service_stack(tmp_path_factory):
     import psycopg
@@ -196,35 +228,17 @@ def service_stack(tmp_path_factory):
     ensure_default_models(home, env)
     logdir = home / "logs"
     logdir.mkdir()
-    port = free_port()
-    api_log = open(logdir / "api.log", "wb")
-    api = subprocess.Popen([PY, "-m", "uvicorn", "--factory", "app.main:create_app", "--host", "127.0.0.1",
-                            "--port", str(port)], cwd=REPO, env=env, stdout=api_log, stderr=subprocess.STDOUT,
-                           start_new_session=True)
     workers = Workers(env, logdir)
+    api = start_api(env, logdir / "api.log")
     workers.start()
     workers.start()
-    url = f"http://127.0.0.1:{port}"
-    stack = Stack(url, env, home, workers, db_url)
+    stack = Stack(api.url, env, home, workers, db_url)
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if api.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"API did not become ready:\n{(logdir / 'api.log').read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_ready(api, logdir / "api.log")
         yield stack
     finally:
         stack.client.close()
-        api.send_signal(signal.SIGTERM)
-        try:
-            api.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            api.kill()
+        stop_api(api)
         workers.stop()
         if os.environ.get("FACEADAPT_TEST_KEEP"):
             print(f"\nservice test home kept at {home}, database {dbname}")
