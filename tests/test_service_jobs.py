@@ -88,3 +88,33 @@ def test_cancel_stops_running_job(service_stack, tenant_b):
     assert any("cancelled during finetune" in e["message"] for e in job["events"]), job["events"]
     # a finished job cannot be cancelled again
     assert st.client.post(f"/v1/adaptations/{job_id}/cancel", headers=st.auth(tenant_b)).status_code == 409
+
+
+def test_worker_sigterm_hands_the_stage_over(service_stack, tenant_b):
+    """A warm shutdown (SIGTERM, as `docker stop` sends) stops the stage at its next batch and re-queues it at once:
+    another worker resumes from the checkpoint without waiting for the lease to expire; it is not a failed attempt."""
+    import os
+    import signal
+
+    st = service_stack
+    params = copy.deepcopy(TINY_PARAMS)
+    params["finetune"].update(steps=30, ckpt_every=2)
+    job_id = _start(st, tenant_b, "handed-over", params, offset=70)
+    st.wait_job(tenant_b, job_id, pred=lambda j: j["status"] == "finetuning" and j["progress"]["done"] >= 3, timeout=240)
+    (owner,) = st.sql("SELECT lease_owner FROM job_steps WHERE job_id = %s AND stage = 'finetune'", job_id)[0]
+    pid = int(owner.rsplit(":", 1)[1])
+    proc = next(p for p in st.workers.alive() if p.pid == pid)
+    t0 = time.time()
+    os.kill(pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert time.time() - t0 < 30  # did not wait for the whole stage
+    st.workers.start()
+    job = st.wait_job(tenant_b, job_id, timeout=300)
+    assert job["status"] == "succeeded", job
+    attempts = dict(((s, sh), a) for s, sh, a in st.sql("SELECT stage, shard, attempts FROM job_steps WHERE job_id = %s", job_id))
+    assert set(attempts.values()) == {1}, attempts  # the hand-over is not counted as a failed attempt
+    messages = [e["message"] for e in job["events"]]
+    assert any("shutting down; stage paused and re-queued" in m for m in messages), messages
+    assert any("resumed by" in m for m in messages), messages
+    (result,) = st.sql("SELECT result FROM job_steps WHERE job_id = %s AND stage = 'finetune'", job_id)[0]
+    assert result["resumed_from"], result

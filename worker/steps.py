@@ -36,6 +36,9 @@ FINAL = ("succeeded", "failed", "cancelled")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
+STOPPING = threading.Event()  # set when this worker starts a warm shutdown (SIGTERM, Ctrl-C)
+
+
 class LeaseLost(Exception):
     """Another worker took this step over (our heartbeats were late): stop without touching it."""
 
@@ -199,7 +202,7 @@ class Lease:
             self._progress = (int(done), int(total))
 
     def should_cancel(self) -> bool:
-        return self.cancel or self.lost
+        return self.cancel or self.lost or STOPPING.is_set()
 
 
 # ------------------------------------------------------------------------------------------------- running
@@ -228,6 +231,8 @@ def run(job_id: str, stage: str, shard: int = 0) -> str:
             if job is not None and job.cancel_requested:
                 finish_cancelled(s, job, stage, f"cancelled during {stage}")
                 release(s, job_id, stage, shard, "cancelled")
+            elif STOPPING.is_set():
+                return hand_over(s, job_id, stage, shard)
             else:  # our lease was taken over: the new holder goes on
                 log.warning("job %s %s/%s: lease lost, stopping", job_id, stage, shard)
             s.commit()
@@ -253,6 +258,23 @@ def run(job_id: str, stage: str, shard: int = 0) -> str:
         s.commit()
     advance(job_id, stage, shard)
     return "ok"
+
+
+def hand_over(s: Session, job_id: str, stage: str, shard: int) -> str:
+    """This worker is shutting down: the stage stopped at a batch boundary (its partial work is kept); queue it again
+    for another worker (or this one after a restart). A graceful stop does not count as an attempt."""
+    from worker.tasks import enqueue
+
+    step = s.scalar(select(JobStep).where(JobStep.job_id == job_id, JobStep.stage == stage, JobStep.shard == shard)
+                    .with_for_update())
+    if step is None or step.lease_owner != WORKER_ID or step.status != "running":
+        s.commit()
+        return "lease_lost"
+    enqueue(job_id, [(stage, shard)])
+    step.status, step.heartbeat_at, step.attempts = "queued", now(), max(0, step.attempts - 1)
+    event(s, job_id, f"{stage} shard {shard}: worker {WORKER_ID} is shutting down; stage paused and re-queued", stage)
+    s.commit()
+    return "handed_over"
 
 
 def release(s: Session, job_id: str, stage: str, shard: int, status: str) -> None:

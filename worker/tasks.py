@@ -5,7 +5,7 @@ import logging
 import threading
 
 from celery import group
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from restoration.settings import get_settings
 from worker.celery_app import app
@@ -59,6 +59,14 @@ def _reaper_loop() -> None:
 @worker_ready.connect
 def _start_reaper(**_):
     threading.Thread(target=_reaper_loop, name="faceadapt-reaper", daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _shutting_down(**_):
+    """Warm shutdown (SIGTERM, Ctrl-C): the running stage stops at its next batch and is handed over."""
+    from worker.steps import STOPPING
+
+    STOPPING.set()
 
 
 @worker_shutdown.connect
