@@ -146,9 +146,33 @@ class Stack:
                 raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {json.dumps(job, default=str)[-3000:]}")
             time.sleep(0.5)
 
+    def blob_count(self) -> int:
+        """Blobs in the stack's storage (S3 bucket or local folder)."""
+        if self.env.get("FACEADAPT_STORAGE_BACKEND") == "s3":
+            import boto3
+
+            s3 = boto3.client("s3", endpoint_url=self.env["FACEADAPT_S3_ENDPOINT_URL"], region_name="us-east-1",
+                              aws_access_key_id="test", aws_secret_access_key="test")
+            pages = s3.get_paginator("list_objects_v2").paginate(Bucket=self.env["FACEADAPT_S3_BUCKET"])
+            return sum(len(p.get("Contents", [])) for p in pages)
+        return sum(1 for p in (self.home / "storage").rglob("*") if p.is_file())
+
     def upload_faces(self, key: str, files: list[Path], name: str = "faces") -> httpx.Response:
         parts = [("files", (f.name, f.read_bytes(), "image/jpeg")) for f in files]
         return self.client.post("/v1/datasets", files=parts, data={"name": name}, headers=self.auth(key))
+
+
+def start_s3():
+    """A local S3-compatible HTTP server (moto), or None when moto is not installed."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        return None
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    server.url = f"http://127.0.0.1:{port}"
+    return server
 
 
 def start_api(env: dict, log_path: Path) -> subprocess.Popen:
@@ -225,6 +249,11 @@ def service_stack(tmp_path_factory):
         "PYTHONUNBUFFERED": "1",
     })
     env.pop("FACEADAPT_STORAGE_DIR", None)
+    s3 = start_s3()  # blobs in a real S3 API over HTTP when moto is installed (the embedded test covers local storage)
+    if s3 is not None:
+        env.update({"FACEADAPT_STORAGE_BACKEND": "s3", "FACEADAPT_S3_BUCKET": f"fa-{tag}", "FACEADAPT_S3_PREFIX": "blobs",
+                    "FACEADAPT_S3_ENDPOINT_URL": s3.url, "FACEADAPT_S3_REGION": "us-east-1",
+                    "FACEADAPT_S3_ACCESS_KEY_ID": "test", "FACEADAPT_S3_SECRET_ACCESS_KEY": "test"})
     ensure_default_models(home, env)
     logdir = home / "logs"
     logdir.mkdir()
@@ -240,6 +269,8 @@ def service_stack(tmp_path_factory):
         stack.client.close()
         stop_api(api)
         workers.stop()
+        if s3 is not None:
+            s3.stop()
         if os.environ.get("FACEADAPT_TEST_KEEP"):
             print(f"\nservice test home kept at {home}, database {dbname}")
         else:

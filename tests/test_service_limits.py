@@ -20,8 +20,7 @@ def _zip(entries: dict[str, bytes]) -> bytes:
 
 
 def _stored(st) -> tuple[int, int, int]:
-    blobs = sum(1 for p in (st.home / "storage").rglob("*") if p.is_file())
-    return (st.sql("SELECT count(*) FROM datasets")[0][0], st.sql("SELECT count(*) FROM images")[0][0], blobs)
+    return (st.sql("SELECT count(*) FROM datasets")[0][0], st.sql("SELECT count(*) FROM images")[0][0], st.blob_count())
 
 
 @pytest.fixture()
