@@ -70,16 +70,22 @@ def create_steps(s: Session, job: Job) -> None:
 
 
 # ------------------------------------------------------------------------------------------------- claiming
+def locked(s: Session, job_id: str, stage: str, shard: int) -> tuple[Job | None, JobStep | None]:
+    """Lock the job row, then the step row: every writer takes them in this order (no deadlocks)."""
+    job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+    if job is None:
+        return None, None
+    step = s.scalar(select(JobStep).where(JobStep.job_id == job_id, JobStep.stage == stage, JobStep.shard == shard)
+                    .with_for_update())
+    return job, step
+
+
 def claim(job_id: str, stage: str, shard: int) -> str:
     """'run' when this worker now holds the step; otherwise why not ('done', 'busy', 'final')."""
     settings = get_settings()
     with session() as s:
-        job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
-        if job is None:
-            return "final"
-        step = s.scalar(select(JobStep).where(JobStep.job_id == job_id, JobStep.stage == stage, JobStep.shard == shard)
-                        .with_for_update())
-        if step is None:
+        job, step = locked(s, job_id, stage, shard)
+        if job is None or step is None:
             return "final"
         if job.status in FINAL:
             return "final"
@@ -156,7 +162,10 @@ class Lease:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join(timeout=10)
-        self.flush()
+        try:
+            self.flush()  # the final progress figures
+        except Exception as e:  # never mask the stage's own outcome
+            log.warning("final progress write failed: %s", e)
 
     def _beat(self) -> None:
         period = max(0.2, min(self.settings.heartbeat_s, 1.0))  # progress is written at most this often
@@ -173,9 +182,7 @@ class Lease:
         with self._lock:
             prog = self._progress
         with session() as s:
-            step = s.scalar(select(JobStep).where(JobStep.job_id == self.job_id, JobStep.stage == self.stage,
-                                                  JobStep.shard == self.shard))
-            job = s.get(Job, self.job_id)
+            job, step = locked(s, self.job_id, self.stage, self.shard)
             if step is None or job is None:
                 self.lost = True
                 return
@@ -247,11 +254,9 @@ def run(job_id: str, stage: str, shard: int = 0) -> str:
             s.commit()
         return "failed"
     with session() as s:
-        step = s.scalar(select(JobStep).where(JobStep.job_id == job_id, JobStep.stage == stage, JobStep.shard == shard)
-                        .with_for_update())
-        if step.lease_owner != WORKER_ID or step.status != "running":
+        job, step = locked(s, job_id, stage, shard)
+        if step is None or step.lease_owner != WORKER_ID or step.status != "running":
             return "lease_lost"
-        job = s.get(Job, job_id)
         step.status, step.finished_at, step.result = "done", utcnow(), result
         event(s, job_id, f"{stage}{_shard_label(job, stage, shard)}: finished in {time.monotonic() - t0:.1f}s",
               stage, summary={k: v for k, v in result.items() if k != "blobs"})
@@ -265,8 +270,7 @@ def hand_over(s: Session, job_id: str, stage: str, shard: int) -> str:
     for another worker (or this one after a restart). A graceful stop does not count as an attempt."""
     from worker.tasks import enqueue
 
-    step = s.scalar(select(JobStep).where(JobStep.job_id == job_id, JobStep.stage == stage, JobStep.shard == shard)
-                    .with_for_update())
+    _, step = locked(s, job_id, stage, shard)
     if step is None or step.lease_owner != WORKER_ID or step.status != "running":
         s.commit()
         return "lease_lost"
@@ -327,23 +331,28 @@ def reap() -> int:
 
     settings = get_settings()
     cutoff = now() - timedelta(seconds=settings.lease_ttl_s)
-    stale = []
     with session() as s:
-        rows = s.scalars(
-            select(JobStep).join(Job, Job.id == JobStep.job_id)
-            .where(JobStep.status == "running", Job.status.not_in(FINAL)).with_for_update(skip_locked=True, of=JobStep)
+        candidates = s.execute(
+            select(JobStep.job_id, JobStep.stage, JobStep.shard, JobStep.heartbeat_at).join(Job, Job.id == JobStep.job_id)
+            .where(JobStep.status == "running", Job.status.not_in(FINAL))
         ).all()
-        for step in rows:
-            hb = _aware(step.heartbeat_at)
-            if hb is None or hb < cutoff:
-                step.status = "queued"
-                event(s, step.job_id, f"{step.stage} shard {step.shard}: no heartbeat from {step.lease_owner} for "
-                                      f"{settings.lease_ttl_s:.0f}s; re-queued", step.stage, "warning")
-                stale.append((step.job_id, step.stage, step.shard))
-        s.commit()
-    for job_id, stage, shard in stale:
-        log.warning("job %s %s/%s: worker stopped sending heartbeats; re-queued", job_id, stage, shard)
-        enqueue(job_id, [(stage, shard)])
+    stale = []
+    for job_id, stage, shard, hb in candidates:
+        if hb is not None and _aware(hb) >= cutoff:
+            continue
+        with session() as s:
+            job, step = locked(s, job_id, stage, shard)
+            hb = _aware(step.heartbeat_at) if step is not None else None
+            if job is None or job.status in FINAL or step.status != "running" or (hb is not None and hb >= cutoff):
+                continue  # another reaper, or the holder itself, got there first
+            log.warning("job %s %s/%s: worker %s stopped sending heartbeats; re-queueing", job_id, stage, shard,
+                        step.lease_owner)
+            enqueue(job_id, [(stage, shard)])
+            step.status = "queued"
+            event(s, job_id, f"{stage} shard {shard}: no heartbeat from {step.lease_owner} for "
+                             f"{settings.lease_ttl_s:.0f}s; re-queued", stage, "warning")
+            s.commit()
+            stale.append((job_id, stage, shard))
     return len(stale) + resume_stalled(cutoff)
 
 

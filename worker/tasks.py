@@ -6,6 +6,7 @@ import threading
 
 from celery import group
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from restoration.settings import get_settings
 from worker.celery_app import app
@@ -13,8 +14,11 @@ from worker.celery_app import app
 log = logging.getLogger("faceadapt.worker")
 
 
-@app.task(name="faceadapt.run_step", acks_late=True, reject_on_worker_lost=True, ignore_result=True)
+@app.task(name="faceadapt.run_step", acks_late=True, reject_on_worker_lost=True, ignore_result=True,
+          autoretry_for=(OperationalError, InterfaceError), retry_backoff=2, retry_backoff_max=120, max_retries=20)
 def run_step(job_id: str, stage: str, shard: int = 0) -> str:
+    """One step of a job. Database outages (while claiming or advancing) retry the message with backoff; a stage's own
+    errors fail the job (worker.steps.run)."""
     from worker import steps
 
     return steps.run(job_id, stage, shard)
