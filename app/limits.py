@@ -120,3 +120,57 @@ def check_image_count(n: int, settings: Settings) -> None:
 
 def is_zip(data: bytes) -> bool:
     return data[:4] == ZIP_MAGIC
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: a request body over `max_upload_bytes` is answered 413 (naming the limit) as soon as it is
+    announced (Content-Length) or, for chunked bodies, as soon as that many bytes have arrived; the app never buffers
+    more than the limit to memory or disk."""
+
+    def __init__(self, app, limit: int, slack: int = 65536):
+        self.app, self.limit, self.max_body = app, limit, limit + slack  # slack: multipart boundaries and fields
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        responded = False
+        total = 0
+
+        async def refuse():
+            nonlocal responded
+            responded = True
+            err = LimitExceeded("max_upload_bytes", self.limit,
+                                f"request body is larger than max_upload_bytes ({self.limit} bytes)")
+            import json
+
+            body = json.dumps(err.body()).encode()
+            await send({"type": "http.response.start", "status": err.status,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                    (b"connection", b"close")]})
+            await send({"type": "http.response.body", "body": body})
+
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            return await refuse()
+
+        async def limited_receive():
+            nonlocal total
+            if responded:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                total += len(message.get("body", b""))
+                if total > self.max_body:
+                    await refuse()
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if not responded:
+                await send(message)
+
+        try:
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not responded:
+                raise  # the app's own error; a refused body's aftermath (client disconnect) is not one

@@ -10,7 +10,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import ApiError, LimitExceeded
+from app.errors import ApiError
+from app.limits import BodyLimitMiddleware
 from app.metrics import LATENCY, REQUESTS
 from restoration.settings import get_settings
 
@@ -48,16 +49,12 @@ def create_app(run_startup: bool = True) -> FastAPI:
         description="Blind face restoration that adapts to a customer's own images with a diffusion prior.",
     )
 
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
+
     @app.middleware("http")
     async def observe(request: Request, call_next):
         t0 = time.perf_counter()
-        length = request.headers.get("content-length")
-        if request.method in ("POST", "PUT") and length and length.isdigit() and int(length) > settings.max_upload_bytes + 65536:
-            err = LimitExceeded("max_upload_bytes", settings.max_upload_bytes,
-                                f"request body of {length} bytes is larger than max_upload_bytes ({settings.max_upload_bytes})")
-            response = JSONResponse(err.body(), status_code=err.status, headers={"Connection": "close"})
-        else:
-            response = await call_next(request)
+        response = await call_next(request)
         route = request.scope.get("route")
         label = getattr(route, "path", None) or "unmatched"
         REQUESTS.labels(label, request.method, str(response.status_code)).inc()

@@ -46,6 +46,13 @@ def test_dataset_limits(client):
     # upload size (Content-Length and while reading)
     big = b"\xff\xd8" + b"\0" * (3 * 1024 * 1024 + 100_000)
     _expect_limit(_post_dataset(st, auth, [("big.jpg", big, "image/jpeg")]), 413, "max_upload_bytes")
+    # the same without Content-Length (chunked): refused once the limit has arrived, not buffered to the end
+    def chunks():
+        yield b"--xx\r\nContent-Disposition: form-data; name=\"files\"; filename=\"big.jpg\"\r\n\r\n"
+        for _ in range(64):
+            yield b"\0" * (256 * 1024)  # 16 MiB in all
+    r = st.client.post("/v1/datasets", content=chunks(), headers={**auth, "Content-Type": "multipart/form-data; boundary=xx"})
+    _expect_limit(r, 413, "max_upload_bytes")
     # decompression bomb: a tiny PNG announcing 2000x2000 pixels; the good face in the same upload is not kept
     bomb = png_bytes(2000, 2000)
     assert len(bomb) < 100_000
