@@ -118,3 +118,17 @@ def test_worker_sigterm_hands_the_stage_over(service_stack, tenant_b):
     assert any("resumed by" in m for m in messages), messages
     (result,) = st.sql("SELECT result FROM job_steps WHERE job_id = %s AND stage = 'finetune'", job_id)[0]
     assert result["resumed_from"], result
+
+
+def test_failing_job_reports_its_error(service_stack, tenant_b):
+    """A stage that raises fails the job at once (no retry of a deterministic error), with the reason."""
+    st = service_stack
+    params = copy.deepcopy(TINY_PARAMS)
+    params["size"] = 40  # crops the base restorer cannot take (its input side is a multiple of 64)
+    job_id = _start(st, tenant_b, "bad-size", params, n_faces=2, offset=80)
+    job = st.wait_job(tenant_b, job_id, timeout=240)
+    assert job["status"] == "failed" and job["error"], job
+    assert job["model_id"] is None and job["finished_at"]
+    assert any(e["kind"] == "error" and e["message"].startswith("failed:") for e in job["events"]), job["events"]
+    attempts = [a for (a,) in st.sql("SELECT attempts FROM job_steps WHERE job_id = %s AND attempts > 0", job_id)]
+    assert attempts and max(attempts) == 1, attempts

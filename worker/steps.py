@@ -15,7 +15,6 @@ import shutil
 import socket
 import threading
 import time
-import traceback
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -249,7 +248,7 @@ def run(job_id: str, stage: str, shard: int = 0) -> str:
         with session() as s:
             job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
             if job is not None and job.status not in FINAL:
-                fail(s, job, stage, f"{stage}: {type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-4000:])
+                fail(s, job, stage, f"{stage}: {type(exc).__name__}: {exc}")  # the traceback is in the worker log
                 release(s, job_id, stage, shard, "failed")
             s.commit()
         return "failed"
