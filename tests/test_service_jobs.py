@@ -132,3 +132,23 @@ def test_failing_job_reports_its_error(service_stack, tenant_b):
     assert any(e["kind"] == "error" and e["message"].startswith("failed:") for e in job["events"]), job["events"]
     attempts = [a for (a,) in st.sql("SELECT attempts FROM job_steps WHERE job_id = %s AND attempts > 0", job_id)]
     assert attempts and max(attempts) == 1, attempts
+
+
+def test_redelivery_is_bounded(service_stack, tenant_b):
+    """A step whose workers keep dying is not retried forever: at task_max_attempts the job fails with the reason.
+    (Two earlier deaths are recorded in the step's attempt count; the third worker is SIGKILLed for real.)"""
+    st = service_stack
+    params = copy.deepcopy(TINY_PARAMS)
+    params["finetune"].update(steps=200, ckpt_every=5)
+    job_id = _start(st, tenant_b, "doomed", params, n_faces=4, offset=150)
+    st.wait_job(tenant_b, job_id, pred=lambda j: j["status"] == "finetuning" and j["progress"]["done"] >= 1, timeout=240)
+    max_attempts = int(st.env["FACEADAPT_TASK_MAX_ATTEMPTS"])
+    st.sql("UPDATE job_steps SET attempts = %s WHERE job_id = %s AND stage = 'finetune' RETURNING attempts",
+           max_attempts, job_id)
+    (owner,) = st.sql("SELECT lease_owner FROM job_steps WHERE job_id = %s AND stage = 'finetune'", job_id)[0]
+    st.workers.kill(int(owner.rsplit(":", 1)[1]))
+    st.workers.start()
+    job = st.wait_job(tenant_b, job_id, timeout=120)
+    assert job["status"] == "failed", job
+    assert "task_max_attempts" in job["error"], job["error"]
+    assert st.sql("SELECT count(*) FROM models WHERE job_id = %s", job_id)[0][0] == 0
