@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 
 import httpx
 
@@ -45,6 +46,13 @@ def test_e2e_adapt_then_restore(service_stack, tenant_a, adapted):
 
     out = Image.open(io.BytesIO(base64.b64decode(body["image"])))
     assert out.format == "JPEG" and out.size == (200, 200)
+    # loaded once per process, then cached
+    loads = lambda: float(re.search(r"^faceadapt_model_loads_total ([0-9.e+]+)$", st.client.get("/metrics").text, re.M)[1])  # noqa: E731
+    n = loads()
+    for _ in range(2):
+        assert st.client.post("/v1/restore", files={"image": ("f.jpg", img, "image/jpeg")}, data={"model": "acme-v1"},
+                              headers=auth).status_code == 200
+    assert loads() == n
     # the API process above was started before the model existed; a second process serves it as well (the
     # registry is the database, the weights come from the blob storage: nothing shared in memory)
     api2 = start_api(st.env, st.home / "logs" / "api2.log")
