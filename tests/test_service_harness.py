@@ -29,7 +29,7 @@ REDIS_URL = os.environ.get("FACEADAPT_TEST_REDIS", "redis://127.0.0.1:6379/11")
 # A tiny engine configuration: a few diffusion steps and fine-tuning steps (CPU friendly)
 TINY_PARAMS = {
     "pseudo": {"start": 4, "respacing": "10", "constrain_until": 2, "down_N": 4, "batch_size": 4},
-    "finetune": {"steps": 3, "batch_size": 2, "ckpt_every": 1, "log_every": 1, "gan": 0.0, "lpips": 0.0},
+    "finetune": {"steps": 3, "batch_size": 2, "ckpt_every": 1, "log_every": 1, "d_channels": 16},
     "eval_fraction": 0.25, "hq_count": 8, "device": "cpu",
 }
 
