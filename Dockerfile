@@ -16,7 +16,8 @@ COPY worker ./worker
 COPY alembic ./alembic
 COPY alembic.ini ./
 # same install as the Makefile: facexlib / facenet-pytorch pin old torch releases, their real needs are in pyproject
-RUN pip install . \
+# editable: the alembic migrations (alembic/, alembic.ini) stay beside the packages, where `alembic upgrade head` finds them
+RUN pip install -e . \
  && pip install --no-deps 'facexlib==0.3.0' 'facenet-pytorch==2.6.0'
 
 RUN useradd --create-home --uid 10001 faceadapt && mkdir -p /data && chown faceadapt /data

@@ -73,11 +73,21 @@ def session_scope() -> Iterator[Session]:
         s.close()
 
 
+def migrations_dir() -> Path:
+    """The project's alembic/ folder: beside app/ in a checkout or an editable install (the Dockerfile's)."""
+    for base in (REPO, Path.cwd()):
+        if (base / "alembic" / "env.py").is_file() and (base / "alembic.ini").is_file():
+            return base
+    raise RuntimeError(f"alembic migrations not found beside {REPO} or in {Path.cwd()}; install FaceAdapt "
+                       "editable (pip install -e .) from its source tree")
+
+
 def alembic_config(url: str | None = None):
     from alembic.config import Config
 
-    cfg = Config(str(REPO / "alembic.ini"))
-    cfg.set_main_option("script_location", str(REPO / "alembic"))
+    base = migrations_dir()
+    cfg = Config(str(base / "alembic.ini"))
+    cfg.set_main_option("script_location", str(base / "alembic"))
     cfg.set_main_option("sqlalchemy.url", (url or get_settings().db_url).replace("%", "%%"))
     return cfg
 

@@ -14,7 +14,7 @@ import httpx
 
 pytest_plugins = ["test_service_harness"]
 
-from test_service_harness import REPO, SHARED, TINY_PARAMS, ensure_default_models, face_files, free_port  # noqa: E402
+from test_service_harness import SHARED, TINY_PARAMS, ensure_default_models, face_files, free_port  # noqa: E402
 
 FACEADAPT = str(Path(sys.executable).parent / "faceadapt")
 
@@ -28,8 +28,9 @@ def _env(home: Path) -> dict:
 
 
 def test_public_bind_without_keys_is_refused(tmp_path):
+    (tmp_path / "cwd").mkdir()
     r = subprocess.run([FACEADAPT, "serve", "--host", "0.0.0.0", "--port", str(free_port())], env=_env(tmp_path),
-                       cwd=REPO, capture_output=True, text=True, timeout=60)
+                       cwd=tmp_path / "cwd", capture_output=True, text=True, timeout=60)
     assert r.returncode == 2, r.stderr
     assert "FACEADAPT_REQUIRE_KEYS" in r.stderr
     assert not (tmp_path / "faceadapt.db").exists()  # refused before touching anything
@@ -41,7 +42,9 @@ class Serve:
     def __init__(self, home: Path, env: dict):
         self.port = free_port()
         self.log = home / f"serve-{self.port}.log"
-        self.proc = subprocess.Popen([FACEADAPT, "serve", "--port", str(self.port)], env=env, cwd=REPO,
+        self.cwd = home / "cwd"
+        self.cwd.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen([FACEADAPT, "serve", "--port", str(self.port)], env=env, cwd=self.cwd,
                                      stdout=subprocess.PIPE, stderr=open(self.log, "wb"), start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
         assert self.proc.stdout.readline().decode().strip() == self.url  # the URL, printed on stdout
@@ -108,6 +111,7 @@ def test_embedded_serve_end_to_end(tmp_path):
     assert rc == 0, srv.log.read_text()[-3000:]
     assert time.time() - t0 < 30  # the running stage stopped at its next step, the worker did not finish it
     assert _gone(srv.worker_pids)
+    assert not any(srv.cwd.iterdir())  # everything lives under FACEADAPT_HOME, nothing in the working directory
     # the next start picks the job up where it stopped
     srv = Serve(tmp_path, env)
     try:

@@ -23,10 +23,11 @@ def broker_options(settings) -> dict:
     url = settings.broker
     if url.startswith("filesystem"):
         folder = settings.home_dir / "broker"
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {"data_folder_in": str(folder / "queue"), "data_folder_out": str(folder / "queue"),
-                "processed_folder": str(folder / "processed"), "store_processed": False}
+                "processed_folder": str(folder / "processed"), "control_folder": str(folder / "control"),
+                "store_processed": False}
     opts = {"visibility_timeout": settings.visibility_timeout_s}
     if url.startswith(("redis", "rediss")) and settings.broker_key_prefix:
         opts["global_keyprefix"] = settings.broker_key_prefix
