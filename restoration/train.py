@@ -657,7 +657,8 @@ LICENSE_TEXT = ("Weights trained on UTKFace (non-commercial research use only): 
 
 
 def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | None = None, metrics: dict | None = None,
-           extra: dict | None = None, description: str | None = None, command: str | None = None) -> Path:
+           extra: dict | None = None, description: str | None = None, command: str | None = None,
+           train_command: str | None = None) -> Path:
     """Write the EMA weights of the last checkpoint of `run_dir` as the zoo folder `dest` (`<zoo>/<name>`).
 
     The card records the data (UTKFace subset, terms), the split files and their sha256, steps, seed, wall time,
@@ -696,8 +697,10 @@ def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | No
         "params": s["params"],
         "metrics": metrics or {},
     }
+    if train_command:
+        card_extra["training"]["command"] = train_command
     if command:
-        card_extra["training"]["command"] = command
+        card_extra["training"]["export_command"] = command
     if kind == "prior":
         card_extra["diffusion"] = dict(tcfg.get("diffusion") or DIFFUSION_DEFAULT)
         card_extra["pseudo_target_defaults"] = dict(PSEUDO_TARGET_DEFAULTS_REFERENCE)

@@ -1,0 +1,78 @@
+"""Export the two default models from their training runs into `restoration/zoo_defaults/`, with val metrics.
+
+    python bench/export_defaults.py --ptd 60,20,2 --tune runs/tune.json
+
+* restorer (`runs/restorer` -> `faceadapt-swinir-small`): PSNR / SSIM on the 500 val faces damaged with the standard
+  pipeline (seeds 3000000 + i), of the restorer, of its input and of the bicubic-upsampled low-resolution image;
+* prior (`runs/prior` -> `faceadapt-iddpm-small`): `pseudo_target_defaults` from `--ptd start,constrain_until,down_N`,
+  the tuning table from `--tune` (the JSON written by bench/tune_pseudo_targets.py) and the denoising PSNR of the
+  x0-prediction at the start step on 100 clean val faces.
+
+Both go through `restoration.train.export` (EMA weights of the last checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+VAL_SEED = 3_000_000
+# the commands that trained the shipped weights (docs/MODELS.md); run from the repo root
+PRIOR_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train prior --out runs/prior --steps 100000 --seed 0 --threads 1 "
+                       "--until 10:45 --ckpt-every 500 --sample-every 1000")
+RESTORER_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train restorer --out runs/restorer --steps 100000 --seed 0 "
+                          "--threads 1 --batch-size 8 --lr-schedule constant --gan-start 1000 --until 10:15 "
+                          "--ckpt-every 250 --sample-every 250")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--restorer-run", default=str(REPO / "runs" / "restorer"))
+    ap.add_argument("--prior-run", default=str(REPO / "runs" / "prior"))
+    ap.add_argument("--dest", default=str(REPO / "restoration" / "zoo_defaults"))
+    ap.add_argument("--ptd", required=True, help="pseudo-target defaults start,constrain_until,down_N")
+    ap.add_argument("--tune", help="tuning JSON of bench/tune_pseudo_targets.py (recorded in the prior card)")
+    ap.add_argument("--note", default="", help="free text recorded as card.extra.note (e.g. 'preliminary export')")
+    ap.add_argument("--only", choices=["restorer", "prior"])
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from restoration import train as T
+    from restoration.data import FacesDataset
+
+    dest = Path(args.dest)
+    val = FacesDataset("val", 64)
+    gt = torch.stack([val[i] for i in range(len(val))])
+    note = {"note": args.note} if args.note else {}
+    if args.only in (None, "restorer"):
+        m = T.load_run_model(args.restorer_run)
+        r = T.evaluate_restorer(m, gt, seed=VAL_SEED)
+        metrics = {"val": {"split": "val", "degradation": "DegradationParams() standard, seeds 3000000+i",
+                           **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()},
+                           "input_is": "degrade() output: LQ upsampled bilinearly",
+                           "bicubic_is": "the same LQ upsampled bicubically"}}
+        p = T.export(args.restorer_run, dest / "faceadapt-swinir-small", metrics=metrics, extra=note,
+                     command=f"python bench/export_defaults.py --ptd {args.ptd}", train_command=RESTORER_TRAIN_COMMAND)
+        print("restorer", m.step, "steps", json.dumps(metrics), "->", p)
+    if args.only in (None, "prior"):
+        start, until, n = (int(v) for v in args.ptd.split(","))
+        m = T.load_run_model(args.prior_run)
+        den = T.denoise_psnr(m, gt[:100], start, seed=0)
+        metrics = {"val_denoise_psnr_at_start": {"t_respaced": start, "n": 100, "psnr": round(den, 3)}}
+        extra = {"pseudo_target_defaults": {"start": start, "constrain_until": until, "down_N": n}, **note}
+        if args.tune:
+            extra["pseudo_target_tuning"] = json.loads(Path(args.tune).read_text())
+        p = T.export(args.prior_run, dest / "faceadapt-iddpm-small", metrics=metrics, extra=extra,
+                     command=f"python bench/export_defaults.py --ptd {args.ptd}" + (f" --tune {args.tune}" if args.tune else ""),
+                     train_command=PRIOR_TRAIN_COMMAND)
+        print("prior", m.step, "steps", json.dumps(metrics), "->", p)
+    for d in sorted(dest.glob("*/model.safetensors")):
+        print(f"{d.parent.name}: {d.stat().st_size / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()
