@@ -52,6 +52,17 @@ def test_tenant_isolation(service_stack, tenant_a, tenant_b, adapted):
     # public models cannot be deleted by a tenant
     default_id = next(m["id"] for m in st.client.get("/v1/models", headers=b).json() if m["name"] == settings_default)
     assert st.client.delete(f"/v1/models/{default_id}", headers=b).status_code == 403
+    # the owner deletes its model: gone from the registry, from /v1/restore and (weights) from the storage
+    blobs = st.blob_count()
+    (files,) = st.sql("SELECT files FROM models WHERE id = %s", model_id)[0]
+    shared = {k for (f,) in st.sql("SELECT files FROM models WHERE id <> %s", model_id) for k in f.values()}
+    only_ours = set(files.values()) - shared  # blobs are content-addressed: config.json is shared with the siblings
+    assert files["model.safetensors"] in only_ours
+    assert st.client.delete(f"/v1/models/{model_id}", headers=a).status_code == 204
+    assert st.client.get(f"/v1/models/{model_id}", headers=a).status_code == 404
+    r = st.client.post("/v1/restore", files={"image": ("x.jpg", img, "image/jpeg")}, data={"model": "acme-v1"}, headers=a)
+    assert r.status_code == 404
+    assert st.blob_count() == blobs - len(only_ours)
 
 
 def test_model_and_dataset_delete(service_stack, tenant_b):

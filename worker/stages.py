@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tempfile
 from pathlib import Path, PurePosixPath
 
 from sqlalchemy import select
@@ -59,11 +60,12 @@ def _place_model(row: ModelRow, zoo_root: Path) -> str:
         card = Zoo().get(row.name)
         if card.builtin:
             return row.name  # the job zoo searches the bundled models itself
-        src = Path(card.path)
-        tmp = zoo_root / f".{row.name}.copy"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        tmp.rename(dest)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{row.name}.", dir=zoo_root))  # parallel shards may race here
+        shutil.copytree(card.path, tmp, dirs_exist_ok=True)
+        try:
+            tmp.rename(dest)
+        except OSError:  # another worker placed it first
+            shutil.rmtree(tmp, ignore_errors=True)
         return row.name
     storage = get_storage()
     for fname, key in row.files.items():
