@@ -102,7 +102,7 @@ def test_embedded_serve_end_to_end(tmp_path):
                    data={"model": "local-v1", "format": "webp"})
         assert r.status_code == 200 and r.headers["content-type"] == "image/webp", r.text
         # a longer job, interrupted by Ctrl-C in the middle of fine-tuning
-        params = {**TINY_PARAMS, "finetune": {**TINY_PARAMS["finetune"], "steps": 40, "ckpt_every": 2}}
+        params = {**TINY_PARAMS, "finetune": {**TINY_PARAMS["finetune"], "steps": 16, "ckpt_every": 2}}
         job_id = c.post("/v1/adaptations", json={"dataset_id": ds, "name": "local-v2", "params": params}).json()["id"]
         srv.wait_job(job_id, lambda j: j["status"] == "finetuning" and j["progress"]["done"] >= 2)
     finally:

@@ -98,7 +98,7 @@ def test_worker_sigterm_hands_the_stage_over(service_stack, tenant_b):
 
     st = service_stack
     params = copy.deepcopy(TINY_PARAMS)
-    params["finetune"].update(steps=30, ckpt_every=2)
+    params["finetune"].update(steps=16, ckpt_every=2)
     job_id = _start(st, tenant_b, "handed-over", params, offset=70)
     st.wait_job(tenant_b, job_id, pred=lambda j: j["status"] == "finetuning" and j["progress"]["done"] >= 3, timeout=240)
     (owner,) = st.sql("SELECT lease_owner FROM job_steps WHERE job_id = %s AND stage = 'finetune'", job_id)[0]
