@@ -39,10 +39,12 @@ def test_worker_killed_mid_stage_is_resumed(service_stack, tenant_a, stage):
     st = service_stack
     params = copy.deepcopy(TINY_PARAMS)
     if stage == "targets":  # slow shards (one image per batch, more diffusion steps) so the kill lands mid-shard
-        params["pseudo"].update(start=60, respacing="100", constrain_until=10, batch_size=1)
+        params["pseudo"].update(start=30, respacing="50", constrain_until=10, batch_size=1)
     else:
         params["finetune"].update(steps=24, ckpt_every=2)
-    job_id = _start(st, tenant_a, f"killed-{stage}", params, offset=30 if stage == "finetune" else 40)
+    # targets: 12 faces, so each of the 2 shards has several images and the kill lands between two of them
+    job_id = _start(st, tenant_a, f"killed-{stage}", params, n_faces=8 if stage == "finetune" else 12,
+                    offset=30 if stage == "finetune" else 40)
     deadline, shard = time.time() + 240, None
     while shard is None:
         job = st.client.get(f"/v1/adaptations/{job_id}", headers=st.auth(tenant_a)).json()
