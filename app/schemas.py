@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 JOB_STATUSES = ("queued", "preparing", "generating_targets", "finetuning", "evaluating", "succeeded", "failed", "cancelled")
 FINAL_STATUSES = ("succeeded", "failed", "cancelled")
@@ -46,6 +46,8 @@ class DatasetOut(BaseModel):
 
 
 class AdaptationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
     dataset_id: str
     base_model: str = "default"
     name: str = Field(description="name the adapted model is registered under (lowercase letters, digits, '.', '_', '-')")
