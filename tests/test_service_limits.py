@@ -127,6 +127,7 @@ def test_adaptation_bad_input(client):
         ({"dataset_id": ds, "name": "x4", "params": {"eval_fraction": 2.0}}, 422, "bad_params"),
         ({"dataset_id": ds, "name": "faceadapt-swinir-small"}, 409, "name_taken"),
         ({"name": "x5"}, 422, "invalid_request"),
+        ({"dataset_id": ds, "name": "x6", "parameters": {"seed": 1}}, 422, "invalid_request"),  # misspelt field
     ]
     for body, status, code in cases:
         r = st.client.post("/v1/adaptations", json=body, headers=auth)
