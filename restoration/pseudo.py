@@ -302,7 +302,6 @@ def generate_pseudo_targets(
         progress("pseudo_targets", skipped, total)
 
     device = _model_device(restorer)
-    torch.set_flush_denormal(True)  # denormals slow CPU kernels down several times (see finetune.py)
     generated = 0
     bs = int(params.batch_size)
     for b in range(0, len(todo), bs):
