@@ -213,30 +213,11 @@ def _zoo(zoo):
 
 
 def load_prior(zoo, name: str, device, respacing: str | None = None):
-    """A `restoration.prior.IDDPMPrior` for the zoo prior `name`.
-
-    The process comes from the card's `extra.diffusion` (`steps`, `noise_schedule`, `learn_sigma`, and `respacing`
-    or `timestep_respacing`); `respacing` (the pseudo-target parameter) overrides the sampler respacing.
-    """
-    import inspect
-
-    from restoration import diffusion as dm
+    """A `restoration.prior.IDDPMPrior` for the zoo prior `name`; `respacing` (the pseudo-target parameter)
+    overrides the sampler respacing of the card's `extra.diffusion`."""
     from restoration.prior import IDDPMPrior
 
-    zoo = _zoo(zoo)
-    card = zoo.get(name)
-    if card.kind != "prior":
-        raise ValueError(f"{name} is a {card.kind}, not a prior")
-    d = dict((card.extra or {}).get("diffusion") or {})
-    if "respacing" in d:
-        d.setdefault("timestep_respacing", d.pop("respacing"))
-    if respacing is not None:
-        d["timestep_respacing"] = respacing
-    if d.get("timestep_respacing") is not None and not isinstance(d["timestep_respacing"], (list, tuple)):
-        d["timestep_respacing"] = str(d["timestep_respacing"])
-    known = set(inspect.signature(dm.create_gaussian_diffusion).parameters)
-    diffusion = dm.create_gaussian_diffusion(**{k: v for k, v in d.items() if k in known})
-    return IDDPMPrior(zoo.load(name, device=device), diffusion, image_size=card.input_size)
+    return IDDPMPrior.from_zoo(name, zoo=_zoo(zoo), device=device, respacing=respacing)
 
 
 def _check_cancel(should_cancel: CancelFn | None, what: str) -> None:

@@ -22,6 +22,8 @@ Both priors expose ``image_size``, ``pseudo_targets(...)`` and ``denoise_x0(x_t,
 """
 from __future__ import annotations
 
+import inspect
+
 import json
 from pathlib import Path
 from typing import Callable, Sequence
@@ -180,11 +182,13 @@ class IDDPMPrior(Prior):
         return self
 
     @classmethod
-    def from_zoo(cls, name: str, zoo=None, device: str | torch.device = "cpu") -> "IDDPMPrior":
+    def from_zoo(cls, name: str, zoo=None, device: str | torch.device = "cpu",
+                 respacing: str | None = None) -> "IDDPMPrior":
         """Load a zoo prior (``kind='prior'``, arch ``iddpm_unet``).
 
-        ``card.extra["diffusion"]`` may override :func:`~restoration.diffusion.create_gaussian_diffusion`
-        keywords (e.g. ``{"timestep_respacing": "250"}``).
+        The process comes from ``card.extra["diffusion"]`` (docs/ARCHITECTURE.md: ``steps``,
+        ``noise_schedule``, ``learn_sigma``, ``respacing``); ``respacing`` overrides the sampler's
+        timestep respacing (e.g. the pseudo-target parameter).
         """
         from restoration.zoo import Zoo
 
@@ -192,9 +196,19 @@ class IDDPMPrior(Prior):
         card = zoo.get(name)
         if card.kind != "prior" or card.arch != "iddpm_unet":
             raise ValueError(f"zoo model {name!r} is a {card.kind} ({card.arch}), not an iddpm_unet prior")
-        unet = zoo.load(name, device=device)
-        diff = dm.create_gaussian_diffusion(**dict(card.extra.get("diffusion", {})))
-        return cls(unet, diff, image_size=card.input_size)
+        d = dict((card.extra or {}).get("diffusion") or {})
+        if "respacing" in d:
+            d.setdefault("timestep_respacing", d.pop("respacing"))
+        if respacing is not None:
+            d["timestep_respacing"] = respacing
+        if isinstance(d.get("timestep_respacing"), int):
+            d["timestep_respacing"] = str(d["timestep_respacing"])
+        known = set(inspect.signature(dm.create_gaussian_diffusion).parameters)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"prior {name!r}: unknown diffusion settings in its card: {unknown}")
+        diff = dm.create_gaussian_diffusion(**d)
+        return cls(zoo.load(name, device=device), diff, image_size=card.input_size)
 
 
 class DiffusersPrior(Prior):
