@@ -240,7 +240,7 @@ def service_stack(tmp_path_factory):
         "FACEADAPT_BATCH_MAX_WAIT_MS": "150",
         "FACEADAPT_BATCH_MAX_SIZE": "8",
         "FACEADAPT_TARGET_SHARDS": "2",
-        "FACEADAPT_LEASE_TTL_S": "8",
+        "FACEADAPT_LEASE_TTL_S": "15",  # a heartbeat thread can starve for seconds on 2 busy cores
         "FACEADAPT_HEARTBEAT_S": "1",
         "FACEADAPT_REAPER_INTERVAL_S": "2",
         "FACEADAPT_TASK_MAX_ATTEMPTS": "3",
