@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from restoration import rng
 from restoration.errors import Cancelled
 
 ProgressFn = Callable[[str, int, int], None]
@@ -251,18 +251,15 @@ def _ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 
 
 def _rng_state(data_gen: torch.Generator) -> dict:
-    st = {"torch": torch.get_rng_state(), "data": data_gen.get_state(), "python": random.getstate(),
-          "numpy": np.random.get_state()}
+    st = {**rng.capture(), "data": data_gen.get_state()}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
 
 def _set_rng_state(st: dict, data_gen: torch.Generator) -> None:
-    torch.set_rng_state(st["torch"])
+    rng.restore(st)
     data_gen.set_state(st["data"])
-    random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
 
@@ -289,7 +286,7 @@ def load_checkpoint(ckpt_dir: str | Path) -> dict | None:
     p = Path(ckpt_dir) / CKPT_NAME
     if not p.is_file():
         return None
-    return torch.load(p, map_location="cpu", weights_only=False)
+    return torch.load(p, map_location="cpu", weights_only=True)
 
 
 # ------------------------------------------------------------------------------------------------

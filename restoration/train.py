@@ -32,6 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from restoration import rng
+
 ProgressFn = Callable[[str, int, int], None]
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -136,14 +138,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
+_rng_state, _set_rng_state = rng.capture, rng.restore
 
 
 def param_count(model: nn.Module) -> int:
@@ -177,7 +172,7 @@ def last_checkpoint(out_dir: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
