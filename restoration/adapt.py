@@ -40,6 +40,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from restoration.configs import strict_from_dict
 from restoration.errors import Cancelled
 from restoration.finetune import FinetuneConfig
 from restoration.pseudo import PseudoTargetParams, read_manifest, params_fingerprint
@@ -102,11 +103,7 @@ class AdaptConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "AdaptConfig":
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown adaptation parameter(s): {sorted(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "adaptation")
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

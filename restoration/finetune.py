@@ -35,6 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from restoration.configs import strict_from_dict
 from restoration import rng
 from restoration.errors import Cancelled
 
@@ -88,11 +89,7 @@ class FinetuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "FinetuneConfig":
-        d = dict(d or {})
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown fine-tune parameter(s): {sorted(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "fine-tune")
 
 
 @dataclass

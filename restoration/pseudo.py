@@ -28,6 +28,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from restoration.configs import strict_from_dict
 from restoration.errors import Cancelled
 
 ProgressFn = Callable[[str, int, int], None]
@@ -85,12 +86,7 @@ class PseudoTargetParams:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "PseudoTargetParams":
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown pseudo-target parameter(s): {sorted(unknown)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, "pseudo-target")
 
 
 @dataclass
