@@ -84,6 +84,7 @@ class _TrainConfig:
     cache_dir: str | None = "runs/cache"
     limit: int | None = None  # only the first N images of the split (tests)
     until: float | None = None  # unix time; stop (after a checkpoint) when passed
+    init_from: str | None = None  # warm start: a zoo model name or folder with the same arch and model config
     model: dict = field(default_factory=dict)
 
 
@@ -285,10 +286,48 @@ class _Log:
             f.write(json.dumps(rec) + "\n")
 
 
+class TrainSetupError(ValueError):
+    """A run cannot start or resume as asked (config differs from the checkpoint, bad warm start); says why."""
+
+
+def load_init(init_from: str, arch: str, model_cfg: dict) -> tuple[dict, dict]:
+    """Weights and lineage of a warm start: `init_from` is a zoo folder (model.safetensors, config.json, card.json)
+    or the name of a model in the zoo. Its arch and constructor config must equal the run's.
+
+    Returns (state_dict, lineage) where lineage records the source (name, sha256) and its own training totals
+    (steps, images seen, wall seconds, including the source's own warm starts).
+    """
+    from safetensors.torch import load_file
+
+    from restoration.zoo import CARD, CONFIG, WEIGHTS, Zoo, sha256_file
+
+    p = Path(init_from)
+    if not (p / CONFIG).is_file():
+        p = Zoo().path(init_from)  # raises ModelNotFound with a clear message
+    cfg = json.loads((p / CONFIG).read_text())
+    if cfg.get("arch") != arch:
+        raise TrainSetupError(f"cannot warm-start from {init_from}: its arch is {cfg.get('arch')!r}, this run trains {arch!r}")
+    if cfg.get("config") != model_cfg:
+        diff = sorted(k for k in set(cfg.get("config", {})) | set(model_cfg) if cfg["config"].get(k) != model_cfg.get(k))
+        raise TrainSetupError(f"cannot warm-start from {init_from}: its model config differs in {diff}")
+    card = json.loads((p / CARD).read_text()) if (p / CARD).is_file() else {}
+    tr = card.get("extra", {}).get("training", {})
+    tot = tr.get("total", {})
+    lineage = {
+        "name": card.get("name", p.name), "sha256": sha256_file(p / WEIGHTS),
+        "steps": int(tot.get("steps", tr.get("steps", 0))),
+        "images_seen": int(tot.get("images_seen", tr.get("images_seen", 0))),
+        "wall_seconds": float(tot.get("wall_seconds", tr.get("wall_seconds", 0.0))),
+        "training": {k: tr.get(k) for k in ("steps", "batch_size", "lr", "lr_schedule", "wall_seconds", "command",
+                                            "segments", "init_from") if k in tr},
+    }
+    return load_file(str(p / WEIGHTS)), lineage
+
+
 def _check_resume_config(saved: dict, cfg: _TrainConfig) -> None:
     for key in ("model", "size", "seed"):
         if saved.get(key) != asdict(cfg).get(key):
-            raise ValueError(f"cannot resume: '{key}' differs from the checkpoint ({saved.get(key)!r} != {asdict(cfg).get(key)!r}); "
+            raise TrainSetupError(f"cannot resume: '{key}' differs from the checkpoint ({saved.get(key)!r} != {asdict(cfg).get(key)!r}); "
                              "use another out dir")
 
 
@@ -318,6 +357,7 @@ class _Loop:
         self.build()
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         self.step, self.train_seconds, self.segments = 0, 0.0, []
+        self.init: dict | None = None
         ck = last_checkpoint(self.out) if self.resume else None
         if ck is not None:
             s = load_checkpoint(ck)
@@ -328,12 +368,19 @@ class _Loop:
             self.load_extra_state(s.get("extra", {}))
             self.step, self.train_seconds = int(s["step"]), float(s["train_seconds"])
             self.segments = list(s.get("segments", []))
+            self.init = s.get("init")
             _set_rng_state(s["rng"])
             self.gen.set_state(s["gen"])
             self.batches.load(s["batches"])
             self.log.write(event="resume", step=self.step, checkpoint=ck.name)
         else:
-            self.log.write(event="start", step=0, params=param_count(self.model), config=asdict(cfg))
+            if cfg.init_from:
+                from restoration.checkpoints import load_strict
+
+                sd, self.init = load_init(cfg.init_from, self.arch, cfg.model)
+                load_strict(self.model, sd, name=cfg.init_from)
+                self.ema.load_state_dict(self.model.state_dict())
+            self.log.write(event="start", step=0, params=param_count(self.model), config=asdict(cfg), init=self.init)
         seg = {"start": datetime.now(timezone.utc).isoformat(timespec="seconds"), "from_step": self.step}
         self.segments.append(seg)
 
@@ -405,7 +452,7 @@ class _Loop:
             "config": asdict(self.cfg), "arch": self.arch, "params": param_count(self.model),
             "model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
             "extra": self.extra_state(), "rng": _rng_state(), "gen": self.gen.get_state(),
-            "batches": self.batches.state(), "train_names_count": len(self.names),
+            "batches": self.batches.state(), "train_names_count": len(self.names), "init": self.init,
         }
         return _save_checkpoint(self.out, state, self.cfg.keep_ckpts)
 
@@ -692,6 +739,14 @@ def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | No
         "params": s["params"],
         "metrics": metrics or {},
     }
+    init = s.get("init")
+    tr = card_extra["training"]
+    tr["init_from"] = init
+    tr["total"] = {  # this run plus the warm starts it continues
+        "steps": s["step"] + (init["steps"] if init else 0),
+        "images_seen": tr["images_seen"] + (init["images_seen"] if init else 0),
+        "wall_seconds": round(tr["wall_seconds"] + (init["wall_seconds"] if init else 0.0), 1),
+    }
     if train_command:
         card_extra["training"]["command"] = train_command
     if command:
@@ -704,10 +759,14 @@ def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | No
         card_extra["lpips"] = "not used: no LPIPS weights on disk"
     for k, v in (extra or {}).items():
         card_extra[k] = v
-    desc = description or (
-        f"Small {arch} {'diffusion prior' if kind == 'prior' else 'face restorer'} at {tcfg['size']}x{tcfg['size']}, "
-        f"trained from scratch on the UTK200 training split ({s['step']} steps, batch {tcfg['batch_size']})."
-    )
+    what = f"Small {arch} {'diffusion prior' if kind == 'prior' else 'face restorer'} at {tcfg['size']}x{tcfg['size']}"
+    if init:
+        how = (f"trained on the UTK200 training split: {init['steps']} steps ({init['name']}, sha256 "
+               f"{init['sha256'][:12]}) then {s['step']} more (batch {tcfg['batch_size']}), "
+               f"{tr['total']['steps']} in all.")
+    else:
+        how = f"trained from scratch on the UTK200 training split ({s['step']} steps, batch {tcfg['batch_size']})."
+    desc = description or f"{what}, {how}"
     zoo = Zoo(root=dest.parent, builtin_dir=None)
     zoo.register(
         dest.name, arch, tcfg["model"], s["ema"], kind=kind, input_size=int(tcfg["size"]),

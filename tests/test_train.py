@@ -110,6 +110,47 @@ def test_resume_refuses_other_model(tmp_path, faces_root):
         T.train_prior(cfg, show_bar=False)
 
 
+def test_warm_start_from_an_exported_model(tmp_path, faces_root):
+    from restoration.zoo import Zoo
+
+    base = dict(size=16, batch_size=2, limit=4, model=TINY_RESTORER, data_root=str(faces_root), cache_dir=None,
+                sample_every=0, gan_start=100, warmup_steps=1)
+    T.train_restorer(T.RestorerTrainConfig(out_dir=str(tmp_path / "a"), steps=2, **base), show_bar=False)
+    src = T.export(tmp_path / "a", tmp_path / "zoo" / "first")
+    sd = Zoo(root=tmp_path / "zoo", builtin_dir=None).load("first").state_dict()
+
+    # 0 steps: the warm-started run holds exactly the source weights (model and EMA)
+    cfg = T.RestorerTrainConfig(out_dir=str(tmp_path / "b"), steps=0, init_from=str(src), **base)
+    T.train_restorer(cfg, show_bar=False)
+    ck = T.load_checkpoint(T.last_checkpoint(tmp_path / "b"))
+    assert all(torch.equal(ck["model"][k], v) and torch.equal(ck["ema"][k], v) for k, v in sd.items())
+    cfg.steps = 3  # resuming keeps the lineage; further steps change the weights
+    T.train_restorer(cfg, show_bar=False)
+    ck = T.load_checkpoint(T.last_checkpoint(tmp_path / "b"))
+    assert ck["init"]["steps"] == 2 and ck["init"]["name"] == "first"
+    assert any(not torch.equal(ck["ema"][k], v) for k, v in sd.items())
+    T.export(tmp_path / "b", tmp_path / "zoo" / "second")
+    tr = Zoo(root=tmp_path / "zoo", builtin_dir=None).get("second").extra["training"]
+    assert tr["steps"] == 3 and tr["total"]["steps"] == 5 and tr["total"]["images_seen"] == 10
+    assert tr["init_from"]["sha256"] == Zoo(root=tmp_path / "zoo", builtin_dir=None).get("first").sha256
+
+    # a different model config is refused with the keys that differ
+    bad = dict(base, model=dict(TINY_RESTORER, embed_dim=8, num_heads=[1]))
+    with pytest.raises(T.TrainSetupError, match="embed_dim"):
+        T.train_restorer(T.RestorerTrainConfig(out_dir=str(tmp_path / "c"), steps=1, init_from=str(src), **bad),
+                         show_bar=False)
+
+
+def test_cli_train_refuses_unknown_init_model(tmp_path, faces_root):
+    from typer.testing import CliRunner
+
+    from restoration.cli import app
+
+    r = CliRunner().invoke(app, ["train", "restorer", "--out", str(tmp_path / "r"), "--init-from", "no-such-model",
+                                 "--data-root", str(faces_root), "--limit", "2", "--cache-dir", ""])
+    assert r.exit_code == 1 and "no-such-model" in r.output and "Traceback" not in r.output
+
+
 def test_cli_train_help():
     from typer.testing import CliRunner
 

@@ -52,8 +52,9 @@ def _deadline(until: Optional[str], max_minutes: Optional[float]) -> Optional[fl
 
 
 def _common(cfg, out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every, data_root, cache_dir,
-            limit, until, max_minutes):
+            limit, until, max_minutes, init_from=None):
     cfg.out_dir = str(out)
+    cfg.init_from = init_from
     for k, v in dict(steps=steps, seed=seed, device=device, batch_size=batch_size, lr=lr, threads=threads,
                      ckpt_every=ckpt_every, sample_every=sample_every, limit=limit).items():
         if v is not None:
@@ -85,6 +86,26 @@ _CACHE = typer.Option(None, "--cache-dir", help="Cache folder for the resized fa
 _LIMIT = typer.Option(None, help="Use only the first N training faces (smoke tests).")
 _UNTIL = typer.Option(None, help="Stop (after a checkpoint) at this local time HH:MM, or unix time.")
 _MAXMIN = typer.Option(None, "--max-minutes", help="Stop (after a checkpoint) after this many minutes.")
+_INIT = typer.Option(None, "--init-from", help=("Warm start a new run from a zoo model (name or folder) with the same "
+                                                "model config, e.g. faceadapt-iddpm-small; its steps count in the card's "
+                                                "totals. Ignored when --out already holds a checkpoint."))
+
+
+def _set_schedule(cfg, lr_schedule: Optional[str]) -> None:
+    if lr_schedule is not None:
+        if lr_schedule not in ("cosine", "constant"):
+            _fail("--lr-schedule must be 'cosine' or 'constant'")
+        cfg.lr_schedule = lr_schedule
+
+
+def _run(fn, cfg, resume: bool) -> None:
+    from restoration.train import TrainSetupError
+    from restoration.zoo import ModelNotFound
+
+    try:
+        _report(fn(cfg, resume=resume))
+    except (TrainSetupError, ModelNotFound) as exc:  # config differs on resume / warm start, unknown --init-from
+        _fail(str(exc))
 
 
 def _check_fresh(out: Path, resume: bool) -> None:
@@ -100,7 +121,8 @@ def prior(
     resume: bool = _RESUME, batch_size: Optional[int] = _BS, lr: Optional[float] = _LR,
     threads: Optional[int] = _THREADS, ckpt_every: Optional[int] = _CK, sample_every: Optional[int] = _SAMPLE,
     data_root: Optional[Path] = _DATA, cache_dir: Optional[str] = _CACHE, limit: Optional[int] = _LIMIT,
-    until: Optional[str] = _UNTIL, max_minutes: Optional[float] = _MAXMIN,
+    until: Optional[str] = _UNTIL, max_minutes: Optional[float] = _MAXMIN, init_from: Optional[str] = _INIT,
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="'constant' (default) or 'cosine' (to 10% at --steps)."),
     model_json: Optional[str] = typer.Option(None, "--model-json", help="iddpm_unet constructor config as JSON (default: the small 64 px config)."),
 ):
     """Train the small iddpm_unet diffusion prior (iDDPM hybrid loss, AdamW, EMA) at 64x64."""
@@ -108,10 +130,11 @@ def prior(
 
     _check_fresh(out, resume)
     cfg = _common(PriorTrainConfig(), out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every,
-                  data_root, cache_dir, limit, until, max_minutes)
+                  data_root, cache_dir, limit, until, max_minutes, init_from)
+    _set_schedule(cfg, lr_schedule)
     if model_json:
         cfg.model = json.loads(model_json)
-    _report(train_prior(cfg, resume=resume))
+    _run(train_prior, cfg, resume)
 
 
 @train_app.command("restorer")
@@ -120,7 +143,7 @@ def restorer(
     resume: bool = _RESUME, batch_size: Optional[int] = _BS, lr: Optional[float] = _LR,
     threads: Optional[int] = _THREADS, ckpt_every: Optional[int] = _CK, sample_every: Optional[int] = _SAMPLE,
     data_root: Optional[Path] = _DATA, cache_dir: Optional[str] = _CACHE, limit: Optional[int] = _LIMIT,
-    until: Optional[str] = _UNTIL, max_minutes: Optional[float] = _MAXMIN,
+    until: Optional[str] = _UNTIL, max_minutes: Optional[float] = _MAXMIN, init_from: Optional[str] = _INIT,
     gan_weight: Optional[float] = typer.Option(None, "--gan-weight", help="Weight of the GAN term (default 0.005; 0 = L1 only)."),
     gan_start: Optional[int] = typer.Option(None, "--gan-start", help="Steps of pure L1 before the GAN term starts (default 500)."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="'cosine' (default, to 10% at --steps) or 'constant'."),
@@ -131,18 +154,15 @@ def restorer(
 
     _check_fresh(out, resume)
     cfg = _common(RestorerTrainConfig(), out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every,
-                  data_root, cache_dir, limit, until, max_minutes)
+                  data_root, cache_dir, limit, until, max_minutes, init_from)
     if gan_weight is not None:
         cfg.gan_weight = gan_weight
     if gan_start is not None:
         cfg.gan_start = gan_start
-    if lr_schedule is not None:
-        if lr_schedule not in ("cosine", "constant"):
-            _fail("--lr-schedule must be 'cosine' or 'constant'")
-        cfg.lr_schedule = lr_schedule
+    _set_schedule(cfg, lr_schedule)
     if model_json:
         cfg.model = json.loads(model_json)
-    _report(train_restorer(cfg, resume=resume))
+    _run(train_restorer, cfg, resume)
 
 
 @train_app.command("export")
