@@ -100,9 +100,13 @@ def test_worker_sigterm_hands_the_stage_over(service_stack, tenant_b):
 
     st = service_stack
     params = copy.deepcopy(TINY_PARAMS)
-    params["finetune"].update(steps=16, ckpt_every=2)
+    # long enough that the SIGTERM surely lands in the fine-tune: with 16 steps a starved test process could see
+    # step 3 only after the stage had finished, and the hand-over then happened in `evaluate` (resumed_from == 0)
+    params["finetune"].update(steps=100, ckpt_every=2)
     job_id = _start(st, tenant_b, "handed-over", params, offset=70)
-    st.wait_job(tenant_b, job_id, pred=lambda j: j["status"] == "finetuning" and j["progress"]["done"] >= 3, timeout=240)
+    # the fine-tune's own progress (100 steps): a new stage starts at 0 of 0, never with the last stage's counts
+    st.wait_job(tenant_b, job_id, pred=lambda j: j["status"] == "finetuning" and j["progress"]["total"] == 100
+                and j["progress"]["done"] >= 3, timeout=240)
     (owner,) = st.sql("SELECT lease_owner FROM job_steps WHERE job_id = %s AND stage = 'finetune'", job_id)[0]
     pid = int(owner.rsplit(":", 1)[1])
     proc = next(p for p in st.workers.alive() if p.pid == pid)
@@ -116,8 +120,8 @@ def test_worker_sigterm_hands_the_stage_over(service_stack, tenant_b):
     attempts = dict(((s, sh), a) for s, sh, a in st.sql("SELECT stage, shard, attempts FROM job_steps WHERE job_id = %s", job_id))
     assert set(attempts.values()) == {1}, attempts  # the hand-over is not counted as a failed attempt
     messages = [e["message"] for e in job["events"]]
-    assert any("shutting down; stage paused and re-queued" in m for m in messages), messages
-    assert any("resumed by" in m for m in messages), messages
+    assert any(m.startswith("finetune") and "shutting down; stage paused and re-queued" in m for m in messages), messages
+    assert any(m.startswith("finetune") and "resumed by" in m for m in messages), messages
     (result,) = st.sql("SELECT result FROM job_steps WHERE job_id = %s AND stage = 'finetune'", job_id)[0]
     assert result["resumed_from"], result
 

@@ -109,6 +109,8 @@ def claim(job_id: str, stage: str, shard: int) -> str:
         if job.started_at is None:
             job.started_at = utcnow()
         if ORDER.index(stage) >= ORDER.index(_stage_of(job)):
+            if job.stage != stage:  # a new stage: its progress starts at 0 of an unknown total, not the last stage's
+                job.progress_done, job.progress_total = 0, 0
             job.status, job.stage = STATUS[stage], stage
         label = _shard_label(job, stage, shard)
         if takeover:
