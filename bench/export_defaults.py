@@ -1,10 +1,10 @@
 """Export the two default models from their training runs into `restoration/zoo_defaults/`, with val metrics.
 
-    python bench/export_defaults.py --ptd 60,20,2 --tune runs/tune.json
+    python bench/export_defaults.py --restorer-run runs/restorer2 --prior-run runs/prior2 --ptd 50,10,2 --tune runs/tune.json
 
-* restorer (`runs/restorer` -> `faceadapt-swinir-small`): PSNR / SSIM on the 500 val faces damaged with the standard
+* restorer (`--restorer-run`, default `runs/restorer` -> `faceadapt-swinir-small`): PSNR / SSIM on the 500 val faces damaged with the standard
   pipeline (seeds 3000000 + i), of the restorer, of its input and of the bicubic-upsampled low-resolution image;
-* prior (`runs/prior` -> `faceadapt-iddpm-small`): `pseudo_target_defaults` from `--ptd start,constrain_until,down_N`,
+* prior (`--prior-run`, default `runs/prior` -> `faceadapt-iddpm-small`): `pseudo_target_defaults` from `--ptd start,constrain_until,down_N`,
   the tuning table from `--tune` (the JSON written by bench/tune_pseudo_targets.py) and the denoising PSNR of the
   x0-prediction at the start step on 100 clean val faces.
 
@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
 VAL_SEED = 3_000_000
-# the commands that trained the shipped weights (docs/MODELS.md); run from the repo root
-PRIOR_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train prior --out runs/prior --steps 100000 --seed 0 --threads 1 "
-                       "--until 10:45 --ckpt-every 500 --sample-every 1000")
-RESTORER_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train restorer --out runs/restorer --steps 100000 --seed 0 "
-                          "--threads 1 --batch-size 8 --lr-schedule constant --gan-start 1000 --until 10:15 "
-                          "--ckpt-every 250 --sample-every 250")
+# the commands of the last training run behind the shipped weights (docs/MODELS.md); run from the repo root. Each
+# continues the previous shipped model (--init-from); the cards carry the earlier runs' commands under
+# extra.training.init_from.
+PRIOR_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train prior --out runs/prior2 --init-from faceadapt-iddpm-small "
+                       "--steps 4500 --seed 1 --threads 1 --lr-schedule cosine --until 13:25 --ckpt-every 500 "
+                       "--sample-every 1000")
+RESTORER_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train restorer --out runs/restorer2 --init-from "
+                          "faceadapt-swinir-small --steps 12000 --seed 1 --threads 1 --batch-size 8 --lr-schedule cosine "
+                          "--gan-start 200 --until 13:25 --ckpt-every 500 --sample-every 1000")
 
 
 def main() -> None:
@@ -45,6 +50,7 @@ def main() -> None:
     from restoration.data import FacesDataset
 
     dest = Path(args.dest)
+    cmd = "python bench/export_defaults.py " + shlex.join(sys.argv[1:])
     val = FacesDataset("val", 64)
     gt = torch.stack([val[i] for i in range(len(val))])
     note = {"note": args.note} if args.note else {}
@@ -56,7 +62,7 @@ def main() -> None:
                            "input_is": "degrade() output: LQ upsampled bilinearly",
                            "bicubic_is": "the same LQ upsampled bicubically"}}
         p = T.export(args.restorer_run, dest / "faceadapt-swinir-small", metrics=metrics, extra=note,
-                     command=f"python bench/export_defaults.py --ptd {args.ptd}", train_command=RESTORER_TRAIN_COMMAND)
+                     command=cmd, train_command=RESTORER_TRAIN_COMMAND)
         print("restorer", m.step, "steps", json.dumps(metrics), "->", p)
     if args.only in (None, "prior"):
         start, until, n = (int(v) for v in args.ptd.split(","))
@@ -67,7 +73,7 @@ def main() -> None:
         if args.tune:
             extra["pseudo_target_tuning"] = json.loads(Path(args.tune).read_text())
         p = T.export(args.prior_run, dest / "faceadapt-iddpm-small", metrics=metrics, extra=extra,
-                     command=f"python bench/export_defaults.py --ptd {args.ptd}" + (f" --tune {args.tune}" if args.tune else ""),
+                     command=cmd,
                      train_command=PRIOR_TRAIN_COMMAND)
         print("prior", m.step, "steps", json.dumps(metrics), "->", p)
     for d in sorted(dest.glob("*/model.safetensors")):
