@@ -27,6 +27,13 @@ REPO = Path(__file__).resolve().parents[1]
 TEST_SEED = 2_000_000
 
 
+def _steps(card) -> str:
+    """Training steps of a card: the total over warm starts, with the last run's share."""
+    tr = card.extra.get("training", {})
+    total = tr.get("total", {}).get("steps", tr.get("steps"))
+    return f"{total}" if total == tr.get("steps") else f"{total} ({tr.get('steps')} in the last run)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo-dir", default=str(REPO / "restoration" / "zoo_defaults"))
@@ -52,8 +59,8 @@ def main() -> None:
     restorer, prior = zoo.load(args.restorer), zoo.load(args.prior)
     size = rcard.input_size
     print(f"models: {args.restorer} ({sum(p.numel() for p in restorer.parameters()) / 1e6:.2f}M params, "
-          f"{rcard.extra.get('training', {}).get('steps')} steps), {args.prior} "
-          f"({sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M params, {pcard.extra.get('training', {}).get('steps')} steps)")
+          f"{_steps(rcard)} steps), {args.prior} "
+          f"({sum(p.numel() for p in prior.parameters()) / 1e6:.2f}M params, {_steps(pcard)} steps)")
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU")
     images = Path(args.images)
     images.mkdir(parents=True, exist_ok=True)
