@@ -1,6 +1,6 @@
 """Export the two default models from their training runs into `restoration/zoo_defaults/`, with val metrics.
 
-    python bench/export_defaults.py --restorer-run runs/restorer2 --prior-run runs/prior2 --ptd 50,10,2 --tune runs/tune.json
+    python bench/export_defaults.py --restorer-run runs/restorer2 --prior-run runs/prior2 --ptd 60,20,2 --tune runs/tune_all.json
 
 * restorer (`--restorer-run`, default `runs/restorer` -> `faceadapt-swinir-small`): PSNR / SSIM on the 500 val faces damaged with the standard
   pipeline (seeds 3000000 + i), of the restorer, of its input and of the bicubic-upsampled low-resolution image;
