@@ -292,36 +292,33 @@ class TrainSetupError(ValueError):
 
 def load_init(init_from: str, arch: str, model_cfg: dict) -> tuple[dict, dict]:
     """Weights and lineage of a warm start: `init_from` is a zoo folder (model.safetensors, config.json, card.json)
-    or the name of a model in the zoo. Its arch and constructor config must equal the run's.
+    or the name of a model in the zoo, read through `Zoo` (strict load). Its arch and constructor config must equal
+    the run's.
 
     Returns (state_dict, lineage) where lineage records the source (name, sha256) and its own training totals
     (steps, images seen, wall seconds, including the source's own warm starts).
     """
-    from safetensors.torch import load_file
-
-    from restoration.zoo import CARD, CONFIG, WEIGHTS, Zoo, sha256_file
+    from restoration.zoo import CARD, Zoo
 
     p = Path(init_from)
-    if not (p / CONFIG).is_file():
-        p = Zoo().path(init_from)  # raises ModelNotFound with a clear message
-    cfg = json.loads((p / CONFIG).read_text())
+    zoo, name = (Zoo(root=p.parent, builtin_dir=None), p.name) if (p / CARD).is_file() else (Zoo(), init_from)
+    cfg, card = zoo.config(name), zoo.get(name)  # ModelNotFound says where to look
     if cfg.get("arch") != arch:
         raise TrainSetupError(f"cannot warm-start from {init_from}: its arch is {cfg.get('arch')!r}, this run trains {arch!r}")
     if cfg.get("config") != model_cfg:
         diff = sorted(k for k in set(cfg.get("config", {})) | set(model_cfg) if cfg["config"].get(k) != model_cfg.get(k))
         raise TrainSetupError(f"cannot warm-start from {init_from}: its model config differs in {diff}")
-    card = json.loads((p / CARD).read_text()) if (p / CARD).is_file() else {}
-    tr = card.get("extra", {}).get("training", {})
+    tr = card.extra.get("training", {})
     tot = tr.get("total", {})
     lineage = {
-        "name": card.get("name", p.name), "sha256": sha256_file(p / WEIGHTS),
+        "name": card.name, "sha256": card.sha256,
         "steps": int(tot.get("steps", tr.get("steps", 0))),
         "images_seen": int(tot.get("images_seen", tr.get("images_seen", 0))),
         "wall_seconds": float(tot.get("wall_seconds", tr.get("wall_seconds", 0.0))),
         "training": {k: tr.get(k) for k in ("steps", "batch_size", "lr", "lr_schedule", "wall_seconds", "command",
                                             "segments", "init_from") if k in tr},
     }
-    return load_file(str(p / WEIGHTS)), lineage
+    return zoo.load(name).state_dict(), lineage
 
 
 def _check_resume_config(saved: dict, cfg: _TrainConfig) -> None:
