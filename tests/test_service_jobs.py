@@ -105,8 +105,12 @@ def test_worker_sigterm_hands_the_stage_over(service_stack, tenant_b):
     params["finetune"].update(steps=100, ckpt_every=2)
     job_id = _start(st, tenant_b, "handed-over", params, offset=70)
     # the fine-tune's own progress (100 steps): a new stage starts at 0 of 0, never with the last stage's counts
-    st.wait_job(tenant_b, job_id, pred=lambda j: j["status"] == "finetuning" and j["progress"]["total"] == 100
-                and j["progress"]["done"] >= 3, timeout=240)
+    def in_finetune(j):
+        if j["status"] == "finetuning":  # every poll in the stage shows its own counts (or 0 of 0 before the first)
+            assert j["progress"]["total"] in (0, 100), j["progress"]
+        return j["status"] == "finetuning" and j["progress"]["total"] == 100 and j["progress"]["done"] >= 3
+
+    st.wait_job(tenant_b, job_id, pred=in_finetune, timeout=240)
     (owner,) = st.sql("SELECT lease_owner FROM job_steps WHERE job_id = %s AND stage = 'finetune'", job_id)[0]
     pid = int(owner.rsplit(":", 1)[1])
     proc = next(p for p in st.workers.alive() if p.pid == pid)
