@@ -65,7 +65,7 @@ def _call_args(call: str, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]
 
 
 def test_registry():
-    assert set(ARCHS) == set(ARCH_NAMES)
+    assert set(ARCH_NAMES) <= set(ARCHS)
     with pytest.raises(ValueError, match="known: "):
         build("nope", {})
     with pytest.raises(TypeError, match="iddpm_unet"):

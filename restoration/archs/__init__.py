@@ -5,12 +5,16 @@ import inspect
 
 from torch import nn
 
+from .gfpgan import GFPGANv1Clean
+from .codeformer import CodeFormer
 from .iddpm_unet import IDDPMUNet
 from .swinir_face import SwinIRFace
 
 ARCHS: dict[str, type[nn.Module]] = {
     "swinir_face": SwinIRFace,
     "iddpm_unet": IDDPMUNet,
+    "codeformer": CodeFormer,
+    "gfpgan_v1_4": GFPGANv1Clean,
 }
 
 
