@@ -121,6 +121,12 @@ IDDPM_FFHQ512_CONFIG = dict(
     use_new_attention_order=False,
 )
 
+# GFPGANer(arch='clean', channel_multiplier=2) for --version 1.4 (GFPGAN inference_gfpgan.py / gfpgan/utils.py).
+GFPGAN_V1_4_CONFIG = dict(
+    out_size=512, num_style_feat=512, channel_multiplier=2, decoder_load_path=None, fix_decoder=False, num_mlp=8,
+    input_is_latent=True, different_w=True, narrow=1, sft_half=True,
+)
+
 KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
     c.name: c
     for c in [
@@ -163,6 +169,19 @@ KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
                 "diffusion": {"steps": 1000, "noise_schedule": "linear", "learn_sigma": True, "respacing": "250"},
                 "pseudo_target_defaults": {"start": 150, "constrain_until": 90, "down_N": 16},
             },
+        ),
+        KnownCheckpoint(
+            name="gfpgan-v1.4",
+            arch="gfpgan_v1_4",
+            kind="restorer",
+            file_name="GFPGANv1.4.pth",
+            url="https://github.com/TencentARC/GFPGAN/releases/download/v1.3.0/GFPGANv1.4.pth",
+            config=GFPGAN_V1_4_CONFIG,
+            input_size=512,
+            value_range=(-1.0, 1.0),
+            license="GFPGAN code Apache-2.0 (TencentARC/GFPGAN); see its LICENSE for the third-party StyleGAN2 parts",
+            provenance="TencentARC GFPGAN v1.4 (clean arch) release weights; {'params_ema'|'params': ...} container, "
+            "'params_ema' preferred; no sha256 published (the download's sha256 is recorded in the card)",
         ),
     ]
 }
