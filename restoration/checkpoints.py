@@ -127,6 +127,10 @@ GFPGAN_V1_4_CONFIG = dict(
     input_is_latent=True, different_w=True, narrow=1, sft_half=True,
 )
 
+# CodeFormer inference_codeformer.py: ARCH_REGISTRY.get('CodeFormer')(dim_embd=512, codebook_size=1024, n_head=8,
+# n_layers=9, connect_list=['32','64','128','256']); the VQGAN sizes are fixed (512 px input).
+CODEFORMER_CONFIG = dict(dim_embd=512, codebook_size=1024, n_head=8, n_layers=9, connect_list=["32", "64", "128", "256"])
+
 KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
     c.name: c
     for c in [
@@ -182,6 +186,20 @@ KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
             license="GFPGAN code Apache-2.0 (TencentARC/GFPGAN); see its LICENSE for the third-party StyleGAN2 parts",
             provenance="TencentARC GFPGAN v1.4 (clean arch) release weights; {'params_ema'|'params': ...} container, "
             "'params_ema' preferred; no sha256 published (the download's sha256 is recorded in the card)",
+        ),
+        KnownCheckpoint(
+            name="codeformer",
+            arch="codeformer",
+            kind="restorer",
+            file_name="codeformer.pth",
+            url="https://github.com/sczhou/CodeFormer/releases/download/v0.1.0/codeformer.pth",
+            config=CODEFORMER_CONFIG,
+            input_size=512,
+            value_range=(-1.0, 1.0),
+            license="S-Lab License 1.0 (sczhou/CodeFormer LICENSE): redistribution and use for non-commercial purposes; "
+            "for commercial use contact the contributors",
+            provenance="CodeFormer (Zhou et al., NeurIPS 2022) release v0.1.0 weights; {'params_ema': ...} container "
+            "(basicsr save format), no prefix; no sha256 published (the download's sha256 is recorded in the card)",
         ),
     ]
 }
