@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from restoration.restorer_io import run_restorer
 from restoration.settings import get_settings
 from restoration.zoo import ModelCard, Zoo
 
@@ -78,12 +79,12 @@ class Restorer:
 
     @torch.inference_mode()
     def restore_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """Bx3xSxS in [0,1] -> Bx3xSxS in [0,1], in chunks of `batch_size`."""
+        """Bx3xSxS in [0,1] -> Bx3xSxS in [0,1], in chunks of `batch_size` (the model runs in its card's value_range)."""
         outs = []
         for i in range(0, x.shape[0], self.batch_size):
             chunk = x[i : i + self.batch_size].to(self.device)
             with self._autocast():
-                y = self.model(chunk)
+                y = run_restorer(self.model, chunk, self.card.value_range)
             outs.append(y.float().clamp_(0, 1).cpu())
         return torch.cat(outs) if outs else x.new_zeros((0, 3, self.size, self.size))
 

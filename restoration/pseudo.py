@@ -203,14 +203,18 @@ def _model_device(module) -> "torch.device":  # noqa: F821
         return torch.device("cpu")
 
 
-def restore_batch(restorer, x):
-    """Apply the restorer (an nn.Module on Bx3xHxW in [0,1], or any callable on such tensors), clamp to [0,1]."""
+def restore_batch(restorer, x, value_range=None):
+    """Apply the restorer (an nn.Module, or any callable) to Bx3xHxW in [0,1], clamp the result to [0,1].
+
+    The model runs in `value_range` (a card's), else in its class's `value_range` (GFPGAN: [-1, 1]), else in
+    [0, 1]; a tuple output gives its element 0 (`restoration.restorer_io.run_restorer`).
+    """
     import torch
 
+    from restoration.restorer_io import run_restorer
+
     with torch.no_grad():
-        out = restorer(x)
-    if isinstance(out, (tuple, list)):  # GFPGAN/CodeFormer style (out, extras)
-        out = out[0]
+        out = run_restorer(restorer, x, value_range)
     return out.float().clamp(0.0, 1.0)
 
 
