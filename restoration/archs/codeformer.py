@@ -259,6 +259,9 @@ class FuseSFT(nn.Module):
 class CodeFormer(nn.Module):
     """CodeFormer with the reference constructor keywords (plus keyword-only VQGAN sizes for small variants)."""
 
+    value_range = (-1.0, 1.0)  # input and output image range (restoration.restorer_io reads it without a card)
+    default_fidelity = 0.5  # `w` of the reference inference script (inference_codeformer.py --w 0.5)
+
     def __init__(
         self,
         dim_embd: int = 512,
