@@ -183,7 +183,8 @@ KNOWN_CHECKPOINTS: dict[str, KnownCheckpoint] = {
             config=GFPGAN_V1_4_CONFIG,
             input_size=512,
             value_range=(-1.0, 1.0),
-            license="GFPGAN code Apache-2.0 (TencentARC/GFPGAN); see its LICENSE for the third-party StyleGAN2 parts",
+            license="GFPGAN: Apache-2.0 except third-party components (License_GFPGAN.txt lists StyleGAN2 code from "
+            "stylegan2-pytorch, MIT, and NVlabs/stylegan2, NVIDIA licence: non-commercial); no separate weights licence",
             provenance="TencentARC GFPGAN v1.4 (clean arch) release weights; {'params_ema'|'params': ...} container, "
             "'params_ema' preferred; no sha256 published (the download's sha256 is recorded in the card)",
         ),
