@@ -90,7 +90,7 @@ def pull(
 @models_app.command("import")
 def import_model(
     path: Path = typer.Argument(..., help="A local .pth (read with weights_only=True) or .safetensors file."),
-    arch: str = typer.Option(..., "--arch", help="Architecture: swinir_face or iddpm_unet."),
+    arch: str = typer.Option(..., "--arch", help="Architecture: a restoration.archs.ARCHS name (swinir_face, iddpm_unet, gfpgan_v1_4, codeformer)."),
     name: str = typer.Option(..., "--name", help="Name for the new zoo model."),
     config: Optional[Path] = typer.Option(
         None, help="JSON file with the constructor config (default: the arch's public full config)."
