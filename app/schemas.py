@@ -25,7 +25,10 @@ class FaceOut(BaseModel):
 class RestoreJSON(BaseModel):
     image: str = Field(description="the restored image, base64")
     format: str
-    faces: list[FaceOut]
+    faces: list[FaceOut] = Field(description="the restored faces, largest first")
+    faces_found: int = Field(description="faces detected in the image")
+    faces_restored: int = Field(description="faces restored: all found, at most FACEADAPT_MAX_FACES_PER_IMAGE (the "
+                                "largest)")
     model: str
     model_id: str
     detector: str | None = None

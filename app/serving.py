@@ -2,7 +2,9 @@
 
 * `resolve_model` finds the model a tenant asked for (its own first, then public ones) in the database on every
   request, so a model registered by a job on any worker is usable at once by every API process.
-* `ModelCache` keeps at most `model_cache_size` loaded restorers (LRU). Registry models are fetched from storage
+* `ModelCache` keeps at most `model_cache_size` idle restorers loaded (LRU); a model in use by a request is never
+  closed (`use()` counts its users), and every wait (a load by another request, a batch) is bounded by
+  `restore_timeout_s`, after which the request gets a 503 JSON error. Registry models are fetched from storage
   into `cache_dir/models/<id>/` (atomic writes, checked against the card's sha256) and loaded with the zoo.
 * `MicroBatcher` gathers the face crops of concurrent requests for one model into one network pass (up to
   `batch_max_size` crops, waiting at most `batch_max_wait_ms` for more); it runs on its own thread and requests wait
@@ -16,8 +18,9 @@ import queue
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 from sqlalchemy import or_, select
@@ -51,8 +54,17 @@ def resolve_model(session: Session, tenant_id: str, name_or_id: str, kind: str |
     return row
 
 
+def public_zoo_names(settings, cards) -> set[str]:
+    """Zoo models every tenant may use: the bundled ones, the configured defaults and `settings.public_models`.
+    A model imported with the CLI into FACEADAPT_MODELS_DIR is not shared unless named there."""
+    listed = {n.strip() for n in settings.public_models.split(",") if n.strip()}
+    return {c.name for c in cards if c.builtin} | {settings.default_restorer, settings.default_prior} | listed
+
+
 def sync_zoo_models(session: Session) -> None:
-    """Make the zoo's models (bundled defaults and FACEADAPT_MODELS_DIR) public registry entries."""
+    """Make the public zoo models (`public_zoo_names`) public registry entries; zoo models that are no longer public
+    leave the registry (unless a running job still uses one as its base)."""
+    from app.models import Job
     from restoration.zoo import Zoo
 
     try:
@@ -60,7 +72,16 @@ def sync_zoo_models(session: Session) -> None:
     except Exception as exc:
         log.warning("cannot list the model zoo: %s", exc)
         return
+    allowed = public_zoo_names(get_settings(), cards)
     existing = {r.name: r for r in session.scalars(select(ModelRow).where(ModelRow.builtin.is_(True)))}
+    for name, row in existing.items():
+        if name not in allowed and row.tenant_id is None:
+            busy = session.scalar(select(Job.id).where(Job.base_model == row.id,
+                                                       Job.status.not_in(("succeeded", "failed", "cancelled"))).limit(1))
+            if busy is None:
+                log.warning("zoo model %s is not public (FACEADAPT_PUBLIC_MODELS): removed from the registry", name)
+                session.delete(row)
+    cards = [c for c in cards if c.name in allowed]
     for card in cards:
         row = existing.get(card.name)
         data = card.to_json()
@@ -72,24 +93,68 @@ def sync_zoo_models(session: Session) -> None:
     session.flush()
 
 
-class MicroBatcher:
-    """Gathers crops from concurrent callers into batches for `fn(list of crops) -> list of crops`."""
+class BatcherClosed(ApiError):
+    """The batcher was closed (the process is shutting down): a 503, never a wait."""
 
-    def __init__(self, fn: Callable[[list[np.ndarray]], list[np.ndarray]], max_size: int, max_wait_s: float, label: str = ""):
+    def __init__(self, label: str):
+        super().__init__(503, "shutting_down", f"model {label!r} was unloaded because the server is shutting down; "
+                         "retry on another instance")
+
+
+class RestoreTimeout(ApiError):
+    """A restore waited longer than restore_timeout_s for its batch: a 503, the request's crops are dropped."""
+
+    def __init__(self, label: str, timeout_s: float):
+        super().__init__(503, "restore_timeout", f"restoring with model {label!r} took more than {timeout_s:g} s "
+                         "(FACEADAPT_RESTORE_TIMEOUT_S); the service is busy, retry later",
+                         limit="restore_timeout_s", limit_value=timeout_s)
+
+
+class MicroBatcher:
+    """Gathers crops from concurrent callers into batches for `fn(list of crops) -> list of crops`.
+
+    Every crop handed in before `close()` is restored (closing drains the queue); a call after `close()` raises
+    `BatcherClosed` at once, never waits. A caller waits at most `timeout_s` for its result (`RestoreTimeout`); its
+    crops are then dropped from the queue if they have not been taken into a batch yet."""
+
+    def __init__(self, fn: Callable[[list[np.ndarray]], list[np.ndarray]], max_size: int, max_wait_s: float,
+                 label: str = "", timeout_s: float | None = None):
         self.fn, self.max_size, self.max_wait_s, self.label = fn, max(1, max_size), max(0.0, max_wait_s), label
+        self.timeout_s = timeout_s
         self._q: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()
+        self._closed = False
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{label}", daemon=True)
         self._thread.start()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def submit(self, crops: list[np.ndarray]) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:  # nothing can be queued behind the close marker
+            if self._closed:
+                raise BatcherClosed(self.label)
+            self._q.put((list(crops), fut))
+        return fut
 
     def __call__(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         if not crops:
             return []
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._q.put((list(crops), fut))
-        return fut.result()
+        fut = self.submit(crops)
+        try:
+            return fut.result(timeout=self.timeout_s)
+        except concurrent.futures.TimeoutError:
+            fut.cancel()  # not restored yet: the batcher skips it
+            raise RestoreTimeout(self.label, self.timeout_s) from None
 
     def close(self) -> None:
-        self._q.put(None)
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._q.put(None)
 
     def _loop(self) -> None:
         while True:
@@ -109,20 +174,30 @@ class MicroBatcher:
                     break
                 batch.append(nxt)
                 n += len(nxt[0])
-            crops = [c for cs, _ in batch for c in cs]
-            BATCH_SIZE.labels(self.label).observe(len(crops))
-            try:
-                out = self.fn(crops)
-                i = 0
-                for cs, fut in batch:
-                    fut.set_result(out[i : i + len(cs)])
-                    i += len(cs)
-            except BaseException as exc:  # every waiting request gets the error
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(exc)
+            batch = [(cs, fut) for cs, fut in batch if fut.set_running_or_notify_cancel()]  # drop timed-out callers
+            if batch:
+                crops = [c for cs, _ in batch for c in cs]
+                BATCH_SIZE.labels(self.label).observe(len(crops))
+                try:
+                    out = self.fn(crops)
+                    i = 0
+                    for cs, fut in batch:
+                        fut.set_result(out[i : i + len(cs)])
+                        i += len(cs)
+                except BaseException as exc:  # every waiting request gets the error
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(exc)
             if stop:
                 return
+
+
+@dataclass
+class Restored:
+    image: np.ndarray
+    faces: list  # the restored faces (restoration.face.Face), largest first
+    faces_found: int  # faces detected, restored or not
+    detector: str | None
 
 
 @dataclass
@@ -130,44 +205,123 @@ class Loaded:
     restorer: object  # restoration.pipeline.Restorer
     batcher: MicroBatcher
 
-    def restore(self, img: np.ndarray, aligned: bool, only_center_face: bool):
+    def restore(self, img: np.ndarray, aligned: bool, only_center_face: bool, max_faces: int | None = None) -> Restored:
+        """Restore the faces of `img`; at most the `max_faces` largest ones (the others are left as they are)."""
         helper = self.restorer.face_helper()
-        out, faces = helper.process(img, self.batcher, aligned=aligned, only_center_face=only_center_face)
-        return out, faces, helper.detector_name
+        if aligned:
+            out, faces = helper.process(img, self.batcher, aligned=True)
+            return Restored(out, faces, len(faces), helper.detector_name)
+        faces = sorted(helper.detect(img, only_center_face=only_center_face), key=lambda f: f.area, reverse=True)
+        kept = faces[:max_faces] if max_faces is not None and max_faces > 0 else faces
+        return Restored(helper.restore_faces(img, kept, self.batcher), kept, len(faces), helper.detector_name)
+
+    def close(self) -> None:
+        self.batcher.close()
+
+
+@dataclass
+class _Entry:
+    loaded: Loaded
+    users: int = 0
 
 
 class ModelCache:
-    def __init__(self, size: int):
+    """At most `size` idle models stay loaded (LRU). A model is never closed while a request uses it: `use()` counts
+    its users, and only idle entries are evicted; while more distinct models are in use at once than `size`, the
+    cache holds them all and shrinks back as they become idle. Every wait is bounded by `timeout_s`."""
+
+    def __init__(self, size: int, timeout_s: float | None = None):
         self.size = max(1, size)
-        self._items: OrderedDict[str, Loaded] = OrderedDict()
+        self.timeout_s = timeout_s
+        self._items: OrderedDict[str, _Entry] = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self._closed = False
+
+    @contextmanager
+    def use(self, row: ModelRow) -> Iterator[Loaded]:
+        """The loaded model of `row`, kept open until the block ends."""
+        entry = self._acquire(row)
+        try:
+            yield entry.loaded
+        finally:
+            with self._lock:
+                entry.users -= 1
+                closing = self._trim_locked()
+            for old in closing:
+                old.close()
 
     def get(self, row: ModelRow) -> Loaded:
-        key = f"{row.id}:{row.sha256}"
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            load_lock = self._loading.setdefault(key, threading.Lock())
-        with load_lock:  # one load per model, however many requests ask at once
-            with self._lock:
-                if key in self._items:
-                    return self._items[key]
-            loaded = self._load(row)
-            with self._lock:
-                self._items[key] = loaded
-                self._loading.pop(key, None)
-                while len(self._items) > self.size:
-                    _, old = self._items.popitem(last=False)
-                    old.batcher.close()
+        """Load (or touch) a model without holding it; it may be evicted at any time. Prefer `use()`."""
+        with self.use(row) as loaded:
             return loaded
 
-    def clear(self) -> None:
+    def loaded_keys(self) -> list[str]:
         with self._lock:
-            for item in self._items.values():
-                item.batcher.close()
+            return list(self._items)
+
+    def _acquire(self, row: ModelRow) -> _Entry:
+        key = f"{row.id}:{row.sha256}"
+        with self._lock:
+            self._check_open()
+            if (entry := self._items.get(key)) is not None:
+                self._items.move_to_end(key)
+                entry.users += 1
+                return entry
+            load_lock = self._loading.setdefault(key, threading.Lock())
+        # one load per model, however many requests ask at once; the others wait for it, but not forever
+        if not load_lock.acquire(timeout=-1 if self.timeout_s is None else self.timeout_s):
+            raise ApiError(503, "model_load_timeout", f"model {row.name!r} is still being loaded after "
+                           f"{self.timeout_s:g} s (FACEADAPT_RESTORE_TIMEOUT_S); retry later",
+                           limit="restore_timeout_s", limit_value=self.timeout_s)
+        try:
+            with self._lock:
+                self._check_open()
+                if (entry := self._items.get(key)) is not None:
+                    self._items.move_to_end(key)
+                    entry.users += 1
+                    return entry
+            loaded = self._load(row)
+            with self._lock:
+                entry = _Entry(loaded, users=1)
+                self._items[key] = entry
+                closing = self._trim_locked()
+                if self._closed:  # shut down while loading
+                    self._items.pop(key, None)
+                    closing.append(loaded)
+        finally:
+            with self._lock:
+                if self._loading.get(key) is load_lock:
+                    del self._loading[key]
+            load_lock.release()
+        for old in closing:
+            old.close()
+        if self._closed:
+            raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance")
+        return entry
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance")
+
+    def _trim_locked(self) -> list[Loaded]:
+        """Evict idle entries, least recently used first, until at most `size` remain; returns them to close."""
+        closing = []
+        for key in list(self._items):
+            if len(self._items) <= self.size:
+                break
+            if self._items[key].users == 0:
+                closing.append(self._items.pop(key).loaded)
+        return closing
+
+    def clear(self) -> None:
+        """Close every model (shutdown): calls in flight finish their queued crops, new ones get a 503."""
+        with self._lock:
+            self._closed = True
+            items = list(self._items.values())
             self._items.clear()
+        for item in items:
+            item.loaded.close()
 
     def _load(self, row: ModelRow) -> Loaded:
         from restoration.pipeline import Restorer
@@ -183,7 +337,8 @@ class ModelCache:
         restorer = Restorer(zoo.load(zoo_name), card, device=settings.device, batch_size=settings.batch_max_size)
         MODEL_LOADS.inc()
         log.info("loaded model %s (%s) in %.2fs", row.name, row.id, time.perf_counter() - t0)
-        batcher = MicroBatcher(restorer.restore_crops, settings.batch_max_size, settings.batch_max_wait_ms / 1000.0, row.name)
+        batcher = MicroBatcher(restorer.restore_crops, settings.batch_max_size, settings.batch_max_wait_ms / 1000.0,
+                               row.name, timeout_s=self.timeout_s)
         return Loaded(restorer, batcher)
 
 
@@ -206,5 +361,6 @@ _cache: ModelCache | None = None
 def get_cache() -> ModelCache:
     global _cache
     if _cache is None:
-        _cache = ModelCache(get_settings().model_cache_size)
+        settings = get_settings()
+        _cache = ModelCache(settings.model_cache_size, timeout_s=settings.restore_timeout_s)
     return _cache

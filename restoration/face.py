@@ -39,9 +39,12 @@ __all__ = [
     "FaceHelper",
     "FaceError",
     "FFHQ_TEMPLATE_512",
+    "UTK200_TEMPLATE_512",
+    "TEMPLATES",
     "RETINAFACE_WEIGHTS",
     "similarity_transform",
     "template",
+    "template_for_card",
 ]
 
 RETINAFACE_WEIGHTS = "detection_mobilenet0.25_Final.pth"
@@ -57,6 +60,26 @@ FFHQ_TEMPLATE_512 = np.array(
     ],
     dtype=np.float64,
 )
+
+#: Five-point template of UTKFace "aligned & cropped" faces (the framing of shared/data/faces-utk200, on which the
+#: bundled 64 px models were trained), in a 512 frame: the mean RetinaFace landmarks of 300 training-split faces
+#: (seed 0) scaled by 512/200. Eye distance 199 px of 512 vs FFHQ's 126: the face fills the crop.
+UTK200_TEMPLATE_512 = np.array(
+    [
+        [153.96, 148.87],
+        [352.73, 149.82],
+        [249.87, 265.08],
+        [166.57, 353.87],
+        [338.29, 354.05],
+    ],
+    dtype=np.float64,
+)
+
+#: named alignment templates (512 frame); a model card's `extra.face_template` names the framing it was trained on
+TEMPLATES = {"ffhq": FFHQ_TEMPLATE_512, "utk200": UTK200_TEMPLATE_512}
+
+#: align() reduces the face region with area averaging first when it shrinks it below this scale (no aliasing)
+ANTIALIAS_BELOW = 0.75
 
 #: colour (RGB) of the area outside the source image in aligned crops
 BORDER_RGB = (132, 133, 135)
@@ -102,9 +125,30 @@ class Face:
         }
 
 
-def template(size: int) -> np.ndarray:
-    """The FFHQ five-point template for a ``size`` x ``size`` crop."""
-    return FFHQ_TEMPLATE_512 * (float(size) / 512.0)
+def template(size: int, name: str | np.ndarray = "ffhq") -> np.ndarray:
+    """The five-point template ``name`` (a key of :data:`TEMPLATES`, or a 5x2 array in a 512 frame) for a
+    ``size`` x ``size`` crop. The default is FFHQ's."""
+    if isinstance(name, str):
+        if name not in TEMPLATES:
+            raise ValueError(f"unknown face template {name!r}; known: {', '.join(sorted(TEMPLATES))}")
+        pts = TEMPLATES[name]
+    else:
+        pts = np.asarray(name, dtype=np.float64).reshape(5, 2)
+    return pts * (float(size) / 512.0)
+
+
+def template_for_card(card) -> str:
+    """The alignment template a restorer was trained with: its card's ``extra.face_template`` when set, 'utk200' for
+    models trained on the UTKFace crops (``extra.data.name == 'faces-utk200'``: the bundled 64 px models, whose
+    faces fill the crop far more than FFHQ's), else 'ffhq' (the public 512 px checkpoints)."""
+    extra = getattr(card, "extra", None) or {}
+    name = extra.get("face_template")
+    if isinstance(name, str) and name in TEMPLATES:
+        return name
+    data = extra.get("data")
+    if isinstance(data, dict) and str(data.get("name", "")).startswith("faces-utk"):
+        return "utk200"
+    return "ffhq"
 
 
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
@@ -183,7 +227,9 @@ class FaceHelper:
     is below this are upscaled for detection only (small faces in small images are otherwise missed);
     ``detect_max_side``: larger images are downscaled for detection. ``sort_by``: 'area' (largest
     first) or 'score'. ``mask_border`` and ``mask_blur``: zero band and Gaussian sigma of the paste
-    mask, as fractions of ``size``.
+    mask, as fractions of ``size``. ``face_template``: the five-point template the crops are aligned to, 'ffhq'
+    (default), 'utk200' or a 5x2 array in a 512 frame; it must be the framing the restorer was trained on
+    (:func:`template_for_card`).
     """
 
     def __init__(
@@ -199,6 +245,7 @@ class FaceHelper:
         sort_by: str = "area",
         mask_border: float = 0.05,
         mask_blur: float = 0.04,
+        face_template: str | np.ndarray = "ffhq",
     ):
         if int(size) < 16:
             raise ValueError(f"size must be at least 16, got {size}")
@@ -236,7 +283,8 @@ class FaceHelper:
             score_threshold = DEFAULT_SCORE_THRESHOLD[detector]
         self.score_threshold = float(score_threshold)
         self._weights = weights
-        self._template = template(self.size)
+        self.face_template = face_template if isinstance(face_template, str) else "custom"
+        self._template = template(self.size, face_template)
         self._soft_mask: np.ndarray | None = None
 
     def __repr__(self) -> str:
@@ -305,12 +353,32 @@ class FaceHelper:
         return similarity_transform(lm, self._template)
 
     def align(self, img: np.ndarray, face: Face | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Aligned crop (uint8 ``size`` x ``size`` x 3) and its 2x3 image -> crop affine."""
+        """Aligned crop (uint8 ``size`` x ``size`` x 3) and its 2x3 image -> crop affine.
+
+        When the face is shrunk by more than :data:`ANTIALIAS_BELOW` (a large face for a small model), the face's
+        region is first reduced with area averaging, so that the crop is not aliased."""
         img = _check_image(img)
         affine = self.affine_for(face)
+        src, warp = img, affine
+        scale = float(np.hypot(affine[0, 0], affine[0, 1]))
+        if scale < ANTIALIAS_BELOW:
+            inv = cv2.invertAffineTransform(affine)
+            s = self.size
+            pts = np.array([[0, 0], [s, 0], [s, s], [0, s]], np.float64) @ inv[:, :2].T + inv[:, 2]
+            h, w = img.shape[:2]
+            x0, y0 = max(0, int(np.floor(pts[:, 0].min())) - 2), max(0, int(np.floor(pts[:, 1].min())) - 2)
+            x1, y1 = min(w, int(np.ceil(pts[:, 0].max())) + 3), min(h, int(np.ceil(pts[:, 1].max())) + 3)
+            if x1 - x0 >= 2 and y1 - y0 >= 2:
+                sw, sh = max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale))
+                src = cv2.resize(img[y0:y1, x0:x1], (sw, sh), interpolation=cv2.INTER_AREA)
+                # pixel (u, v) of the reduced region is centred on x = x0 + (u + 0.5) / kx - 0.5 (same for y)
+                kx, ky = sw / (x1 - x0), sh / (y1 - y0)
+                offset = np.array([x0 + 0.5 / kx - 0.5, y0 + 0.5 / ky - 0.5], np.float64)
+                warp = np.hstack([affine[:, :2] @ np.diag([1.0 / kx, 1.0 / ky]),
+                                  (affine[:, 2] + affine[:, :2] @ offset)[:, None]])
         crop = cv2.warpAffine(
-            img,
-            affine,
+            src,
+            warp,
             (self.size, self.size),
             flags=cv2.INTER_LINEAR,
             borderMode=cv2.BORDER_CONSTANT,
@@ -353,21 +421,35 @@ class FaceHelper:
         img: np.ndarray,
         crops: Sequence[np.ndarray],
         affines: Sequence[np.ndarray],
+        weights: Sequence[float] | None = None,
+        bases: Sequence[np.ndarray | None] | None = None,
     ) -> np.ndarray:
         """Blend restored crops back into a copy of ``img`` (uint8 RGB) with a feathered mask.
 
         Crops of another size than ``size`` are resized first. Pixels outside every face's warped
-        crop square are returned exactly as they were.
+        crop square are returned exactly as they were. ``weights`` (default all 1): the share of the
+        restoration per face, 1 - fidelity (0: the face is left as it is). ``bases`` (default None): per face, the
+        aligned crop the restoration was made from; given, the paste is detail-preserving, ``img + weight * mask *
+        warp(restored - base)`` (only the band the model represents is replaced, the image's finer detail is kept),
+        else ``img + weight * mask * (warp(restored) - img)``.
         """
         img = _check_image(img)
         if len(crops) != len(affines):
             raise ValueError(f"{len(crops)} crops but {len(affines)} affines")
+        if weights is not None and len(weights) != len(crops):
+            raise ValueError(f"{len(crops)} crops but {len(weights)} weights")
+        if bases is not None and len(bases) != len(crops):
+            raise ValueError(f"{len(crops)} crops but {len(bases)} bases")
         out = img.copy()
         h, w = img.shape[:2]
         s = self.size
         mask_crop = self.soft_mask()
         corners = np.array([[0, 0], [s, 0], [s, s], [0, s]], np.float64)
-        for crop, affine in zip(crops, affines):
+        for i, (crop, affine) in enumerate(zip(crops, affines)):
+            weight = 1.0 if weights is None else float(weights[i])
+            base = None if bases is None else bases[i]
+            if weight <= 0.0:
+                continue
             crop = np.asarray(crop)
             if crop.ndim != 3 or crop.shape[2] != 3:
                 raise ValueError(f"restored crops must be HxWx3, got {crop.shape}")
@@ -387,9 +469,18 @@ class FaceHelper:
             inv_roi = inv.copy()
             inv_roi[:, 2] -= (x0, y0)
             size_roi = (x1 - x0, y1 - y0)
-            warped = cv2.warpAffine(
-                crop, inv_roi, size_roi, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-            ).astype(np.float32)
+            if base is None:
+                warped = cv2.warpAffine(
+                    crop, inv_roi, size_roi, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
+                ).astype(np.float32)
+            else:
+                base = np.asarray(base)
+                if base.shape != (s, s, 3):
+                    raise ValueError(f"base crops must be {s}x{s}x3, got {base.shape}")
+                delta = crop.astype(np.float32) - base.astype(np.float32)
+                warped = cv2.warpAffine(
+                    delta, inv_roi, size_roi, flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE
+                )
             mask = cv2.warpAffine(
                 mask_crop, inv_roi, size_roi, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
             )
@@ -398,7 +489,12 @@ class FaceHelper:
                 continue
             roi = out[y0:y1, x0:x1]
             m = mask[touched][:, None]
-            blended = warped[touched] * m + roi[touched].astype(np.float32) * (1.0 - m)
+            if weight != 1.0:
+                m = m * weight
+            if base is None:
+                blended = warped[touched] * m + roi[touched].astype(np.float32) * (1.0 - m)
+            else:
+                blended = roi[touched].astype(np.float32) + warped[touched] * m
             roi[touched] = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
         return out
 
@@ -409,43 +505,78 @@ class FaceHelper:
         restore_fn: RestoreFn,
         aligned: bool = False,
         only_center_face: bool = False,
+        fidelity: float | None = None,
+        detail_ratio: float | None = None,
+        arch: str | None = None,
     ) -> tuple[np.ndarray, list[Face]]:
         """Detect, align, restore (``restore_fn(list of crops) -> list of crops``) and paste back.
 
         ``aligned=True``: ``img`` is already an aligned face crop; it is resized to ``size``, restored
         and resized back, and the returned face list holds one face covering the whole input. With no
         face found the image comes back unchanged (a copy) with an empty list.
+
+        ``fidelity`` (None: auto), ``detail_ratio`` (None: :data:`restoration.fidelity.DETAIL_RATIO`) and the
+        restorer's ``arch`` decide per face between a plain restoration, a detail-preserving paste and leaving the
+        face as it is (:mod:`restoration.fidelity`); each returned face's ``extra`` holds ``native_size``, ``mode``
+        and ``fidelity``. For archs that take the fidelity themselves (CodeFormer) ``restore_fn`` is called as
+        ``restore_fn(crops, fidelity=w)``.
         """
+        from restoration.fidelity import blend_aligned, decide
+
         img = _check_image(img)
         if aligned:
             h, w = img.shape[:2]
+            fm = decide(max(h, w), self.size, fidelity, detail_ratio, arch)
+            lm = self._template * np.array([w / self.size, h / self.size])
+            face = Face(box=np.array([0, 0, w, h], np.float32), score=1.0, landmarks5=lm.astype(np.float32),
+                        extra={"aligned": True, **fm.to_dict()})
+            if fm.mode == "kept":
+                return img.copy(), [face]
             crop = img
             if (h, w) != (self.size, self.size):
                 interp = cv2.INTER_AREA if min(h, w) > self.size else cv2.INTER_CUBIC
                 crop = cv2.resize(img, (self.size, self.size), interpolation=interp)
-            restored = self._run_restore(restore_fn, [crop])[0]
-            if restored.shape[:2] != (h, w):
-                interp = cv2.INTER_AREA if restored.shape[0] > h else cv2.INTER_CUBIC
-                restored = cv2.resize(restored, (w, h), interpolation=interp)
-            elif restored is img:
+            restored = self._run_restore(restore_fn, [crop], fm.network_w)[0]
+            if restored.shape[:2] != (self.size, self.size):
+                restored = cv2.resize(restored, (self.size, self.size), interpolation=cv2.INTER_AREA
+                                      if restored.shape[0] > self.size else cv2.INTER_CUBIC)
+            restored = blend_aligned(img, restored, crop, fm)
+            if restored is img:
                 restored = img.copy()  # never hand the caller's array back as the result
-            lm = template(self.size) * np.array([w / self.size, h / self.size])
-            face = Face(box=np.array([0, 0, w, h], np.float32), score=1.0, landmarks5=lm.astype(np.float32),
-                        extra={"aligned": True})
             return restored, [face]
         faces = self.detect(img, only_center_face=only_center_face)
+        return self.restore_faces(img, faces, restore_fn, fidelity=fidelity, detail_ratio=detail_ratio,
+                                  arch=arch), faces
+
+    def restore_faces(self, img: np.ndarray, faces: list[Face], restore_fn: RestoreFn,
+                      fidelity: float | None = None, detail_ratio: float | None = None,
+                      arch: str | None = None) -> np.ndarray:
+        """Align the given (already detected) faces, restore them with ``restore_fn`` and paste them back.
+        With no face the image comes back unchanged (a copy). ``fidelity``, ``detail_ratio``, ``arch``: as in
+        :meth:`process`; each face's ``extra`` gets ``native_size``, ``mode`` and ``fidelity``."""
+        from restoration.fidelity import affine_native_size, decide
+
+        img = _check_image(img)
         if not faces:
-            return img.copy(), []
-        crops, affines = [], []
+            return img.copy()
+        crops, affines, modes = [], [], []
         for face in faces:
             crop, affine = self.align(img, face)
+            fm = decide(affine_native_size(affine, self.size), self.size, fidelity, detail_ratio, arch)
+            face.extra.update(fm.to_dict())
+            if fm.mode == "kept":
+                continue
             crops.append(crop)
             affines.append(affine)
-        restored = self._run_restore(restore_fn, crops)
-        return self.paste(img, restored, affines), faces
+            modes.append(fm)
+        if not crops:
+            return img.copy()
+        restored = self._run_restore(restore_fn, crops, modes[0].network_w)
+        return self.paste(img, restored, affines, weights=[fm.weight for fm in modes],
+                          bases=[c if fm.mode == "detail_preserving" else None for c, fm in zip(crops, modes)])
 
-    def _run_restore(self, restore_fn: RestoreFn, crops: list[np.ndarray]) -> list[np.ndarray]:
-        restored = list(restore_fn(crops))
+    def _run_restore(self, restore_fn: RestoreFn, crops: list[np.ndarray], network_w: float | None = None) -> list[np.ndarray]:
+        restored = list(restore_fn(crops) if network_w is None else restore_fn(crops, fidelity=network_w))
         if len(restored) != len(crops):
             raise ValueError(f"restore_fn returned {len(restored)} crops for {len(crops)} inputs")
         out = []

@@ -55,10 +55,18 @@ class Settings(BaseSettings):
     max_dataset_images: int = Field(default=500, description="Most images in one dataset.")
     max_zip_entries: int = Field(default=1000, description="Most entries in an uploaded zip.")
     max_unpacked_bytes: int = Field(default=500 * 1024 * 1024, description="Largest total uncompressed size of an uploaded zip.")
+    max_faces_per_image: int = Field(default=32, ge=1, description="Most faces restored in one image by /v1/restore: "
+                                     "the largest ones; the response says how many were found and restored.")
+    image_formats: str = Field(default="png,jpeg,webp,bmp,tiff", description="Comma-separated image formats accepted "
+                               "(checked from the file's signature before decoding; any of png, jpeg, webp, bmp, tiff).")
     # serving
     model_cache_size: int = Field(default=4, description="Models kept loaded per API process (LRU).")
     batch_max_size: int = Field(default=8, description="Most face crops restored in one micro-batch.")
     batch_max_wait_ms: float = Field(default=10.0, description="Longest wait for more requests to join a micro-batch.")
+    restore_timeout_s: float = Field(default=120.0, description="Longest wait of a restore request for a model load "
+                                     "or for its micro-batch; past it the request gets a 503 `restore_timeout`.")
+    shutdown_timeout_s: float = Field(default=30.0, description="`faceadapt serve`: on SIGTERM/Ctrl-C, how long "
+                                      "requests in flight may take to finish before their connections are closed.")
     # jobs
     queue_default: str = Field(default="faceadapt", description="Celery queue for orchestration tasks.")
     queue_gpu: str = Field(default="faceadapt-gpu", description="Celery queue for the ML stages (GPU workers consume it).")
@@ -68,6 +76,27 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(default=60.0, description="A stage whose worker has not sent a heartbeat for this long is taken over by another worker.")
     heartbeat_s: float = Field(default=10.0, description="Worker heartbeat period while a stage runs.")
     reaper_interval_s: float = Field(default=15.0, description="How often each worker looks for stages whose worker died.")
+    # security, quotas and garbage collection (issue 10)
+    hq_sets: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Named sets of clean HQ faces a job may use for the discriminator (`params.hq_set` names one), as "
+                    "JSON, e.g. {\"ffhq\": \"/data/ffhq512\"}. The API never takes a path.")
+    allowed_devices: str = Field(default="auto,cpu,cuda", description="Comma-separated devices a job may ask for "
+                                 "(`params.device`); 'cuda' also allows 'cuda:N'.")
+    max_active_jobs_per_tenant: int = Field(default=4, description="Jobs a tenant may have queued or running at once.")
+    max_finetune_steps: int = Field(default=20_000, description="Largest `params.finetune.steps` of a job.")
+    max_job_runtime_s: float = Field(default=24 * 3600.0, description="A job still not finished this long after it "
+                                     "was created is failed by the reaper (its running stage stops at its next batch).")
+    public_models: str = Field(default="", description="Comma-separated zoo models (FACEADAPT_MODELS_DIR) published to "
+                               "every tenant; the bundled models and the configured defaults always are, others never.")
+    metrics_token: str | None = Field(default=None, description="Bearer token for /metrics when API keys are required "
+                                      "(unset: /metrics is closed then).")
+    public_docs: bool = Field(default=False, description="Serve /docs, /redoc and /openapi.json without an API key even "
+                              "when keys are required.")
+    blob_gc_interval_s: float = Field(default=3600.0, description="How often a worker sweeps the blob store for blobs "
+                                      "nothing references any more (blobs of finished jobs are collected at job end).")
+    max_zip_ratio: float = Field(default=200.0, description="Largest uncompressed/compressed size ratio of one zip entry.")
+    max_zip_member_bytes: int = Field(default=50 * 1024 * 1024, description="Largest uncompressed size of one zip entry.")
 
     @property
     def home_dir(self) -> Path:

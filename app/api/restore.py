@@ -32,7 +32,9 @@ async def restore(
     format: Literal["png", "jpeg", "webp"] = Form("png"),
     principal: Principal = CurrentPrincipal,
 ):
-    """Restore every face of a photo. `Accept: application/json` returns the image base64 with the face boxes."""
+    """Restore the faces of a photo: all of them, or the `FACEADAPT_MAX_FACES_PER_IMAGE` largest when there are more
+    (the others are left untouched; `faces_found` / `X-FaceAdapt-Faces-Found` counts them all). `Accept:
+    application/json` returns the image base64 with the restored faces' boxes."""
     settings = get_settings()
     data = await read_upload(image, settings)
     if not data:
@@ -52,17 +54,20 @@ async def restore(
             img = load_image(data, max_pixels=settings.max_image_pixels)
         except ImageError as exc:
             raise ApiError(400, "bad_image", f"cannot read the image: {exc}") from None
-        loaded = get_cache().get(row)
-        out, faces, detector = loaded.restore(img, aligned, only_center_face)
-        return encode_image(out, format), faces, detector
+        with get_cache().use(row) as loaded:  # the model stays loaded until this request is done with it
+            res = loaded.restore(img, aligned, only_center_face, max_faces=settings.max_faces_per_image)
+        return encode_image(res.image, format), res
 
-    encoded, faces, detector = await run_in_threadpool(work)
+    encoded, res = await run_in_threadpool(work)
+    faces = res.faces
     if "application/json" in request.headers.get("accept", ""):
         body = RestoreJSON(
-            image=base64.b64encode(encoded).decode(), format=format, model=row.name, model_id=row.id, detector=detector,
+            image=base64.b64encode(encoded).decode(), format=format, model=row.name, model_id=row.id,
+            detector=res.detector, faces_found=res.faces_found, faces_restored=len(faces),
             faces=[{"box": [float(v) for v in f.box], "score": float(f.score),
                     "landmarks": [[float(x), float(y)] for x, y in f.landmarks5]} for f in faces],
         )
         return JSONResponse(body.model_dump())
     return Response(encoded, media_type=MEDIA[format],
-                    headers={"X-FaceAdapt-Model": row.name, "X-FaceAdapt-Faces": str(len(faces))})
+                    headers={"X-FaceAdapt-Model": row.name, "X-FaceAdapt-Faces": str(len(faces)),
+                             "X-FaceAdapt-Faces-Found": str(res.faces_found)})

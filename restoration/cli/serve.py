@@ -1,4 +1,4 @@
-"""`faceadapt serve` (the HTTP service, embedded mode by default) and `faceadapt keys create`.
+"""`faceadapt serve` (the HTTP service, embedded mode by default) and `faceadapt keys create / revoke / list`.
 
 The web app, database and queue packages are imported inside the commands only: the ML core stays importable
 without them.
@@ -70,7 +70,8 @@ def serve(
     proc = None
     if worker:
         proc = subprocess.Popen(worker_command(settings), env=dict(os.environ))
-    config = uvicorn.Config(create_app(run_startup=False), host=host, port=port, log_level=log_level)
+    config = uvicorn.Config(create_app(run_startup=False), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=settings.shutdown_timeout_s)
     server = uvicorn.Server(config)
     shown = f"[{host}]" if ":" in host else host
     mode = "embedded" if settings.database_url is None else "service"
@@ -114,3 +115,38 @@ def keys_create(tenant: str = typer.Option(..., "--tenant", help="Tenant name (c
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
     typer.echo(key)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key: str = typer.Argument(..., help="The key itself (fa_...) or its id (`faceadapt keys list`).")):
+    """Revoke an API key: requests with it answer 401 from now on (every API process checks the database)."""
+    from app.auth import revoke_key
+    from app.db import migrate, session_scope
+
+    migrate()
+    try:
+        with session_scope() as s:
+            row = revoke_key(s, key)
+            typer.echo(f"revoked key {row.id} ({row.prefix}...) of tenant {row.tenant.name}")
+    except ValueError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2)
+
+
+@keys_app.command("list")
+def keys_list(tenant: Optional[str] = typer.Option(None, "--tenant", help="Only this tenant's keys.")):
+    """List API keys (id, prefix, tenant, created, revoked); keys themselves are never stored."""
+    from sqlalchemy import select
+
+    from app.db import migrate, session_scope
+    from app.models import ApiKey, Tenant
+
+    migrate()
+    with session_scope() as s:
+        q = select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id).order_by(ApiKey.created_at)
+        if tenant:
+            q = q.where(Tenant.name == tenant)
+        typer.echo(f"{'ID':32}  {'PREFIX':10}  {'TENANT':20}  {'CREATED':25}  REVOKED")
+        for k, name in s.execute(q).all():
+            typer.echo(f"{k.id:32}  {k.prefix:10}  {name[:20]:20}  {k.created_at.isoformat(timespec='seconds'):25}  "
+                       f"{k.revoked_at.isoformat(timespec='seconds') if k.revoked_at else '-'}")
