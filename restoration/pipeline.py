@@ -17,6 +17,10 @@ from restoration.restorer_io import run_restorer
 from restoration.settings import get_settings
 from restoration.zoo import ModelCard, Zoo
 
+#: archs whose forward takes a fidelity weight: arch -> (keyword arguments for a weight w, default w).
+#: CodeFormer: ``model(x, w=w, adain=True)`` as in the reference inference_codeformer.py (``--w 0.5``).
+NETWORK_FIDELITY = {"codeformer": (lambda w: {"w": w, "adain": True}, 0.5)}
+
 
 def resolve_device(device: str | None = None) -> torch.device:
     device = device or get_settings().device
@@ -54,9 +58,11 @@ class RestoreResult:
 class Restorer:
     """A loaded restorer: aligned crops in, restored crops out, in batches."""
 
-    def __init__(self, model: torch.nn.Module, card: ModelCard, device: str | torch.device | None = None, batch_size: int = 8):
+    def __init__(self, model: torch.nn.Module, card: ModelCard, device: str | torch.device | None = None, batch_size: int = 8,
+                 fidelity: float | None = None):
         if card.kind != "restorer":
             raise ValueError(f"{card.name} is a {card.kind}, not a restorer")
+        self.fidelity = _check_w(fidelity)  # the network's own fidelity weight (NETWORK_FIDELITY archs); None: default
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.model = model.to(self.device).eval()
         self.card = card
@@ -65,11 +71,23 @@ class Restorer:
         self._helpers: dict = {}
 
     @classmethod
-    def from_zoo(cls, name: str | None = None, zoo: Zoo | None = None, device: str | None = None, batch_size: int = 8):
+    def from_zoo(cls, name: str | None = None, zoo: Zoo | None = None, device: str | None = None, batch_size: int = 8,
+                 fidelity: float | None = None):
         zoo = zoo or Zoo()
         name = name or get_settings().default_restorer
         card = zoo.get(name)
-        return cls(zoo.load(name), card, device=device, batch_size=batch_size)
+        return cls(zoo.load(name), card, device=device, batch_size=batch_size, fidelity=fidelity)
+
+    def network_kwargs(self, fidelity: float | None = None) -> dict:
+        """Keyword arguments of the model call: CodeFormer gets ``w`` (``fidelity``, else the Restorer's, else the
+        reference default 0.5) and ``adain=True``; other archs take none (their fidelity, if any, is a pixel blend
+        done by the caller)."""
+        spec = NETWORK_FIDELITY.get(self.card.arch)
+        if spec is None:
+            return {}
+        to_kwargs, default_w = spec
+        w = _check_w(fidelity)
+        return to_kwargs(w if w is not None else self.fidelity if self.fidelity is not None else default_w)
 
     def _autocast(self):
         if self.device.type == "cuda":
@@ -78,38 +96,82 @@ class Restorer:
         return contextlib.nullcontext()
 
     @torch.inference_mode()
-    def restore_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """Bx3xSxS in [0,1] -> Bx3xSxS in [0,1], in chunks of `batch_size` (the model runs in its card's value_range)."""
+    def restore_tensor(self, x: torch.Tensor, fidelity: float | None = None) -> torch.Tensor:
+        """Bx3xSxS in [0,1] -> Bx3xSxS in [0,1], in chunks of `batch_size` (the model runs in its card's value_range;
+        `fidelity` is the network's own weight for NETWORK_FIDELITY archs, see `network_kwargs`)."""
+        kwargs = self.network_kwargs(fidelity)
         outs = []
         for i in range(0, x.shape[0], self.batch_size):
             chunk = x[i : i + self.batch_size].to(self.device)
             with self._autocast():
-                y = run_restorer(self.model, chunk, self.card.value_range)
+                y = run_restorer(self.model, chunk, self.card.value_range, **kwargs)
             outs.append(y.float().clamp_(0, 1).cpu())
         return torch.cat(outs) if outs else x.new_zeros((0, 3, self.size, self.size))
 
-    def restore_crops(self, crops: list[np.ndarray]) -> list[np.ndarray]:
-        """Restore uint8 RGB crops; each comes back at its own size."""
-        if not crops:
-            return []
-        out = to_uint8(self.restore_tensor(to_tensor(crops, self.size)))
-        return [o if o.shape[:2] == c.shape[:2] else _resize(o, c.shape[1], c.shape[0]) for o, c in zip(out, crops)]
+    def restore_crops(self, crops: list[np.ndarray], fidelity: float | None = None, detail_ratio: float | None = None,
+                      return_info: bool = False):
+        """Restore uint8 RGB aligned crops; each comes back at its own size.
+
+        Native-size aware (`restoration.fidelity`): a crop's native size is its side. ``fidelity`` f in [0, 1]
+        (None: the Restorer's, else auto): crops up to ``detail_ratio`` x the model size (None: DETAIL_RATIO) get
+        ``(1 - f) * upsampled restoration + f * crop``, larger ones the detail-preserving ``crop + (1 - f) *
+        upsample(restoration - crop at model size)``, f = 1 returns the crop as it is. For NETWORK_FIDELITY archs
+        (CodeFormer) f is the network's ``w`` instead of a pixel blend. Crops at the model size with f 0 / auto are
+        the plain network output. ``return_info``: returns ``(crops, infos)``, infos the per-crop dicts
+        ``{native_size, mode, fidelity}``."""
+        from restoration.fidelity import blend_aligned, decide
+
+        crops = [np.asarray(c) for c in crops]
+        f = fidelity if fidelity is not None else self.fidelity
+        modes = [decide(max(c.shape[:2]), self.size, f, detail_ratio, self.card.arch) for c in crops]
+        outs: list = [None] * len(crops)
+        groups: dict = {}
+        for i, fm in enumerate(modes):
+            if fm.mode == "kept":
+                outs[i] = crops[i].copy()
+            else:
+                groups.setdefault(fm.network_w, []).append(i)
+        for w, idx in groups.items():
+            x = to_tensor([crops[i] for i in idx], self.size)
+            y = to_uint8(self.restore_tensor(x, w))
+            for k, i in enumerate(idx):
+                base = x[k].permute(1, 2, 0).numpy() * 255.0 if modes[i].mode == "detail_preserving" else None
+                outs[i] = blend_aligned(crops[i], y[k], base, modes[i])
+        if return_info:
+            return outs, [fm.to_dict() for fm in modes]
+        return outs
 
     def face_helper(self, detector: str | None = None):
-        from restoration.face import FaceHelper
+        from restoration.face import FaceHelper, template_for_card
 
         key = detector or get_settings().detector
         if key not in self._helpers:
-            self._helpers[key] = FaceHelper(size=self.size, detector=key, device=str(self.device))
+            self._helpers[key] = FaceHelper(size=self.size, detector=key, device=str(self.device),
+                                            face_template=template_for_card(self.card))
         return self._helpers[key]
 
     def restore_image(self, img: np.ndarray, aligned: bool = False, only_center_face: bool = False,
-                      detector: str | None = None) -> RestoreResult:
-        """Detect, align, restore and paste back every face of an RGB uint8 photo (or one aligned crop)."""
+                      detector: str | None = None, fidelity: float | None = None,
+                      detail_ratio: float | None = None) -> RestoreResult:
+        """Detect, align, restore and paste back every face of an RGB uint8 photo (or one aligned crop).
+
+        ``fidelity`` / ``detail_ratio``: see `restore_crops` (the detail-preserving paste of large faces is done in
+        the photo through the inverse warp); each face's ``extra`` records ``native_size``, ``mode``, ``fidelity``."""
         helper = self.face_helper(detector)
-        out, faces = helper.process(img, self.restore_crops, aligned=aligned, only_center_face=only_center_face)
+        f = fidelity if fidelity is not None else self.fidelity
+        out, faces = helper.process(img, self.restore_crops, aligned=aligned, only_center_face=only_center_face,
+                                    fidelity=f, detail_ratio=detail_ratio, arch=self.card.arch)
         return RestoreResult(image=out, faces=faces, detector=None if aligned else helper.detector_name,
                              model=self.card.name)
+
+
+def _check_w(w: float | None) -> float | None:
+    if w is None:
+        return None
+    w = float(w)
+    if not 0.0 <= w <= 1.0:
+        raise ValueError(f"fidelity weight must be in [0, 1], got {w}")
+    return w
 
 
 def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
