@@ -1,0 +1,131 @@
+"""Fidelity and native-size aware paste-back: a restored face is never a blurry upsampled model crop by default.
+
+A restorer works at ``size`` = ``card.input_size`` (64 px for the bundled demo model). A face's *native size* is the
+side, in the input's own pixels, of the square that is aligned to the model input: ``size / scale`` of the
+image -> crop similarity for detected faces, the crop's side for aligned crops.
+
+``fidelity`` f in [0, 1] (0 = fully restored, 1 = the face left exactly as it is) and the native size decide the
+mode of each face (:func:`decide`):
+
+* ``"kept"``: f == 1, the face is not touched (not even run through the network).
+* ``"restored"`` (native <= ``ratio`` x size): ``out = (1 - f) * upsample(restored) + f * original``.
+* ``"detail_preserving"`` (native > ``ratio`` x size): ``out = original + (1 - f) * upsample(restored -
+  original_at_model_size)``: only the band the model can represent is replaced, the input's own finer detail is
+  kept. For detected faces this is done in the photo domain through the inverse warp (`FaceHelper.paste`).
+
+Default (``fidelity=None``, "auto"): f = 0 with the mode from the native size, the threshold being
+:data:`DETAIL_RATIO` (chosen with ``bench/fidelity.py``, see docs/MODELS.md). For CodeFormer-style archs
+(:func:`network_fidelity`) f is the network's own fidelity weight ``w`` instead of a pixel blend (auto: the
+reference default 0.5, `pipeline.NETWORK_FIDELITY`); f == 1 still keeps the face as it is.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+__all__ = [
+    "DETAIL_RATIO", "MODES", "FaceMode", "decide", "network_fidelity",
+    "check_fidelity", "affine_native_size", "blend_aligned",
+]
+
+#: faces whose native size exceeds DETAIL_RATIO x the model input size get the detail-preserving paste by default
+#: (measured with bench/fidelity.py: docs/MODELS.md, "Fidelity and native size")
+DETAIL_RATIO = 2.0
+
+MODES = ("restored", "detail_preserving", "kept")
+
+
+
+def network_fidelity(arch: str | None) -> tuple[bool, float | None]:
+    """(True, default w) for archs that take the fidelity as their own input (``pipeline.NETWORK_FIDELITY``:
+    CodeFormer's ``w``, default 0.5 as in the reference inference script), else (False, None)."""
+    if not arch:
+        return False, None
+    from restoration.pipeline import NETWORK_FIDELITY
+
+    spec = NETWORK_FIDELITY.get(arch)
+    return (True, float(spec[1])) if spec is not None else (False, None)
+
+
+def check_fidelity(fidelity: float | None) -> float | None:
+    """None, or a float in [0, 1]; anything else is a ValueError saying so."""
+    if fidelity is None:
+        return None
+    try:
+        f = float(fidelity)
+    except (TypeError, ValueError):
+        raise ValueError(f"fidelity must be a number in [0, 1], got {fidelity!r}") from None
+    if not math.isfinite(f) or not 0.0 <= f <= 1.0:
+        raise ValueError(f"fidelity must be in [0, 1] (0 = fully restored, 1 = the face left as it is), got {fidelity!r}")
+    return f
+
+
+@dataclass
+class FaceMode:
+    """What happens to one face: ``mode`` (one of :data:`MODES`), the pixel blend weight ``fidelity`` (the f of
+    the formulas), ``network_w`` (the network's own fidelity input, CodeFormer only, else None) and the face's
+    ``native_size`` in input pixels."""
+
+    mode: str
+    fidelity: float
+    native_size: float
+    network_w: float | None = None
+
+    @property
+    def weight(self) -> float:
+        """How much of the restoration goes in: 1 - f (0 for kept faces)."""
+        return 0.0 if self.mode == "kept" else 1.0 - self.fidelity
+
+    def to_dict(self) -> dict:
+        d = {"native_size": round(float(self.native_size), 1), "mode": self.mode,
+             "fidelity": round(float(self.network_w if self.network_w is not None else self.fidelity), 4)}
+        return d
+
+
+def decide(native_size: float, size: int, fidelity: float | None = None, ratio: float | None = None,
+           arch: str | None = None) -> FaceMode:
+    """The mode of a face of ``native_size`` input pixels for a model of input ``size`` (see the module docstring)."""
+    f = check_fidelity(fidelity)
+    ratio = DETAIL_RATIO if ratio is None else float(ratio)
+    network, default_w = network_fidelity(arch)
+    if f is not None and f >= 1.0:
+        return FaceMode("kept", 1.0, native_size, 1.0 if network else None)
+    mode = "detail_preserving" if native_size > ratio * size else "restored"
+    if network:  # the network blends itself; no pixel blend on top
+        return FaceMode(mode, 0.0, native_size, default_w if f is None else f)
+    return FaceMode(mode, 0.0 if f is None else f, native_size)
+
+
+def affine_native_size(affine: np.ndarray, size: int) -> float:
+    """Side, in image pixels, of the ``size`` x ``size`` crop square of an image -> crop similarity."""
+    a = np.asarray(affine, np.float64)
+    scale = float(np.hypot(a[0, 0], a[0, 1]))
+    return float(size) / max(scale, 1e-12)
+
+
+def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
+    if img.shape[1] == w and img.shape[0] == h:
+        return img
+    interp = cv2.INTER_AREA if w < img.shape[1] else cv2.INTER_CUBIC
+    return cv2.resize(img, (w, h), interpolation=interp)
+
+
+def blend_aligned(original: np.ndarray, restored: np.ndarray, model_input: np.ndarray, fm: FaceMode) -> np.ndarray:
+    """The output for one aligned crop: ``original`` (uint8, native size), ``restored`` (uint8, model size),
+    ``model_input`` (what the network saw: the original resampled to the model size, uint8 or float in [0, 255])."""
+    h, w = original.shape[:2]
+    if fm.mode == "kept":
+        return original.copy()
+    if fm.mode == "restored":
+        up = _resize(restored, w, h)
+        if fm.weight >= 1.0:
+            return up if up is not restored else up.copy()
+        out = fm.weight * up.astype(np.float32) + (1.0 - fm.weight) * original.astype(np.float32)
+    else:  # detail_preserving: original + (1 - f) * upsample(restored - model_input)
+        delta = restored.astype(np.float32) - np.asarray(model_input, np.float32)
+        delta = cv2.resize(delta, (w, h), interpolation=cv2.INTER_CUBIC) if delta.shape[:2] != (h, w) else delta
+        out = original.astype(np.float32) + fm.weight * delta
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
