@@ -8,6 +8,7 @@ When keys are not required (embedded mode on a loopback address) a request witho
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import secrets
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.errors import ApiError
-from app.models import ApiKey, Tenant
+from app.models import ApiKey, Tenant, utcnow
 from restoration.settings import get_settings
 
 KEY_PREFIX = "fa_"
@@ -56,8 +57,28 @@ def create_key(session: Session, tenant_name: str) -> str:
     return key
 
 
-def resolve_principal(session: Session, authorization: str | None) -> Principal:
+def _loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def keys_required(scope) -> bool:
+    """Keys are required when `settings.require_keys` is on, and always for a connection that is not loopback on both
+    ends (the server address the client reached and the client's own): the app enforces this itself, whatever server
+    runs it (`faceadapt serve`, plain `uvicorn --factory app.main:create_app --host 0.0.0.0`, gunicorn)."""
+    if get_settings().require_keys:
+        return True
+    server, client = scope.get("server"), scope.get("client")
+    return not (server and client and _loopback(server[0]) and _loopback(client[0]))
+
+
+def resolve_principal(session: Session, authorization: str | None, required: bool | None = None) -> Principal:
     settings = get_settings()
+    required = settings.require_keys if required is None else required
     if authorization:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
@@ -68,7 +89,7 @@ def resolve_principal(session: Session, authorization: str | None) -> Principal:
         if row is None:
             raise ApiError(401, "unauthorized", "unknown or revoked API key")
         return Principal(row.tenant_id, row.tenant.name)
-    if settings.require_keys:
+    if required:
         raise ApiError(401, "unauthorized", "an API key is required: 'Authorization: Bearer <api key>' "
                        "(create one with `faceadapt keys create --tenant NAME`)")
     tenant = get_or_create_tenant(session, settings.public_tenant)
@@ -80,4 +101,44 @@ def principal_dependency(request: Request) -> Principal:
     from app.db import session_factory
 
     with session_factory()() as session:
-        return resolve_principal(session, request.headers.get("authorization"))
+        return resolve_principal(session, request.headers.get("authorization"), keys_required(request.scope))
+
+
+def revoke_key(session: Session, key_or_id: str) -> ApiKey:
+    """Revoke a key given as the key itself or as its id (`faceadapt keys list`); it answers 401 from then on."""
+    row = session.scalar(select(ApiKey).where((ApiKey.key_hash == hash_key(key_or_id.strip()))
+                                              | (ApiKey.id == key_or_id.strip())))
+    if row is None:
+        raise ValueError("no such API key (give the key itself or its id from `faceadapt keys list`)")
+    if row.revoked_at is None:
+        row.revoked_at = utcnow()
+    session.flush()
+    return row
+
+
+DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+def private_route_error(path: str, authorization: str | None) -> ApiError | None:
+    """When keys are required: `/metrics` takes only `Bearer <settings.metrics_token>` (closed when no token is set:
+    its labels name every tenant's models), and the API documentation (`/docs`, `/redoc`, `/openapi.json`) takes a
+    valid API key unless `settings.public_docs`. None when the request may go on."""
+    import hmac
+
+    settings = get_settings()
+    scheme, _, token = (authorization or "").partition(" ")
+    token = token.strip() if scheme.lower() == "bearer" else ""
+    if path == "/metrics":
+        if settings.metrics_token and token and hmac.compare_digest(token.encode(), settings.metrics_token.encode()):
+            return None
+        return ApiError(401, "unauthorized", "/metrics needs 'Authorization: Bearer <FACEADAPT_METRICS_TOKEN>' when "
+                        "API keys are required" + ("" if settings.metrics_token else " (no metrics token is set)"))
+    if path in DOC_PATHS and not settings.public_docs:
+        from app.db import session_factory
+
+        try:
+            with session_factory()() as session:
+                resolve_principal(session, authorization, required=True)
+        except ApiError as exc:
+            return exc
+    return None

@@ -1,25 +1,46 @@
 """Adaptation jobs from the API side: create (and enqueue), read, list, cancel."""
 from __future__ import annotations
 
-from sqlalchemy import select
+import logging
+
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.errors import ApiError
-from app.models import Job, JobEvent, ModelRow, utcnow
+from app.errors import ApiError, LimitExceeded
+from app.models import Job, JobEvent, JobStep, ModelRow, Tenant, utcnow
 from app.schemas import FINAL_STATUSES, AdaptationIn
 from app.serving import resolve_model
 from restoration.settings import get_settings
 
+log = logging.getLogger("faceadapt.api")
+
 
 def validate_params(params: dict) -> dict:
-    """Engine parameters must be AdaptConfig fields with values it accepts (checked by building one)."""
+    """Engine parameters: every field typed and bounded (app.params), then accepted by AdaptConfig itself."""
+    from app.params import check_params, engine_params
     from restoration.adapt import AdaptConfig
 
+    settings = get_settings()
+    check_params(params, settings)
     try:
-        AdaptConfig.from_dict(params)
+        AdaptConfig.from_dict(engine_params(params, settings))
     except (TypeError, ValueError) as exc:
         raise ApiError(422, "bad_params", f"invalid engine parameters: {exc}") from None
     return params
+
+
+def check_active_jobs(session: Session, tenant_id: str) -> None:
+    """Quota: at most `max_active_jobs_per_tenant` queued or running jobs. The tenant row is locked first, so
+    concurrent requests of one tenant are counted one after the other."""
+    settings = get_settings()
+    session.scalar(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    active = session.scalar(select(func.count(Job.id)).where(Job.tenant_id == tenant_id,
+                                                             Job.status.not_in(FINAL_STATUSES)))
+    if active >= settings.max_active_jobs_per_tenant:
+        raise LimitExceeded("max_active_jobs_per_tenant", settings.max_active_jobs_per_tenant,
+                            f"{active} jobs are queued or running, the most max_active_jobs_per_tenant allows "
+                            f"({settings.max_active_jobs_per_tenant}); wait for one to finish or cancel one", status=429)
 
 
 def create_job(session: Session, tenant_id: str, body: AdaptationIn) -> Job:
@@ -42,17 +63,43 @@ def create_job(session: Session, tenant_id: str, body: AdaptationIn) -> Job:
     if taken or busy:
         raise ApiError(409, "name_taken", f"a model (or a running job) already uses the name {body.name!r}")
     params = validate_params(dict(body.params))
+    check_active_jobs(session, tenant_id)
     job = Job(tenant_id=tenant_id, dataset_id=ds.id, base_model=base.id, name=body.name, params=params,
               num_shards=min(body.shards or settings.target_shards, ds.image_count))
     session.add(job)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:  # a concurrent request with the same name won (uq_jobs_tenant_name_active)
+        session.rollback()
+        raise ApiError(409, "name_taken", f"a model (or a running job) already uses the name {body.name!r}") from None
+    from worker.steps import create_steps
+
+    create_steps(session, job)  # in the same transaction as the job: a job never exists without its steps
     session.add(JobEvent(job_id=job.id, stage=None, kind="info", message="queued",
                          data={"base_model": base.name, "base_model_id": base.id, "images": ds.image_count,
                                "shards": job.num_shards}))
-    session.commit()
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        raise ApiError(409, "name_taken", f"a model (or a running job) already uses the name {body.name!r}") from None
     from worker.tasks import start_job
 
-    start_job(job.id)
+    try:
+        start_job(job.id)
+    except Exception as exc:  # broker unreachable: the job must not stay 'queued' without a message
+        log.error("job %s: could not be queued: %s", job.id, exc)
+        session.rollback()
+        j = session.scalar(select(Job).where(Job.id == job.id).with_for_update())
+        if j is not None and j.status == "queued":
+            prepare = session.scalar(select(JobStep).where(JobStep.job_id == job.id, JobStep.stage == "prepare"))
+            if prepare is None or prepare.status == "pending":  # the message surely did not go out
+                j.status, j.finished_at = "failed", utcnow()
+                j.error = f"could not queue the job: {type(exc).__name__}: {exc}"[:2000]
+                session.add(JobEvent(job_id=j.id, stage=None, kind="error", message=f"failed: {j.error}"))
+        session.commit()
+        raise ApiError(503, "queue_unavailable", "the job could not be queued (the task broker is unreachable); it "
+                       "was marked failed, try again later", job_id=job.id) from None
     return job
 
 

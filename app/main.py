@@ -61,6 +61,20 @@ def create_app(run_startup: bool = True) -> FastAPI:
         LATENCY.labels(label, request.method).observe(time.perf_counter() - t0)
         return response
 
+    @app.middleware("http")
+    async def guard_private_routes(request: Request, call_next):
+        """/metrics and the API docs are not open when API keys are required (app.auth.private_route_error)."""
+        from app.auth import DOC_PATHS, keys_required, private_route_error
+
+        path = request.url.path
+        if (path == "/metrics" or path in DOC_PATHS) and keys_required(request.scope):
+            from fastapi.concurrency import run_in_threadpool
+
+            err = await run_in_threadpool(private_route_error, path, request.headers.get("authorization"))
+            if err is not None:
+                return JSONResponse(err.body(), status_code=err.status, headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return JSONResponse(exc.body(), status_code=exc.status)

@@ -8,7 +8,8 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint,
+                        text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -79,8 +80,14 @@ class ImageRow(Base):
     dataset: Mapped[Dataset] = relationship(back_populates="images")
 
 
+ACTIVE_JOB = "status NOT IN ('succeeded', 'failed', 'cancelled')"
+
+
 class Job(Base):
     __tablename__ = "jobs"
+    # one queued or running job per (tenant, name): concurrent POSTs with one name cannot both create a job
+    __table_args__ = (Index("uq_jobs_tenant_name_active", "tenant_id", "name", unique=True,
+                            postgresql_where=text(ACTIVE_JOB), sqlite_where=text(ACTIVE_JOB)),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"), index=True)
@@ -100,6 +107,7 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    blobs_collected_at: Mapped[datetime | None] = mapped_column(default=None)  # its step blobs were collected (final)
     events: Mapped[list["JobEvent"]] = relationship(cascade="all, delete-orphan", passive_deletes=True, order_by="JobEvent.id")
 
 
@@ -139,7 +147,7 @@ class JobEvent(Base):
 class ModelRow(Base):
     """The model registry. `tenant_id` NULL means public (shared with every tenant); bundled models are public."""
     __tablename__ = "models"
-    __table_args__ = (Index("ix_models_tenant_name", "tenant_id", "name"),)
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_models_tenant_name"),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant_id: Mapped[str | None] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), default=None)
     name: Mapped[str] = mapped_column(String(128))
@@ -151,3 +159,22 @@ class ModelRow(Base):
     card: Mapped[dict] = mapped_column(default=dict)
     files: Mapped[dict] = mapped_column(default=dict)  # zoo file name -> storage key
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Blob(Base):
+    """A blob of the store (by content key). Writers insert (or touch) this row and their `BlobRef` in the transaction
+    that writes the blob; the collector locks the row, and deletes the blob only when no reference is left. The row
+    lock orders a writer and the collector, so a blob is never deleted under a concurrent upload of the same bytes."""
+    __tablename__ = "blobs"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    touched_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BlobRef(Base):
+    """Who needs a blob: `owner` is 'dataset:<id>', 'job:<id>' (its step outputs, until the job ends) or 'model:<id>'."""
+    __tablename__ = "blob_refs"
+    __table_args__ = (UniqueConstraint("key", "owner", name="uq_blob_refs_key_owner"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(String(64), index=True)
+    owner: Mapped[str] = mapped_column(String(48), index=True)

@@ -47,7 +47,7 @@ def test_e2e_adapt_then_restore(service_stack, tenant_a, adapted):
     out = Image.open(io.BytesIO(base64.b64decode(body["image"])))
     assert out.format == "JPEG" and out.size == (200, 200)
     # loaded once per process, then cached
-    loads = lambda: float(re.search(r"^faceadapt_model_loads_total ([0-9.e+]+)$", st.client.get("/metrics").text, re.M)[1])  # noqa: E731
+    loads = lambda: float(re.search(r"^faceadapt_model_loads_total ([0-9.e+]+)$", st.client.get("/metrics", headers=st.metrics_auth).text, re.M)[1])  # noqa: E731
     n = loads()
     for _ in range(2):
         assert st.client.post("/v1/restore", files={"image": ("f.jpg", img, "image/jpeg")}, data={"model": "acme-v1"},
@@ -64,14 +64,14 @@ def test_e2e_adapt_then_restore(service_stack, tenant_a, adapted):
     finally:
         stop_api(api2)
     # the OpenAPI document
-    paths = st.client.get("/openapi.json").json()["paths"]
+    paths = st.client.get("/openapi.json", headers=auth).json()["paths"]
     for p in ("/v1/restore", "/v1/datasets", "/v1/datasets/{dataset_id}", "/v1/adaptations", "/v1/adaptations/{job_id}",
               "/v1/adaptations/{job_id}/cancel", "/v1/models", "/v1/models/{model_id}", "/healthz", "/readyz", "/metrics"):
         assert p in paths, p
     # listing, metrics
     jobs = st.client.get("/v1/adaptations", headers=auth).json()
     assert job["id"] in [j["id"] for j in jobs]
-    metrics = st.client.get("/metrics").text
+    metrics = st.client.get("/metrics", headers=st.metrics_auth).text
     assert 'faceadapt_http_requests_total{method="POST",route="/v1/restore",status="200"}' in metrics
     assert "faceadapt_http_request_duration_seconds_bucket" in metrics
     assert "faceadapt_restore_batch_size_count" in metrics

@@ -120,6 +120,7 @@ class Stack:
     def __init__(self, url: str, env: dict, home: Path, workers: Workers, db_url: str):
         self.url, self.env, self.home, self.workers, self.db_url = url, env, home, workers, db_url
         self.client = httpx.Client(base_url=url, timeout=120)
+        self.metrics_auth = {"Authorization": f"Bearer {env['FACEADAPT_METRICS_TOKEN']}"}
 
     def admin_key(self, tenant: str) -> str:
         out = subprocess.run([str(Path(PY).parent / "faceadapt"), "keys", "create", "--tenant", tenant], env=self.env,
@@ -229,6 +230,8 @@ def service_stack(tmp_path_factory):
         "FACEADAPT_QUEUE_DEFAULT": f"fa-{tag}",
         "FACEADAPT_QUEUE_GPU": f"fa-{tag}-gpu",
         "FACEADAPT_REQUIRE_KEYS": "true",
+        "FACEADAPT_METRICS_TOKEN": f"metrics-{tag}",  # /metrics is closed without it when keys are required
+        "FACEADAPT_HQ_SETS": json.dumps({"utk": str(SHARED / "data" / "faces-utk200")}),  # the only HQ set jobs may name
         "FACEADAPT_FACEXLIB_MODEL_ROOT": str(SHARED / "weights" / "facexlib"),
         "FACEADAPT_SHARED": str(SHARED),
         "FACEADAPT_DEVICE": "cpu",

@@ -142,7 +142,7 @@ def test_concurrent_restores_are_micro_batched(service_stack, tenant_b):
     faces = [f.read_bytes() for f in face_files(8, offset=120)]
 
     def metric():
-        text = st.client.get("/metrics").text
+        text = st.client.get("/metrics", headers=st.metrics_auth).text
         count = sum(float(v) for v in re.findall(r'faceadapt_restore_batch_size_count\{[^}]*\} ([0-9.e+]+)', text))
         total = sum(float(v) for v in re.findall(r'faceadapt_restore_batch_size_sum\{[^}]*\} ([0-9.e+]+)', text))
         return count, total

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from app.models import Dataset, Job, JobStep, ModelRow
+from app.params import engine_params
 from app.storage import get_storage
 from restoration.errors import Cancelled
 from restoration.settings import get_settings
@@ -104,7 +105,7 @@ def run_stage(job_id: str, stage: str, shard: int, lease: Lease) -> dict:
 
     if stage == "prepare":
         paths = fetch_inputs(job, wd / "inputs")
-        cfg = adapt.AdaptConfig.from_dict(job.params)
+        cfg = adapt.AdaptConfig.from_dict(engine_params(job.params, get_settings()))  # hq_set -> configured hq_dir
         if cfg.use_prior:
             cfg = adapt.apply_prior_defaults(cfg, zoo.get(prior_name), explicit=list((job.params.get("pseudo") or {})))
         size = int(cfg.size or zoo.get(base_name).input_size)
@@ -184,6 +185,8 @@ def register(job: Job, wd: Path, zoo, lease: Lease) -> dict:
         except IntegrityError:
             s.rollback()
             row = s.scalar(select(ModelRow).where(ModelRow.job_id == job.id))
+            if row is None:  # not our own earlier registration: the name is taken (uq_models_tenant_name)
+                raise ValueError(f"a model named {job.name!r} already exists for this tenant") from None
         j = s.get(Job, job.id)
         j.model_id = row.id
         s.commit()

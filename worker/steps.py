@@ -63,9 +63,11 @@ def workdir(job_id: str) -> Path:
 
 
 def create_steps(s: Session, job: Job) -> None:
+    """Every step of a new job, all 'pending': `prepare` becomes 'queued' once its message is sent
+    (worker.tasks.start_job); a job whose first message was never sent is found by the reaper (`requeue_unsent`)."""
     for stage in ORDER:
         for shard in range(job.num_shards if stage == "targets" else 1):
-            s.add(JobStep(job_id=job.id, stage=stage, shard=shard, status="queued" if stage == "prepare" else "pending"))
+            s.add(JobStep(job_id=job.id, stage=stage, shard=shard, status="pending"))
 
 
 # ------------------------------------------------------------------------------------------------- claiming
@@ -354,7 +356,57 @@ def reap() -> int:
                              f"{settings.lease_ttl_s:.0f}s; re-queued", stage, "warning")
             s.commit()
             stale.append((job_id, stage, shard))
-    return len(stale) + resume_stalled(cutoff)
+    return len(stale) + resume_stalled(cutoff) + requeue_unsent(cutoff) + expire_jobs()
+
+
+def requeue_unsent(cutoff: datetime) -> int:
+    """Jobs still 'queued' whose first step was never sent (the API process died, or the broker failed, between
+    committing the job and sending its message): `prepare` is still 'pending' after the lease TTL. Send it."""
+    from worker.tasks import enqueue
+
+    n = 0
+    with session() as s:
+        ids = s.scalars(select(Job.id).join(JobStep, JobStep.job_id == Job.id)
+                        .where(Job.status == "queued", Job.created_at < cutoff, JobStep.stage == "prepare",
+                               JobStep.status == "pending")).all()
+    for job_id in ids:
+        with session() as s:
+            job, step = locked(s, job_id, "prepare", 0)
+            if job is None or step is None or job.status != "queued" or step.status != "pending":
+                continue
+            if job.cancel_requested:
+                finish_cancelled(s, job, None, "cancelled before it started")
+                s.commit()
+                continue
+            log.warning("job %s: its first step was never queued; queueing it", job_id)
+            enqueue(job_id, [("prepare", 0)])
+            step.status, step.heartbeat_at = "queued", now()
+            event(s, job_id, "the first step was never queued (enqueue failed or the API stopped); re-queued by the "
+                             "reaper", None, "warning")
+            s.commit()
+            n += 1
+    return n
+
+
+def expire_jobs() -> int:
+    """Fail jobs running longer than `max_job_runtime_s` (counted from creation); a running stage sees the final
+    status at its next heartbeat and stops at its next batch."""
+    settings = get_settings()
+    limit = now() - timedelta(seconds=settings.max_job_runtime_s)
+    n = 0
+    with session() as s:
+        ids = s.scalars(select(Job.id).where(Job.status.not_in(FINAL), Job.created_at < limit)).all()
+    for job_id in ids:
+        with session() as s:
+            job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+            if job is None or job.status in FINAL:
+                continue
+            fail(s, job, job.stage, f"the job ran longer than max_job_runtime_s ({settings.max_job_runtime_s:g} s)",
+                 limit="max_job_runtime_s", limit_value=settings.max_job_runtime_s)
+            job.cancel_requested = True
+            s.commit()
+            n += 1
+    return n
 
 
 def resume_stalled(cutoff: datetime) -> int:

@@ -34,15 +34,20 @@ def enqueue(job_id: str, steps: list[tuple[str, int]]) -> None:
 
 
 def start_job(job_id: str) -> None:
-    """Create the job's steps and queue its first stage (called by the API)."""
-    from app.db import session_factory
-    from app.models import Job
-    from worker.steps import create_steps
+    """Queue the first stage of a job whose steps are committed (called by the API). The message goes out first,
+    then `prepare` is marked 'queued'; if sending fails the exception reaches the caller (the API fails the job), and
+    if the process dies in between the reaper sends it (`worker.steps.requeue_unsent`)."""
+    from sqlalchemy import update
 
-    with session_factory()() as s:
-        create_steps(s, s.get(Job, job_id))
-        s.commit()
+    from app.db import session_factory
+    from app.models import JobStep
+    from worker.steps import now
+
     enqueue(job_id, [("prepare", 0)])
+    with session_factory()() as s:
+        s.execute(update(JobStep).where(JobStep.job_id == job_id, JobStep.stage == "prepare",
+                                        JobStep.status == "pending").values(status="queued", heartbeat_at=now()))
+        s.commit()
 
 
 # ------------------------------------------------------------------------------------------------ reaper thread
