@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 __all__ = [
-    "DETAIL_RATIO", "MODES", "FaceMode", "decide", "network_fidelity",
+    "DETAIL_RATIO", "MODES", "FaceMode", "decide", "network_fidelity", "demo_model_warning", "mode_counts",
     "check_fidelity", "affine_native_size", "blend_aligned",
 ]
 
@@ -129,3 +129,26 @@ def blend_aligned(original: np.ndarray, restored: np.ndarray, model_input: np.nd
         delta = cv2.resize(delta, (w, h), interpolation=cv2.INTER_CUBIC) if delta.shape[:2] != (h, w) else delta
         out = original.astype(np.float32) + fm.weight * delta
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+#: the public 512 px restorer `faceadapt models pull` can fetch, named in the demo-model warning
+PULLABLE_RESTORER = "swinir-face-dtbfr"
+
+
+def demo_model_warning(card) -> str | None:
+    """A one-line warning when ``card`` is a bundled small demo restorer (input below 256 px), else None."""
+    if card is None or getattr(card, "kind", None) != "restorer" or not getattr(card, "builtin", False):
+        return None
+    size = int(card.input_size)
+    if size >= 256:
+        return None
+    return (f"{card.name} is the bundled {size} px demo restorer: faces up to {int(DETAIL_RATIO * size)} px are "
+            f"restored at {size} px and larger ones only get a detail-preserving correction. For real photos pull "
+            f"a 512 px model: `faceadapt models pull {PULLABLE_RESTORER}` (needs internet), then use "
+            f"--model {PULLABLE_RESTORER}")
+
+
+def mode_counts(infos) -> dict:
+    """{mode: count} of per-face dicts (or Faces with ``extra``), in MODES order, zero counts left out."""
+    modes = [(i.extra if hasattr(i, "extra") else i).get("mode") for i in infos]
+    return {m: modes.count(m) for m in MODES if m in modes}

@@ -44,30 +44,45 @@ def restore(
     model: Optional[str] = typer.Option(None, "--model", help="Zoo restorer (default: FACEADAPT_DEFAULT_RESTORER)."),
     aligned: bool = typer.Option(False, "--aligned", help="Inputs are aligned face crops: no detection."),
     only_center_face: bool = typer.Option(False, "--only-center-face", help="Restore only the face nearest the centre."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (default: FACEADAPT_DEVICE)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto (default: FACEADAPT_DEVICE)."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Faces per network pass."),
     detector: Optional[str] = typer.Option(None, "--detector", help="auto, retinaface or mtcnn."),
+    fidelity: Optional[float] = typer.Option(
+        None, "--fidelity", "--weight", min=0.0, max=1.0,
+        help="0 = fully restored ... 1 = the face left as it is (default: auto, by the face's native size: faces "
+             "larger than 2x the model input keep their own fine detail). CodeFormer takes it as its w."),
 ):
     """Restore faces: detect, align, restore and paste back (or restore aligned crops directly)."""
     from tqdm import tqdm
 
+    from restoration.cli.checks import check_detector, check_device, check_outdir
+    from restoration.cli.errors import fail
+    from restoration.fidelity import DETAIL_RATIO, demo_model_warning, mode_counts
     from restoration.imageio import ImageError, load_image, save_image
     from restoration.pipeline import Restorer
     from restoration.zoo import ZooError
 
+    # everything is checked before any work starts
     files = collect_inputs(inputs)
     if not files:
-        typer.secho("error: no images found in the inputs", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
+        fail("no images found in the inputs", 2)
+    check_outdir(outdir)
+    device = check_device(device)
+    if not aligned:
+        detector = check_detector(detector)
     try:
         restorer = Restorer.from_zoo(model, device=device, batch_size=batch_size)
     except (ZooError, ValueError) as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
-    outdir.mkdir(parents=True, exist_ok=True)
+        fail(exc, 2)
+    if restorer.card.kind != "restorer":
+        fail(f"--model {restorer.card.name}: it is a {restorer.card.kind}, not a restorer", 2)
+    warning = demo_model_warning(restorer.card)
+    if warning:
+        typer.secho(f"warning: {warning}", err=True, fg=typer.colors.YELLOW)
     names = output_names(files)
     summary = {"model": restorer.card.name, "device": str(restorer.device), "aligned": aligned,
-               "batch_size": batch_size, "files": []}
+               "batch_size": batch_size, "fidelity": "auto" if fidelity is None else fidelity,
+               "detail_ratio": DETAIL_RATIO, "model_input_size": restorer.size, "files": []}
     t_start = time.perf_counter()
     bar = tqdm(total=len(files), unit="img", desc="restore")
 
@@ -83,11 +98,12 @@ def restore(
                     ok.append((f, n))
                 except ImageError as exc:
                     summary["files"].append({"input": str(f), "error": str(exc)})
-            outs = restorer.restore_crops(imgs)
+            outs, infos = restorer.restore_crops(imgs, fidelity=fidelity, return_info=True) if imgs else ([], [])
             dt = (time.perf_counter() - t0) / max(len(ok), 1)
-            for (f, n), out in zip(ok, outs):
+            for (f, n), out, info in zip(ok, outs, infos):
                 save_image(outdir / n, out)
-                summary["files"].append({"input": str(f), "output": n, "faces": 1, "seconds": round(dt, 4)})
+                summary["files"].append({"input": str(f), "output": n, "faces": 1, "face_info": [info],
+                                         "seconds": round(dt, 4)})
             bar.update(len(chunk))
     else:
         for f, n in zip(files, names):
@@ -98,21 +114,30 @@ def restore(
                 summary["files"].append({"input": str(f), "error": str(exc)})
                 bar.update(1)
                 continue
-            res = restorer.restore_image(img, only_center_face=only_center_face, detector=detector)
+            res = restorer.restore_image(img, only_center_face=only_center_face, detector=detector,
+                                         fidelity=fidelity)
             save_image(outdir / n, res.image)
             summary["files"].append({
                 "input": str(f), "output": n, "faces": len(res.faces), "detector": res.detector,
                 "boxes": [[round(float(v), 1) for v in face.box] for face in res.faces],
+                "face_info": [{"box": [round(float(v), 1) for v in face.box],
+                               **{k: face.extra[k] for k in ("native_size", "mode", "fidelity") if k in face.extra}}
+                              for face in res.faces],
                 "seconds": round(time.perf_counter() - t0, 4),
             })
             bar.update(1)
     bar.close()
     summary["seconds"] = round(time.perf_counter() - t_start, 3)
-    (outdir / "summary.json").write_text(json.dumps(summary, indent=1))
     errors = [f for f in summary["files"] if "error" in f]
     faces = sum(f.get("faces", 0) for f in summary["files"])
+    counts = mode_counts([i for f in summary["files"] for i in f.get("face_info", [])])
+    summary["modes"] = counts
+    (outdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    modes = ", ".join(f"{v} {k}" for k, v in counts.items()) or "none"
     typer.echo(f"restored {len(files) - len(errors)} file(s), {faces} face(s) with {restorer.card.name} "
                f"in {summary['seconds']} s -> {outdir}")
+    typer.echo(f"  faces: {modes} (fidelity {summary['fidelity']}; model input {restorer.size} px, faces above "
+               f"{int(DETAIL_RATIO * restorer.size)} px keep their own detail; per face in summary.json)")
     for e in errors:
         typer.secho(f"skipped {e['input']}: {e['error']}", err=True, fg=typer.colors.YELLOW)
     if errors and len(errors) == len(files):

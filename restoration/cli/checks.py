@@ -1,0 +1,123 @@
+"""Checks the CLI commands run before any work starts: device, detector, output folder, zoo names, data folders.
+
+Each returns the checked value or exits with one line on stderr (:func:`restoration.cli.errors.fail`): code 2 for
+a bad option value (usage), 1 for the environment (no CUDA, missing weights, an existing model).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from restoration.cli.errors import fail
+
+DEVICE_CHOICES = "cpu, cuda, cuda:N, auto"
+DETECTOR_CHOICES = ("auto", "retinaface", "mtcnn")
+_DEVICE_RE = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
+
+
+def check_device(device: str | None, option: str = "--device") -> str:
+    """A device the machine has: 'cpu', 'auto', 'cuda' or 'cuda:N' (None: FACEADAPT_DEVICE)."""
+    from restoration.settings import get_settings
+
+    source = option if device is not None else "FACEADAPT_DEVICE"
+    dev = (device if device is not None else get_settings().device).strip().lower()
+    if not _DEVICE_RE.match(dev):
+        fail(f"{source}: unknown device {dev!r}; use one of {DEVICE_CHOICES}", 2)
+    if dev.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            fail(f"{source} {dev}: no CUDA device is available here (torch {torch.__version__}, "
+                 f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto", 1)
+        if ":" in dev and int(dev.split(":")[1]) >= torch.cuda.device_count():
+            fail(f"{source} {dev}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                 f"(cuda:0..cuda:{torch.cuda.device_count() - 1})", 1)
+    return dev
+
+
+def check_detector(detector: str | None, option: str = "--detector") -> str:
+    """'auto', 'retinaface' (its weights must be on disk) or 'mtcnn' (None: FACEADAPT_DETECTOR)."""
+    from restoration.face import RETINAFACE_WEIGHTS
+    from restoration.settings import get_settings
+
+    settings = get_settings()
+    source = option if detector is not None else "FACEADAPT_DETECTOR"
+    det = (detector if detector is not None else settings.detector).strip().lower()
+    if det not in DETECTOR_CHOICES:
+        fail(f"{source}: unknown detector {det!r}; use one of {', '.join(DETECTOR_CHOICES)}", 2)
+    if det == "retinaface":
+        root = settings.facexlib_dir
+        weights = root / RETINAFACE_WEIGHTS
+        if not weights.is_file():
+            where = "FACEADAPT_FACEXLIB_MODEL_ROOT" if settings.facexlib_model_root else \
+                "FACEADAPT_HOME/facexlib (FACEADAPT_FACEXLIB_MODEL_ROOT is not set)"
+            fail(f"{source} retinaface: the RetinaFace weights {RETINAFACE_WEIGHTS} are missing: looked for "
+                 f"{weights} ({where}); put the file there, or use --detector mtcnn or auto (nothing is downloaded)", 1)
+    return det
+
+
+def check_outdir(outdir: Path, option: str = "-o") -> Path:
+    """An output folder: created if missing; an existing file or an unwritable place is an error."""
+    if outdir.exists() and not outdir.is_dir():
+        fail(f"{option} {outdir}: exists and is not a folder; give a folder for the outputs", 2)
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        fail(f"{option} {outdir}: cannot create the folder: {exc.strerror or exc}", 1)
+    probe = outdir / ".faceadapt-write-test"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        fail(f"{option} {outdir}: cannot write there: {exc.strerror or exc}", 1)
+    return outdir
+
+
+def check_new_model_name(zoo, name: str, overwrite: bool = False, option: str = "--name") -> str:
+    """A valid zoo name that is free (or `overwrite`, and not a bundled model)."""
+    from restoration.zoo import ModelNotFound, ZooError, check_name
+
+    try:
+        check_name(name)
+    except ZooError as exc:
+        fail(f"{option}: {exc}", 2)
+    try:
+        card = zoo.get(name)
+    except ModelNotFound:
+        return name
+    except ZooError as exc:
+        fail(f"{option} {name}: {exc}", 1)
+    if getattr(card, "builtin", False):
+        fail(f"{option} {name}: a bundled model has that name and cannot be replaced; choose another name", 1)
+    if not overwrite:
+        fail(f"{option} {name}: a model of that name already exists in the zoo; choose another name or pass "
+             "--overwrite", 1)
+    return name
+
+
+def check_zoo_model(zoo, name: str, kind: str, option: str) -> object:
+    """The card of an existing zoo model of `kind` ('restorer' or 'prior')."""
+    from restoration.zoo import ZooError
+
+    try:
+        card = zoo.get(name)
+    except ZooError as exc:
+        fail(f"{option} {name}: {exc}", 1)
+    if card.kind != kind:
+        fail(f"{option} {name}: it is a {card.kind}, not a {kind}", 2)
+    return card
+
+
+def check_image_folder(folder: Path, option: str) -> list[Path]:
+    """A folder holding at least one image (directly in it); returns the images."""
+    from restoration.adapt import list_images
+
+    if not folder.exists():
+        fail(f"{option} {folder}: no such folder", 2)
+    if not folder.is_dir():
+        fail(f"{option} {folder}: not a folder", 2)
+    images = list_images(folder)
+    if not images:
+        fail(f"{option} {folder}: no images in it (.png, .jpg, .jpeg, .bmp, .webp, .tif, .tiff; sub-folders are not "
+             "read)", 2)
+    return images
