@@ -10,9 +10,8 @@ from sqlalchemy.orm import Session
 from app.db import session_factory
 from app.errors import ApiError
 from app.limits import UploadedFile, check_image_count, check_pixels, is_zip, unpack_zip
-from app.models import Dataset, ImageRow, Job
+from app.models import Dataset, ImageRow, Job, new_id
 from app.schemas import FINAL_STATUSES
-from app.storage import get_storage
 from restoration.settings import Settings
 
 _helper = None
@@ -32,12 +31,12 @@ def face_helper():
 def ingest(tenant_id: str, name: str, uploads: list[UploadedFile], settings: Settings) -> dict:
     from restoration.imageio import ImageError, load_image
 
+    accepted, rejected = [], []
     if len(uploads) == 1 and is_zip(uploads[0].data):
-        uploads = unpack_zip(uploads[0].data, settings)
+        uploads = unpack_zip(uploads[0].data, settings, rejected)  # non-image entries are rejected, not unpacked
     check_image_count(len(uploads), settings)
     for u in uploads:  # every limit first: nothing is decoded or stored if one fails
         check_pixels(u.data, settings, u.name)
-    accepted, rejected = [], []
     helper = face_helper()
     for u in uploads:
         if is_zip(u.data):
@@ -53,13 +52,18 @@ def ingest(tenant_id: str, name: str, uploads: list[UploadedFile], settings: Set
             rejected.append({"file": u.name, "reason": "no face found"})
             continue
         accepted.append((u, img.shape, faces))
-    storage = get_storage()
+    if not accepted:  # nothing usable: a 4xx, and no empty dataset
+        raise ApiError(422, "no_images", f"none of the {len(rejected)} uploaded files is an image with a face; "
+                       "nothing was stored", rejected=rejected[:100])
+    from app import blobs
+
     with session_factory()() as s:
-        ds = Dataset(tenant_id=tenant_id, name=name or "", rejected=rejected, image_count=len(accepted),
+        ds = Dataset(id=new_id(), tenant_id=tenant_id, name=name or "", rejected=rejected, image_count=len(accepted),
                      face_count=sum(len(f) for _, _, f in accepted))
         s.add(ds)
-        for i, (u, shape, faces) in enumerate(accepted):
-            key = storage.put(u.data)
+        # blobs, their references and the rows: one transaction (app.blobs)
+        keys = blobs.store_many(s, [u.data for u, _, _ in accepted], f"dataset:{ds.id}")
+        for i, ((u, shape, faces), key) in enumerate(zip(accepted, keys)):
             ds.images.append(ImageRow(
                 position=i, filename=PurePosixPath(u.name).name[:512], blob_key=key, width=int(shape[1]),
                 height=int(shape[0]), faces=[f.to_dict() for f in faces],
@@ -80,14 +84,13 @@ def delete_dataset(session: Session, tenant_id: str, dataset_id: str) -> None:
     running = session.scalar(select(Job.id).where(Job.dataset_id == ds.id, Job.status.not_in(FINAL_STATUSES)).limit(1))
     if running:
         raise ApiError(409, "dataset_in_use", f"job {running} is still using this dataset; cancel it first")
-    keys = {im.blob_key for im in ds.images}
+    from app import blobs
+
+    keys = {im.blob_key for im in ds.images} | blobs.drop_refs(session, f"dataset:{ds.id}")
     session.delete(ds)
     session.commit()
-    # blobs are content-addressed: drop only those no other image still references
-    storage = get_storage()
-    for key in keys:
-        if session.scalar(select(ImageRow.id).where(ImageRow.blob_key == key).limit(1)) is None:
-            storage.delete(key)
+    # blobs are content-addressed: `collect` deletes only those nothing references (race-free, see app.blobs)
+    blobs.collect(keys)
 
 
 def dataset_out(ds: Dataset) -> dict:

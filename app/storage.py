@@ -37,6 +37,10 @@ class Storage:
     def delete(self, key: str) -> None:
         raise NotImplementedError
 
+    def list_keys(self):
+        """Every blob key in the store (an iterator; for the garbage-collection sweep)."""
+        raise NotImplementedError
+
     def ping(self) -> None:
         """Raise when the store cannot be reached."""
 
@@ -107,6 +111,13 @@ class LocalStorage(Storage):
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
 
+    def list_keys(self):
+        if not self.root.is_dir():
+            return
+        for p in self.root.glob("??/??/*"):
+            if len(p.name) == 64 and p.name[:2] == p.parent.parent.name and all(c in "0123456789abcdef" for c in p.name):
+                yield p.name
+
     def setup(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -158,6 +169,14 @@ class S3Storage(Storage):
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list_keys(self):
+        prefix = f"{self.prefix}/" if self.prefix else ""
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                name = obj["Key"][len(prefix):]
+                if len(name) == 64 and all(c in "0123456789abcdef" for c in name):
+                    yield name
 
     def ping(self) -> None:
         self.client.head_bucket(Bucket=self.bucket)

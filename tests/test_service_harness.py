@@ -147,6 +147,15 @@ class Stack:
                 raise AssertionError(f"job {job_id} still {job['status']} after {timeout}s: {json.dumps(job, default=str)[-3000:]}")
             time.sleep(0.5)
 
+    def wait_collected(self, timeout: float = 60) -> None:
+        """Wait until every finished job's step outputs have been collected from the blob store (the worker does it
+        right after the job ends): blob counts taken afterwards are not disturbed by that clean-up."""
+        deadline = time.time() + timeout
+        while self.sql("SELECT count(*) FROM jobs WHERE status IN ('succeeded', 'failed', 'cancelled') "
+                       "AND blobs_collected_at IS NULL")[0][0]:
+            assert time.time() < deadline, "finished jobs' blobs were not collected"
+            time.sleep(0.5)
+
     def blob_count(self) -> int:
         """Blobs in the stack's storage (S3 bucket or local folder)."""
         if self.env.get("FACEADAPT_STORAGE_BACKEND") == "s3":
@@ -247,6 +256,7 @@ def service_stack(tmp_path_factory):
         "FACEADAPT_HEARTBEAT_S": "1",
         "FACEADAPT_REAPER_INTERVAL_S": "2",
         "FACEADAPT_TASK_MAX_ATTEMPTS": "3",
+        "FACEADAPT_BLOB_GC_INTERVAL_S": "20",  # the workers' blob sweep runs all through the tests
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",

@@ -20,6 +20,7 @@ def _zip(entries: dict[str, bytes]) -> bytes:
 
 
 def _stored(st) -> tuple[int, int, int]:
+    st.wait_collected()
     return (st.sql("SELECT count(*) FROM datasets")[0][0], st.sql("SELECT count(*) FROM images")[0][0], st.blob_count())
 
 
@@ -89,11 +90,12 @@ def test_dataset_rejects_files_with_reasons(client):
     reasons = {x["file"]: x["reason"] for x in body["rejected"]}
     assert set(reasons) == {"notes.txt", "flat.png"}, reasons
     assert "not a readable image" in reasons["notes.txt"] and reasons["flat.png"] == "no face found"
-    # no face at all: the dataset exists but an adaptation on it is refused
+    # no face at all: a 4xx naming every rejected file, and no (empty) dataset is created
+    n = st.sql("SELECT count(*) FROM datasets")[0][0]
     r = _post_dataset(st, auth, [("flat.png", png_bytes(100, 100), "image/png")])
-    assert r.status_code == 201 and r.json()["images_accepted"] == 0
-    r = st.client.post("/v1/adaptations", json={"dataset_id": r.json()["id"], "name": "nothing"}, headers=auth)
-    assert r.status_code == 400 and r.json()["error"] == "empty_dataset"
+    assert r.status_code == 422 and r.json()["error"] == "no_images", r.text
+    assert r.json()["rejected"] == [{"file": "flat.png", "reason": "no face found"}], r.text
+    assert st.sql("SELECT count(*) FROM datasets")[0][0] == n
 
 
 def test_restore_bad_input(client):

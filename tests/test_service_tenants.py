@@ -53,6 +53,7 @@ def test_tenant_isolation(service_stack, tenant_a, tenant_b, adapted):
     default_id = next(m["id"] for m in st.client.get("/v1/models", headers=b).json() if m["name"] == settings_default)
     assert st.client.delete(f"/v1/models/{default_id}", headers=b).status_code == 403
     # the owner deletes its model: gone from the registry, from /v1/restore and (weights) from the storage
+    st.wait_collected()  # the finished jobs' own clean-up is not what this counts
     blobs = st.blob_count()
     (files,) = st.sql("SELECT files FROM models WHERE id = %s", model_id)[0]
     shared = {k for (f,) in st.sql("SELECT files FROM models WHERE id <> %s", model_id) for k in f.values()}

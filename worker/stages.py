@@ -31,9 +31,15 @@ def _safe_name(name: str) -> str:
     return stem + suffix
 
 
-def upload(wd: Path, files: list[Path]) -> dict[str, str]:
-    storage = get_storage()
-    return {str(f.relative_to(wd)): storage.put(f.read_bytes()) for f in files if f.is_file()}
+def upload(wd: Path, files: list[Path], job_id: str) -> dict[str, str]:
+    """Store a step's outputs, referenced by the job until it ends (app.blobs: blob, reference, one transaction)."""
+    from app import blobs
+
+    files = [f for f in files if f.is_file()]
+    with session() as s:
+        keys = blobs.store_many(s, [f.read_bytes for f in files], f"job:{job_id}")
+        s.commit()
+    return {str(f.relative_to(wd)): k for f, k in zip(files, keys)}
 
 
 def restore_blobs(job_id: str, wd: Path) -> int:
@@ -110,10 +116,10 @@ def run_stage(job_id: str, stage: str, shard: int, lease: Lease) -> dict:
             cfg = adapt.apply_prior_defaults(cfg, zoo.get(prior_name), explicit=list((job.params.get("pseudo") or {})))
         size = int(cfg.size or zoo.get(base_name).input_size)
         man = adapt.prepare(wd, paths, aligned=cfg.aligned, size=size, config=cfg, base=base_name, prior=prior_name,
-                            name=job.name, **kw)
+                            name=job.name, zoo=zoo, **kw)
         files = [wd / "job.json", wd / "prepare" / "manifest.json", *sorted((wd / "prepare").glob("crops/*.png")),
                  *sorted((wd / "prepare").glob("gt/*.png"))]
-        return {"faces": man["counts"], "skipped": man["skipped"][:50], "size": size, "blobs": upload(wd, files)}
+        return {"faces": man["counts"], "skipped": man["skipped"][:50], "size": size, "blobs": upload(wd, files, job_id)}
 
     if stage == "targets":
         res = adapt.generate_targets(wd, shard, job.num_shards, zoo=zoo, **kw)
@@ -126,19 +132,19 @@ def run_stage(job_id: str, stage: str, shard: int, lease: Lease) -> dict:
             except json.JSONDecodeError:
                 continue
             files += [tdir / rec[k] for k in ("target", "x0") if k in rec]
-        return {**res, "blobs": upload(wd, files)}
+        return {**res, "blobs": upload(wd, files, job_id)}
 
     if stage == "finetune":
         res = adapt.finetune(wd, zoo=zoo, **kw)
         summary = {k: res.get(k) for k in ("steps", "losses", "hq_source", "pairs", "resumed_from", "seconds")}
-        return {**summary, "blobs": upload(wd, [wd / "finetune" / "model.safetensors", wd / "finetune" / "result.json"])}
+        return {**summary, "blobs": upload(wd, [wd / "finetune" / "model.safetensors", wd / "finetune" / "result.json"], job_id)}
 
     if stage == "evaluate":
         res = adapt.evaluate(wd, zoo=zoo, **kw)
         with session() as s:
             s.get(Job, job_id).metrics = res
             s.commit()
-        return {"count": res.get("count"), "blobs": upload(wd, [wd / "eval" / "metrics.json", wd / "eval" / "grid.png"])}
+        return {"count": res.get("count"), "blobs": upload(wd, [wd / "eval" / "metrics.json", wd / "eval" / "grid.png"], job_id)}
 
     if stage == "register":
         return register(job, wd, zoo, lease)
@@ -174,7 +180,7 @@ def register(job: Job, wd: Path, zoo, lease: Lease) -> dict:
         raise Cancelled("cancelled before registering")
     card = adapt.register(wd, zoo=zoo, name=job.name, overwrite=True)
     folder = Path(zoo.path(job.name))
-    files = upload(folder.parent, [folder / "model.safetensors", folder / "config.json", folder / "card.json"])
+    files = upload(folder.parent, [folder / "model.safetensors", folder / "config.json", folder / "card.json"], job.id)
     files = {Path(k).name: v for k, v in files.items()}
     with session() as s:
         row = ModelRow(tenant_id=job.tenant_id, name=job.name, kind=card.kind, arch=card.arch, builtin=False,
@@ -182,6 +188,10 @@ def register(job: Job, wd: Path, zoo, lease: Lease) -> dict:
         s.add(row)
         try:
             s.flush()
+            from app import blobs
+
+            for key in files.values():  # the model's own references, committed with its row
+                blobs.add_ref(s, key, f"model:{row.id}")
         except IntegrityError:
             s.rollback()
             row = s.scalar(select(ModelRow).where(ModelRow.job_id == job.id))

@@ -218,6 +218,29 @@ class Lease:
 # ------------------------------------------------------------------------------------------------- running
 def run(job_id: str, stage: str, shard: int = 0) -> str:
     """Run one step of a job (the body of the Celery task). Returns what happened, for logs and tests."""
+    try:
+        return _run(job_id, stage, shard)
+    finally:
+        collect_if_final(job_id)
+
+
+def collect_if_final(job_id: str) -> None:
+    """A job that ended (succeeded, failed, cancelled): its work dir goes, and its step outputs leave the blob store
+    at once (app.blobs); the reaper's periodic pass catches whatever this misses."""
+    try:
+        with session() as s:
+            row = s.execute(select(Job.status, Job.blobs_collected_at).where(Job.id == job_id)).first()
+        if row is not None and row[0] in FINAL:
+            shutil.rmtree(workdir(job_id), ignore_errors=True)  # this worker's partial state of the job
+            if row[1] is None:
+                from app.blobs import collect_job
+
+                collect_job(job_id)
+    except Exception as exc:  # never fail a step over its clean-up
+        log.warning("job %s: blob collection failed: %s", job_id, exc)
+
+
+def _run(job_id: str, stage: str, shard: int = 0) -> str:
     verdict = claim(job_id, stage, shard)
     if verdict == "done":
         advance(job_id, stage, shard)  # a duplicate delivery after the step finished: make sure the job moves on

@@ -55,14 +55,27 @@ _stop = threading.Event()
 
 
 def _reaper_loop() -> None:
+    import time
+
+    from app.blobs import collect_finished_jobs, sweep
     from worker.steps import reap
 
-    interval = get_settings().reaper_interval_s
+    settings = get_settings()
+    interval = settings.reaper_interval_s
+    last_sweep = time.monotonic()  # the first sweep one interval after start (not every worker at once at boot)
     while not _stop.wait(interval):
         try:
             reap()
         except Exception as exc:  # keep reaping after a database hiccup
             log.warning("reaper: %s", exc)
+        try:
+            collect_finished_jobs()  # step outputs of jobs that ended (normally done at once by the worker itself)
+            if time.monotonic() - last_sweep >= settings.blob_gc_interval_s:
+                last_sweep = time.monotonic()
+                n = sweep()
+                log.info("blob sweep: %d unreferenced blobs deleted", n)
+        except Exception as exc:
+            log.warning("blob collection: %s", exc)
 
 
 @worker_ready.connect

@@ -9,7 +9,6 @@ from app.errors import ApiError
 from app.models import ModelRow
 from app.schemas import ModelDetail, ModelOut
 from app.serving import resolve_model, visible
-from app.storage import get_storage
 
 router = APIRouter(tags=["models"])
 
@@ -39,10 +38,9 @@ def delete_model(model_id: str, principal: Principal = CurrentPrincipal, session
     row = resolve_model(session, principal.tenant_id, model_id, kind=None)
     if row.tenant_id is None:
         raise ApiError(403, "model_public", f"{row.name!r} is a shared public model and cannot be deleted")
-    keys = set(row.files.values())
+    from app import blobs
+
+    keys = set(row.files.values()) | blobs.drop_refs(session, f"model:{row.id}")
     session.delete(row)
     session.commit()
-    storage = get_storage()
-    others = {k for files in session.scalars(select(ModelRow.files)) for k in files.values()}
-    for key in keys - others:
-        storage.delete(key)
+    blobs.collect(keys)  # only blobs nothing else references (content-addressed: siblings share config.json)
