@@ -217,6 +217,12 @@ def load_prior(zoo, name: str, device, respacing: str | None = None):
     return IDDPMPrior.from_zoo(name, zoo=_zoo(zoo), device=device, respacing=respacing)
 
 
+def _is_codeformer(model) -> bool:
+    from restoration.archs.codeformer import CodeFormer
+
+    return isinstance(model, CodeFormer)
+
+
 def _check_cancel(should_cancel: CancelFn | None, what: str) -> None:
     if should_cancel is not None and should_cancel():
         raise Cancelled(what)
@@ -494,15 +500,27 @@ def finetune(
     else:
         hq_source = f"given ({len(hq_images)} images)"
     fcfg = dataclasses.replace(cfg.finetune, device=str(dev))
-    res = ft.finetune(restorer, pairs, list(hq_images), fcfg, fdir / "ckpt", progress=progress,
-                      should_cancel=should_cancel)
+    extra_result = {}
+    if _is_codeformer(restorer):
+        # CodeFormer (the paper's second model): encoder + transformer learn the target's codes; the schedule fields
+        # of `cfg.finetune` apply, the optimiser / EMA / loss weights are CodeFormer's (restoration.finetune_codeformer)
+        from restoration.finetune_codeformer import CodeFormerFinetuneConfig, finetune_codeformer
+
+        ccfg = CodeFormerFinetuneConfig.from_finetune(fcfg)
+        res = finetune_codeformer(restorer, pairs, (), ccfg, fdir / "ckpt", progress=progress,
+                                  should_cancel=should_cancel)
+        hq_source = "not used (CodeFormer: code cross-entropy + feature loss, no discriminator)"
+        extra_result["codeformer_config"] = ccfg.to_dict()
+    else:
+        res = ft.finetune(restorer, pairs, list(hq_images), fcfg, fdir / "ckpt", progress=progress,
+                          should_cancel=should_cancel)
     sd = {k: v.detach().to("cpu").contiguous() for k, v in res.ema.state_dict().items()}
     tmp = fdir / f".model.safetensors.tmp{os.getpid()}"
     save_file(sd, str(tmp))
     os.replace(tmp, fdir / "model.safetensors")
     out = {"steps": res.step, "config": cfg.finetune.to_dict(), "losses": res.losses, "hq_source": hq_source,
            "pairs": len(pairs), "resumed_from": res.resumed_from, "seconds": round(res.seconds, 2),
-           "history": res.history, "weights": "EMA"}
+           "history": res.history, "weights": "EMA", **extra_result}
     _write_json(result_path, out)
     return out
 
@@ -654,7 +672,7 @@ def register(workdir: str | Path, zoo=None, name: str | None = None, overwrite: 
     }
     card = zoo.register(
         name, base_cfg["arch"], base_cfg["config"], load_file(str(workdir / FINETUNE / "model.safetensors")),
-        kind="restorer", input_size=man["size"], value_range=[0.0, 1.0], overwrite=overwrite,
+        kind="restorer", input_size=man["size"], value_range=base_card.value_range, overwrite=overwrite,
         license=base_card.license,
         provenance=f"FaceAdapt adaptation of {job['base']} on {man['data_count']} customer images "
                    f"(data sha256 {man['data_sha256'][:12]}), pseudo targets from "

@@ -216,9 +216,10 @@ def finetune_codeformer(
             for k, v in parts.items():
                 logs[k] += v / cfg.grad_accum
         opt.step()
-        with torch.no_grad():
+        with torch.no_grad():  # frozen parameters are left alone (an EMA of a constant drifts by rounding)
             for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.mul_(cfg.ema_decay).add_(pm.detach(), alpha=1.0 - cfg.ema_decay)
+                if pm.requires_grad:
+                    pe.mul_(cfg.ema_decay).add_(pm.detach(), alpha=1.0 - cfg.ema_decay)
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
             history.append({"step": step, "lr": opt.param_groups[0]["lr"], **{k: round(v, 6) for k, v in logs.items()}})

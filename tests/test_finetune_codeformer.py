@@ -57,9 +57,10 @@ def test_frozen_parts_and_learning(pairs, tmp_path):
     assert res.step == 30 and len(res.history) == 3 and res.losses["trainable"] == list(TRAINABLE)
     assert set(res.losses["frozen"]) == {"quantize", "generator", "fuse_convs_dict"}
     for prefix, sd in before.items():
-        now = _state(res.model, prefix)
-        same = all(torch.equal(now[k], v) for k, v in sd.items())
-        assert same == (prefix in ("quantize.", "generator.", "fuse_convs_dict.")), prefix
+        for trained in (res.model, res.ema):
+            now = _state(trained, prefix)
+            same = all(torch.equal(now[k], v) for k, v in sd.items())
+            assert same == (prefix in ("quantize.", "generator.", "fuse_convs_dict.")), prefix
     # the target codes come from the frozen copy of the base encoder: unchanged by training
     codes_after, _ = HQCodes(res.model, hq.encoder)(y)
     assert torch.equal(codes_after, codes)

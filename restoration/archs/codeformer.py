@@ -261,6 +261,8 @@ class CodeFormer(nn.Module):
 
     value_range = (-1.0, 1.0)  # input and output image range (restoration.restorer_io reads it without a card)
     default_fidelity = 0.5  # `w` of the reference inference script (inference_codeformer.py --w 0.5)
+    # the reference inference call (restoration.restorer_io.run_restorer uses it; the bare forward keeps w=0, no adain)
+    inference_kwargs = {"w": 0.5, "adain": True}
 
     def __init__(
         self,
