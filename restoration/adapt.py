@@ -223,6 +223,18 @@ def _is_codeformer(model) -> bool:
     return isinstance(model, CodeFormer)
 
 
+def _base_face_template(zoo, base: str | None) -> str:
+    """The alignment template of the base restorer's card ('ffhq' when it cannot be read)."""
+    from restoration.face import template_for_card
+
+    if not base:
+        return "ffhq"
+    try:
+        return template_for_card(_zoo(zoo).get(base))
+    except Exception:  # noqa: BLE001 - an unknown base fails later, with its own message
+        return "ffhq"
+
+
 def _check_cancel(should_cancel: CancelFn | None, what: str) -> None:
     if should_cancel is not None and should_cancel():
         raise Cancelled(what)
@@ -245,11 +257,14 @@ def prepare(
     gt_paths: dict | Sequence | None = None,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    zoo=None,
 ) -> dict:
     """Crop the faces of `image_paths` into `workdir/prepare` and split off the held-out eval part.
 
     aligned=True: each image is one aligned face crop (resized to `size`); else faces are detected and aligned
-    with `helper` (a `restoration.face.FaceHelper(size)`, created when None), at most `config.max_faces` per image.
+    with `helper` (a `restoration.face.FaceHelper(size)`, created when None with the alignment template of the
+    `base` model's card, read from `zoo`: the framing the restorer was trained on), at most `config.max_faces` per
+    image.
     `gt_paths` (aligned only): ground truth per image, a list parallel to `image_paths` or a dict path -> gt path;
     GT is stored for evaluation only. `config`, `base`, `prior`, `name` are recorded in `job.json` for the later
     stages. Returns the manifest. Re-running with the same inputs returns the existing manifest.
@@ -283,11 +298,15 @@ def prepare(
     data_sha = hashlib.sha256("\n".join(sorted(shas.values())).encode()).hexdigest()
     pdir = workdir / PREPARE
     mpath = pdir / "manifest.json"
+    face_template = None
+    if not aligned:  # the framing the base model was trained on (faces fill UTKFace crops, not FFHQ ones)
+        face_template = getattr(helper, "face_template", None) if helper is not None else \
+            _base_face_template(zoo, base or job.get("base"))
     if mpath.is_file():
         old = _read_json(mpath)
         if (old.get("data_sha256") == data_sha and old.get("size") == size and old.get("aligned") == bool(aligned)
                 and old.get("eval_fraction") == config.eval_fraction and old.get("seed") == config.seed
-                and old.get("has_gt") == bool(gt_map)):
+                and old.get("has_gt") == bool(gt_map) and old.get("face_template") == face_template):
             _write_json(job_path, job)
             if progress is not None:
                 progress("prepare", len(paths), len(paths))
@@ -303,7 +322,7 @@ def prepare(
     if not aligned and helper is None:
         from restoration.face import FaceHelper
 
-        helper = FaceHelper(size)
+        helper = FaceHelper(size, face_template=face_template)
     if not aligned and getattr(helper, "size", size) != size:
         raise ValueError(f"FaceHelper size {helper.size} != size {size}")
 
@@ -350,6 +369,7 @@ def prepare(
         "size": size, "aligned": bool(aligned), "eval_fraction": config.eval_fraction, "seed": config.seed,
         "data_sha256": data_sha, "data_count": len(paths), "has_gt": bool(gt_map),
         "detector": None if aligned else getattr(helper, "detector_name", None),
+        "face_template": face_template,
         "counts": {"train": sum(i["split"] == "train" for i in items), "eval": sum(i["split"] == "eval" for i in items)},
         "items": items, "skipped": skipped,
     }
@@ -647,6 +667,7 @@ def register(workdir: str | Path, zoo=None, name: str | None = None, overwrite: 
         raise ValueError("no model name given")
     cfg: AdaptConfig = job["config"]
     base_card = zoo.get(job["base"])
+    from restoration.face import template_for_card
     base_cfg = zoo.config(job["base"])
     man = _manifest(workdir)
     ft_res = _read_json(workdir / FINETUNE / "result.json")
@@ -666,6 +687,7 @@ def register(workdir: str | Path, zoo=None, name: str | None = None, overwrite: 
         "prior_sha256": prior_card.sha256 if prior_card is not None else None,
         "data_sha256": man["data_sha256"], "data_count": man["data_count"],
         "faces": man["counts"], "aligned": man["aligned"], "detector": man.get("detector"),
+        "face_template": man.get("face_template") or template_for_card(base_card),
         "config": cfg.to_dict(),
         "losses": ft_res.get("losses"), "hq_source": ft_res.get("hq_source"), "finetune_steps": ft_res.get("steps"),
         "evaluation": ev,
@@ -751,7 +773,7 @@ def run_adaptation(
 
     man = timed("prepare", lambda: prepare(workdir, images, aligned=cfg.aligned, size=size, helper=helper, config=cfg,
                                            base=base, prior=prior, name=name, gt_paths=gt, progress=progress,
-                                           should_cancel=should_cancel))
+                                           should_cancel=should_cancel, zoo=zoo))
     tg = timed("pseudo_targets", lambda: generate_targets(workdir, 0, 1, zoo=zoo, progress=progress,
                                                           should_cancel=should_cancel))
     ft_res = timed("finetune", lambda: finetune(workdir, zoo=zoo, hq_images=hq_images, progress=progress,

@@ -225,7 +225,9 @@ class FaceHelper:
     default in :data:`DEFAULT_SCORE_THRESHOLD`). ``min_eye_distance``: faces whose eyes are closer than
     this many pixels are ignored (too small to restore). ``detect_min_side``: images whose shorter side
     is below this are upscaled for detection only (small faces in small images are otherwise missed);
-    ``detect_max_side``: larger images are downscaled for detection. ``sort_by``: 'area' (largest
+    ``detect_max_side``: larger images are downscaled for detection. ``detect_pad``: a replicated border of this
+    fraction of the shorter side is added for detection (MTCNN's landmarks on faces touching the image edge, e.g.
+    tight face crops, are off by ~10% of the side without it, ~3% with it). ``sort_by``: 'area' (largest
     first) or 'score'. ``mask_border`` and ``mask_blur``: zero band and Gaussian sigma of the paste
     mask, as fractions of ``size``. ``face_template``: the five-point template the crops are aligned to, 'ffhq'
     (default), 'utk200' or a 5x2 array in a 512 frame; it must be the framing the restorer was trained on
@@ -242,6 +244,7 @@ class FaceHelper:
         min_eye_distance: float = 5.0,
         detect_min_side: int = 512,
         detect_max_side: int = 2048,
+        detect_pad: float = 0.25,
         sort_by: str = "area",
         mask_border: float = 0.05,
         mask_blur: float = 0.04,
@@ -256,6 +259,7 @@ class FaceHelper:
         self.min_eye_distance = float(min_eye_distance)
         self.detect_min_side = int(detect_min_side)
         self.detect_max_side = int(detect_max_side)
+        self.detect_pad = float(detect_pad)
         self.sort_by = sort_by
         self.mask_border = float(mask_border)
         self.mask_blur = float(mask_blur)
@@ -316,26 +320,33 @@ class FaceHelper:
         """Faces in an RGB uint8 image, largest first (or best score first with ``sort_by='score'``)."""
         img = _check_image(img)
         h, w = img.shape[:2]
+        # a border around the image: faces that touch the image edge (tight face crops) get their landmarks right
+        pad = int(round(self.detect_pad * min(h, w))) if self.detect_pad > 0 else 0
+        padded = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REPLICATE) if pad else img
+        ph, pw = padded.shape[:2]
         scale = 1.0
-        if min(h, w) < self.detect_min_side:
-            scale = self.detect_min_side / min(h, w)
-        if max(h, w) * scale > self.detect_max_side:
-            scale = self.detect_max_side / max(h, w)
-        work = img
+        if min(ph, pw) < self.detect_min_side:
+            scale = self.detect_min_side / min(ph, pw)
+        if max(ph, pw) * scale > self.detect_max_side:
+            scale = self.detect_max_side / max(ph, pw)
+        work = padded
         if abs(scale - 1.0) > 1e-6:
             interp = cv2.INTER_CUBIC if scale > 1 else cv2.INTER_AREA
-            work = cv2.resize(img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=interp)
-        sx, sy = work.shape[1] / w, work.shape[0] / h
+            work = cv2.resize(padded, (max(1, round(pw * scale)), max(1, round(ph * scale))), interpolation=interp)
+        sx, sy = work.shape[1] / pw, work.shape[0] / ph
         boxes, scores, lms = self._detect_raw(work)
         faces = []
         for box, score, lm in zip(boxes, scores, lms):
             if not np.isfinite(score) or score < self.score_threshold:
                 continue
-            box = box / np.array([sx, sy, sx, sy])
-            lm = lm / np.array([sx, sy])
+            box = box / np.array([sx, sy, sx, sy]) - pad
+            lm = lm / np.array([sx, sy]) - pad
             if not (np.isfinite(box).all() and np.isfinite(lm).all()):
                 continue
             face = Face(box=box.astype(np.float32), score=float(score), landmarks5=lm.astype(np.float32))
+            cx, cy = face.center
+            if not (0 <= cx < w and 0 <= cy < h):
+                continue  # found in the added border only
             if face.eye_distance < self.min_eye_distance:
                 continue
             faces.append(face)
