@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import ApiError
+from app.errors import ApiError, UnexpectedErrorMiddleware
 from app.limits import BodyLimitMiddleware
 from app.metrics import LATENCY, REQUESTS
 from restoration.settings import get_settings
@@ -54,12 +54,16 @@ def create_app(run_startup: bool = True) -> FastAPI:
     @app.middleware("http")
     async def observe(request: Request, call_next):
         t0 = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        label = getattr(route, "path", None) or "unmatched"
-        REQUESTS.labels(label, request.method, str(response.status_code)).inc()
-        LATENCY.labels(label, request.method).observe(time.perf_counter() - t0)
-        return response
+        status = 500  # an unhandled error: answered by `unexpected_error` below
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            REQUESTS.labels(label, request.method, str(status)).inc()
+            LATENCY.labels(label, request.method).observe(time.perf_counter() - t0)
 
     @app.middleware("http")
     async def guard_private_routes(request: Request, call_next):
@@ -94,4 +98,7 @@ def create_app(run_startup: bool = True) -> FastAPI:
 
     for module in (health, restore, datasets, adaptations, models):
         app.include_router(module.router)
+    # outermost: any other error is the documented JSON error (Starlette's own would be plain text, and it re-raises
+    # to the server, which then drops the connection)
+    app.add_middleware(UnexpectedErrorMiddleware)
     return app

@@ -17,6 +17,11 @@ Every image that enters the restoration core goes through :func:`load_image`, wh
 Undecodable input (empty, not an image, truncated, corrupt) raises :class:`ImageError`, a
 ``ValueError`` subclass, with the reason. ``max_pixels`` is a decompression-bomb guard: the size is
 read from the header and checked *before* any pixel data is decoded.
+
+Only the formats of an allow-list are decoded (``formats``; default ``settings.image_formats``: PNG,
+JPEG, WebP, BMP, TIFF): the format is told from the file's signature (:func:`sniff_format`) before
+Pillow sees the bytes, and Pillow is then only allowed that one decoder, so an EPS/PostScript file can
+never reach Ghostscript (nor any other plugin). Anything else raises :class:`UnsupportedFormat`.
 """
 from __future__ import annotations
 
@@ -30,7 +35,8 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageError", "load_image", "encode_image", "save_image", "FORMATS"]
+__all__ = ["ImageError", "UnsupportedFormat", "load_image", "encode_image", "save_image", "sniff_format",
+           "allowed_formats", "FORMATS", "INPUT_FORMATS"]
 
 _EXIF_ORIENTATION = 0x0112
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -44,8 +50,83 @@ FORMATS: dict[str, tuple[str, tuple[str, ...]]] = {
 _FORMAT_ALIASES = {"jpg": "jpeg", "jpe": "jpeg"}
 
 
+#: decodable input formats: name -> Pillow decoder
+INPUT_FORMATS: dict[str, str] = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP", "bmp": "BMP", "tiff": "TIFF"}
+
+
 class ImageError(ValueError):
     """The input is not a decodable image, or is refused (too large, wrong array)."""
+
+
+class UnsupportedFormat(ImageError):
+    """The input is (or looks like) an image of a format outside the allow-list; `.format` names what it is."""
+
+    def __init__(self, message: str, fmt: str | None, allowed: tuple[str, ...]):
+        super().__init__(message)
+        self.format, self.allowed = fmt, allowed
+
+
+# other signatures, only to name what was refused
+_OTHER_SIGNATURES = (
+    (b"%!PS", "eps"), (b"\xc5\xd0\xd3\xc6", "eps"), (b"%PDF", "pdf"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+    (b"8BPS", "psd"), (b"\x00\x00\x01\x00", "ico"), (b"\x00\x00\x02\x00", "cur"), (b"\x00\x00\x00\x0cjP  ", "jpeg2000"),
+    (b"\xff\x4f\xff\x51", "jpeg2000"), (b"gimp xcf", "xcf"), (b"#?RADIANCE", "hdr"), (b"\x76\x2f\x31\x01", "exr"),
+    (b"DDS ", "dds"), (b"icns", "icns"), (b"<svg", "svg"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """The image format named by the first bytes (its signature): one of INPUT_FORMATS, another known name
+    ('eps', 'gif', 'pdf', ...) or None. Nothing is decoded."""
+    head = bytes(data[:32])
+    if head.startswith(_PNG_SIGNATURE):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head.startswith(b"BM"):
+        return "bmp"
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "tiff"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"avif", b"avis"):
+        return "avif" if head[8:12].startswith(b"avi") else "heif"
+    for sig, name in _OTHER_SIGNATURES:
+        if head.startswith(sig):
+            return name
+    if len(head) > 2 and head[:1] == b"P" and head[1:2] in b"1234567" and head[2:3] in b" \t\r\n#":
+        return "pnm"
+    return None
+
+
+def allowed_formats(formats: str | list[str] | tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """The allow-list as a tuple of INPUT_FORMATS names; None: `settings.image_formats`. Aliases: jpg, tif."""
+    if formats is None:
+        from restoration.settings import get_settings
+
+        formats = get_settings().image_formats
+    if isinstance(formats, str):
+        formats = formats.split(",")
+    out = []
+    for f in formats:
+        f = {"jpg": "jpeg", "jpe": "jpeg", "tif": "tiff"}.get(f.strip().lower(), f.strip().lower())
+        if not f:
+            continue
+        if f not in INPUT_FORMATS:
+            raise ValueError(f"unknown image format {f!r} in the allow-list; known: {', '.join(INPUT_FORMATS)}")
+        if f not in out:
+            out.append(f)
+    return tuple(out)
+
+
+def check_format(data: bytes, formats=None, label: str = "image bytes") -> str:
+    """The allowed format of `data` from its signature, or :class:`UnsupportedFormat`."""
+    allowed = allowed_formats(formats)
+    fmt = sniff_format(data)
+    if fmt is None or fmt not in allowed:
+        what = f"an image of format {fmt.upper()}" if fmt else "not an image of a known format"
+        raise UnsupportedFormat(f"{label} is {what}; accepted image formats: {', '.join(allowed)}", fmt, allowed)
+    return fmt
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -155,26 +236,37 @@ def _pil_to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
-def load_image(src: bytes | str | Path, max_pixels: int | None = None) -> np.ndarray:
+def load_image(src: bytes | str | Path, max_pixels: int | None = None,
+               formats: str | list[str] | tuple[str, ...] | None = None) -> np.ndarray:
     """Decode an image file or bytes to an ``HxWx3 uint8`` RGB array (see the module doc).
 
     ``max_pixels``: refuse images with more than this many pixels (width x height), checked from the
-    header before the pixel data is decoded. Raises :class:`ImageError` for anything undecodable.
+    header before the pixel data is decoded. ``formats``: the allow-list (default
+    ``settings.image_formats``), checked from the signature before decoding. Raises
+    :class:`ImageError` (:class:`UnsupportedFormat` for a refused format) for anything undecodable.
     """
     data, label = _read_source(src)
     if not data:
         raise ImageError(f"cannot decode {label}: empty input")
     if max_pixels is not None and max_pixels <= 0:
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageError(f"cannot decode {label}: not a recognised image format")
+    fmt = check_format(data, formats, label)
 
     try:
         with warnings.catch_warnings():
             # we enforce our own limit; Pillow's bomb *warning* would only be noise
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as exc:
+            im = Image.open(io.BytesIO(data), formats=[INPUT_FORMATS[fmt]])  # only that one decoder
+    except Image.DecompressionBombError as exc:  # Pillow's own limit (far above ours); its message has the size
+        import re
+
+        m = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{m.group(1)} pixels, " if m else ""
         limit = f"over the limit of max_pixels={max_pixels}; " if max_pixels is not None else ""
-        raise ImageError(f"image {label} is {limit}refused as a decompression bomb ({exc})") from None
+        raise ImageError(f"image {label} is {size}{limit}refused as a decompression bomb") from None
     except UnidentifiedImageError:
         raise ImageError(f"cannot decode {label}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as exc:

@@ -172,3 +172,35 @@ def test_save_image(photo, tmp_path):
     with pytest.raises(ImageError):
         save_image(tmp_path / "x.gif", photo)
     assert sorted(q.name for q in tmp_path.iterdir()) == ["sub", "x.jpg"]  # no temp files left
+
+
+def test_format_allow_list_is_checked_before_any_decoder(monkeypatch):
+    """Only the allow-list's formats are decoded, told from the signature: an EPS never reaches Ghostscript, and a
+    file claiming to be one format cannot be handed to another decoder."""
+    from PIL import EpsImagePlugin
+
+    from restoration.imageio import UnsupportedFormat, sniff_format
+
+    def no_ghostscript(*a, **k):
+        raise AssertionError("Ghostscript was called")
+
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", no_ghostscript)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n"
+    with pytest.raises(UnsupportedFormat, match="EPS") as err:
+        load_image(eps)
+    assert err.value.format == "eps" and "png" in err.value.allowed
+    for fmt, name in (("GIF", "gif"), ("PPM", "pnm"), ("ICO", "ico")):
+        b = io.BytesIO()
+        Image.new("RGB", (16, 16)).save(b, fmt)
+        assert sniff_format(b.getvalue()) == name
+        with pytest.raises(UnsupportedFormat):
+            load_image(b.getvalue())
+    for fmt in ("PNG", "JPEG", "WEBP", "BMP", "TIFF"):
+        b = io.BytesIO()
+        Image.new("RGB", (16, 12)).save(b, fmt)
+        assert load_image(b.getvalue()).shape == (12, 16, 3)
+    # a narrower allow-list refuses the others
+    b = io.BytesIO()
+    Image.new("RGB", (16, 12)).save(b, "BMP")
+    with pytest.raises(UnsupportedFormat, match="accepted image formats: png, jpeg"):
+        load_image(b.getvalue(), formats="png,jpg")

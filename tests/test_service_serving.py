@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import io
 import itertools
+import json
 import signal
 import socket
 import subprocess
@@ -41,30 +42,48 @@ for i, name in enumerate(sys.argv[1:]):
     subprocess.run([PY, "-c", code, *names], env=env, cwd=REPO, check=True)
 
 
+class Api:
+    """A second API process on the stack (model cache of 2, at most 3 faces per image, 5 restorer models plus a broken
+    one); started on first use and again after a test stopped it."""
+
+    def __init__(self, st, logdir):
+        self.st, self.logdir, self.proc, self.n = st, logdir, None, 0
+        register_standins(st.env, EXTRA_MODELS + [BROKEN])
+        self.env = {**st.env, "FACEADAPT_MODEL_CACHE_SIZE": "2", "FACEADAPT_BATCH_MAX_WAIT_MS": "20",
+                    "FACEADAPT_PUBLIC_MODELS": ",".join(EXTRA_MODELS + [BROKEN]),
+                    "FACEADAPT_RESTORE_TIMEOUT_S": "60", "FACEADAPT_MAX_FACES_PER_IMAGE": "3"}
+
+    def ensure(self):
+        if self.proc is None or self.proc.poll() is not None:
+            self.n += 1
+            log = self.logdir / f"api-small-cache-{self.n}.log"
+            self.proc = start_api(self.env, log)
+            self.proc.log = log
+            wait_ready(self.proc, log)
+        return self.proc
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+BROKEN = "standin-broken"
+
+
 @pytest.fixture(scope="module")
-def small_cache_api(service_stack, tmp_path_factory):
-    """A second API process on the stack with a model cache of 2 and 5 restorer models to choose from."""
-    st = service_stack
-    register_standins(st.env, EXTRA_MODELS)
-    env = {**st.env, "FACEADAPT_MODEL_CACHE_SIZE": "2", "FACEADAPT_BATCH_MAX_WAIT_MS": "20",
-           "FACEADAPT_PUBLIC_MODELS": ",".join(EXTRA_MODELS),
-           "FACEADAPT_RESTORE_TIMEOUT_S": "60"}
-    log = tmp_path_factory.mktemp("serving") / "api-small-cache.log"
-    api = start_api(env, log)
-    api.log = log
+def second_api(service_stack, tmp_path_factory):
+    api = Api(service_stack, tmp_path_factory.mktemp("serving"))
     try:
-        wait_ready(api, log)
         yield api
     finally:
-        if api.poll() is None:
-            api.kill()
-            api.wait()
+        api.stop()
 
 
-def test_more_models_than_cache_never_hangs_and_sigterm_finishes(small_cache_api, service_stack, tenant_b):
+def test_more_models_than_cache_never_hangs_and_sigterm_finishes(second_api, service_stack, tenant_b):
     """5 models requested concurrently through a cache of 2: every request is answered (no hang), and SIGTERM then
     stops the server promptly (it used to wait forever on requests stuck behind a closed batcher)."""
-    api, st = small_cache_api, service_stack
+    api, st = second_api.ensure(), service_stack
     auth = st.auth(tenant_b)
     models = ["default", *EXTRA_MODELS]
     faces = [f.read_bytes() for f in face_files(6, offset=60)]
@@ -98,3 +117,194 @@ def test_more_models_than_cache_never_hangs_and_sigterm_finishes(small_cache_api
         pytest.fail(f"API still running 30 s after SIGTERM:\n{api.log.read_text()[-3000:]}")
     assert rc in (0, -signal.SIGTERM), api.log.read_text()[-3000:]  # uvicorn re-raises the signal it handled
     assert time.time() - t0 < 30
+
+
+def _image(fmt: str, size=(64, 48), **kw) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (120, 100, 90)).save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_faces_per_image_are_capped(second_api, service_stack, tenant_b):
+    """A group photo with more faces than FACEADAPT_MAX_FACES_PER_IMAGE (3 here): the 3 largest are restored and the
+    answer says how many were found."""
+    from PIL import Image
+
+    api, st = second_api.ensure(), service_stack
+    sizes = [240, 200, 170, 130, 120, 110]
+    canvas = Image.new("RGB", (sum(sizes) + 20 * (len(sizes) + 1), 300), (200, 200, 200))
+    tiles, x = [], 20
+    for f, side in zip(face_files(len(sizes), offset=30), sizes):
+        canvas.paste(Image.open(f).convert("RGB").resize((side, side)), (x, 20))
+        tiles.append((x, 20, x + side, 20 + side))
+        x += side + 20
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    with httpx.Client(base_url=api.url, timeout=120) as c:
+        r = c.post("/v1/restore", files={"image": ("group.png", buf.getvalue(), "image/png")},
+                   headers={**st.auth(tenant_b), "Accept": "application/json"})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["faces_found"] >= 4, body["faces_found"]  # the detector finds more than the cap
+        assert body["faces_restored"] == 3 and len(body["faces"]) == 3
+        centres = [((b[0] + b[2]) / 2, (b[1] + b[3]) / 2) for b in (f["box"] for f in body["faces"])]
+        hit = sorted(next(i for i, t in enumerate(tiles) if t[0] <= cx <= t[2] and t[1] <= cy <= t[3]) for cx, cy in centres)
+        assert hit == [0, 1, 2], hit  # the three largest faces
+        r = c.post("/v1/restore", files={"image": ("group.png", buf.getvalue(), "image/png")}, headers=st.auth(tenant_b))
+        assert r.status_code == 200 and r.headers["x-faceadapt-faces"] == "3"
+        assert int(r.headers["x-faceadapt-faces-found"]) == body["faces_found"]
+
+
+def test_image_format_allow_list(service_stack, tenant_b):
+    """PNG, JPEG, WebP, BMP and TIFF are restored; EPS, GIF, PDF are refused from their signature (415, before any
+    decoder: an EPS never reaches Ghostscript); bytes that are no image are a 400."""
+    st = service_stack
+    auth = st.auth(tenant_b)
+    post = lambda name, data: st.client.post("/v1/restore", files={"image": (name, data, "application/octet-stream")},  # noqa: E731
+                                             data={"aligned": "true"}, headers=auth)
+    for fmt in ("PNG", "JPEG", "WEBP", "BMP", "TIFF"):
+        r = post(f"x.{fmt.lower()}", _image(fmt))
+        assert r.status_code == 200, (fmt, r.text)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 48\n0 0 moveto 64 48 lineto stroke\nshowpage\n%%EOF\n"
+    for name, data, fmt in (("x.eps", eps, "eps"), ("x.gif", _image("GIF"), "gif"),
+                            ("x.pdf", b"%PDF-1.4\n1 0 obj<<>>endobj\n", "pdf"), ("photo.jpg", eps, "eps")):
+        r = post(name, data)
+        assert r.status_code == 415, (name, r.text)
+        body = r.json()
+        assert body["error"] == "unsupported_format" and body["format"] == fmt and body["limit"] == "image_formats", body
+        assert "png, jpeg, webp, bmp, tiff" in body["detail"]
+    r = post("x.png", b"hello, not an image at all")
+    assert r.status_code == 400 and r.json()["error"] == "bad_image", r.text
+    # in a dataset upload the refused file is listed with the reason and the rest is accepted
+    face = face_files(1, offset=40)[0]
+    r = st.client.post("/v1/datasets", files=[("files", (face.name, face.read_bytes(), "image/jpeg")),
+                                              ("files", ("cover.eps", eps, "application/postscript"))], headers=auth)
+    assert r.status_code == 201, r.text
+    rejected = {x["file"]: x["reason"] for x in r.json()["rejected"]}
+    assert "EPS" in rejected["cover.eps"] and r.json()["images_accepted"] == 1, rejected
+
+
+def test_pixel_limit_names_the_real_size(service_stack, tenant_b):
+    """A header announcing more pixels than even Pillow opens: the 413 names the announced size and the configured
+    limit (it used to invent 1048576x1048576)."""
+    import struct
+    import zlib
+
+    def chunk(t, d):
+        return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d))
+
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 30_000, 8, 2, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\0" * 10)) + chunk(b"IEND", b""))
+    st = service_stack
+    r = st.client.post("/v1/restore", files={"image": ("bomb.png", png, "image/png")}, headers=st.auth(tenant_b))
+    assert r.status_code == 413, r.text
+    body = r.json()
+    limit = int(st.env["FACEADAPT_MAX_IMAGE_PIXELS"])
+    assert body["limit"] == "max_image_pixels" and body["limit_value"] == limit
+    assert "3000000000 pixels" in body["detail"] and str(limit) in body["detail"], body
+
+
+def test_oversized_upload_gets_413_json_not_a_reset(service_stack, tenant_b):
+    """A 120 MB restore upload (limit 3 MiB here) is answered 413 JSON naming the real limit, on a connection that
+    stays usable; chunked and `Expect: 100-continue` uploads too."""
+    st = service_stack
+    auth = st.auth(tenant_b)
+    limit = int(st.env["FACEADAPT_MAX_UPLOAD_BYTES"])
+    big = b"\xff\xd8\xff" + b"\0" * (120 * 1000 * 1000)
+    with httpx.Client(base_url=st.url, timeout=120) as c:
+        t0 = time.time()
+        r = c.post("/v1/restore", files={"image": ("big.jpg", big, "image/jpeg")}, headers=auth)
+        assert r.status_code == 413, r.text
+        body = r.json()
+        assert body["error"] == "limit_exceeded" and body["limit"] == "max_upload_bytes" and body["limit_value"] == limit
+        assert f"({limit} bytes = 3 MiB; FACEADAPT_MAX_UPLOAD_BYTES)" in body["detail"], body
+        assert str(int(r.request.headers["content-length"])) in body["detail"]  # the announced size, not invented
+        assert time.time() - t0 < 60
+        # the same connection serves the next request (the body was read and discarded, not left unread)
+        assert c.get("/healthz").status_code == 200
+
+        def chunks():
+            yield b"--xx\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.jpg\"\r\n\r\n"
+            for _ in range(40):
+                yield b"\0" * (512 * 1024)  # 20 MiB without Content-Length
+
+        r = c.post("/v1/restore", content=chunks(), headers={**auth, "Content-Type": "multipart/form-data; boundary=xx"})
+        assert r.status_code == 413 and r.json()["limit"] == "max_upload_bytes", r.text
+    port = int(st.url.rsplit(":", 1)[1])
+    # a client that writes its whole request before reading (curl without Expect, requests, urllib): the server used
+    # to close the socket with the body unread, and the client got a broken pipe / connection reset
+    body = (b"--xx\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.jpg\"\r\n\r\n" + big
+            + b"\r\n--xx--\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/restore HTTP/1.1\r\nHost: 127.0.0.1\r\n" + f"Authorization: {auth['Authorization']}\r\n".encode()
+                     + b"Content-Type: multipart/form-data; boundary=xx\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode())
+        sock.sendall(body)
+        answer = b""
+        while not answer.endswith(b"}") and (chunk := sock.recv(65536)):
+            answer += chunk
+    head, _, payload = answer.decode().partition("\r\n\r\n")
+    assert head.startswith("HTTP/1.1 413"), answer[:500]
+    assert json.loads(payload)["limit_value"] == limit
+    # Expect: 100-continue (curl's way for big bodies): the 413 comes before any body byte is sent
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/restore HTTP/1.1\r\nHost: 127.0.0.1\r\n" + f"Authorization: {auth['Authorization']}\r\n".encode()
+                     + b"Content-Type: multipart/form-data; boundary=xx\r\nContent-Length: 125829120\r\n"
+                     + b"Expect: 100-continue\r\n\r\n")
+        head = b""
+        while chunk := sock.recv(65536):  # the server closes the connection after its answer
+            head += chunk
+        head = head.decode(errors="replace")
+    assert head.startswith("HTTP/1.1 413"), head
+    assert "max_upload_bytes" in head and "125829120" in head
+
+
+def test_unexpected_errors_are_json(second_api, service_stack, tenant_b):
+    """An error nobody planned for (here: a model whose weights file is damaged on disk) is the documented JSON
+    error with an id that is in the server log, not Starlette's plain-text 500."""
+    import shutil
+
+    api, st = second_api.ensure(), service_stack
+    weights = st.home / "models" / BROKEN / "model.safetensors"
+    backup = weights.with_suffix(".bak")
+    shutil.copyfile(weights, backup)
+    try:
+        weights.write_bytes(weights.read_bytes()[:100])
+        face = face_files(1, offset=41)[0].read_bytes()
+        with httpx.Client(base_url=api.url, timeout=60) as c:
+            r = c.post("/v1/restore", files={"image": ("f.jpg", face, "image/jpeg")},
+                       data={"model": BROKEN, "aligned": "true"}, headers=st.auth(tenant_b))
+            assert r.status_code == 500, r.text
+            assert r.headers["content-type"] == "application/json", r.headers
+            body = r.json()
+            assert body["error"] == "internal_error" and body["error_id"] in body["detail"], body
+            assert c.get("/healthz").status_code == 200  # the process is fine
+        time.sleep(0.5)
+        assert body["error_id"] in api.log.read_text()
+    finally:
+        shutil.move(backup, weights)
+
+
+def test_restore_timeout_is_a_503(service_stack, tenant_b, tmp_path):
+    """A request that cannot get its batch within FACEADAPT_RESTORE_TIMEOUT_S gets a 503 JSON naming the setting
+    (here the batcher waits 3 s for company, the timeout is 0.5 s), and the server stays healthy."""
+    st = service_stack
+    env = {**st.env, "FACEADAPT_BATCH_MAX_WAIT_MS": "3000", "FACEADAPT_RESTORE_TIMEOUT_S": "0.5"}
+    api = start_api(env, tmp_path / "api-timeout.log")
+    try:
+        wait_ready(api, tmp_path / "api-timeout.log")
+        face = face_files(1, offset=42)[0].read_bytes()
+        with httpx.Client(base_url=api.url, timeout=60) as c:
+            t0 = time.time()
+            r = c.post("/v1/restore", files={"image": ("f.jpg", face, "image/jpeg")}, data={"aligned": "true"},
+                       headers=st.auth(tenant_b))
+            assert r.status_code == 503, r.text
+            body = r.json()
+            assert body["error"] == "restore_timeout" and body["limit"] == "restore_timeout_s", body
+            assert "FACEADAPT_RESTORE_TIMEOUT_S" in body["detail"] and body["limit_value"] == 0.5
+            assert time.time() - t0 < 30
+            assert c.get("/healthz").status_code == 200
+    finally:
+        api.send_signal(signal.SIGTERM)
+        api.wait(timeout=30)

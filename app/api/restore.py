@@ -10,8 +10,8 @@ from fastapi.responses import JSONResponse, Response
 from app.api.deps import CurrentPrincipal, Principal
 from app.db import session_factory
 from app.errors import ApiError
-from app.limits import check_pixels, read_upload
-from app.schemas import RestoreJSON
+from app.limits import check_image_format, check_pixels, read_upload
+from app.schemas import ErrorBody, RestoreJSON
 from app.serving import get_cache, resolve_model
 from restoration.settings import get_settings
 
@@ -22,7 +22,10 @@ MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 @router.post("/v1/restore", response_class=Response, responses={
     200: {"model": RestoreJSON, "description": "the restored image (image/png, image/jpeg or image/webp), or JSON with "
           "`Accept: application/json`", "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}}},
-    404: {"description": "unknown model"}, 413: {"description": "a limit was exceeded"}})
+    400: {"model": ErrorBody, "description": "not an image"}, 404: {"model": ErrorBody, "description": "unknown model"},
+    413: {"model": ErrorBody, "description": "a limit was exceeded"},
+    415: {"model": ErrorBody, "description": "an image format outside FACEADAPT_IMAGE_FORMATS"},
+    503: {"model": ErrorBody, "description": "busy: no result within FACEADAPT_RESTORE_TIMEOUT_S, or shutting down"}})
 async def restore(
     request: Request,
     image: UploadFile = File(..., description="the photo (or an aligned face crop with aligned=true)"),
@@ -39,6 +42,7 @@ async def restore(
     data = await read_upload(image, settings)
     if not data:
         raise ApiError(400, "bad_image", "the uploaded image is empty")
+    check_image_format(data, settings, image.filename or "image")  # from the signature, before any decoder runs
     check_pixels(data, settings, image.filename or "image")
 
     def lookup():
