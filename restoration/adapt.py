@@ -50,6 +50,8 @@ CancelFn = Callable[[], bool]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 JOB, PREPARE, TARGETS, FINETUNE, EVAL = "job.json", "prepare", "targets", "finetune", "eval"
+#: restorer archs that take one input size only (the base card's input_size): GFPGAN (out_size), CodeFormer (img_size)
+FIXED_SIZE_ARCHS = ("gfpgan_v1_4", "codeformer")
 
 __all__ = [
     "AdaptConfig", "Cancelled", "prepare", "generate_targets", "targets_status", "finetune", "evaluate", "register",
@@ -233,6 +235,17 @@ def _base_face_template(zoo, base: str | None) -> str:
         return template_for_card(_zoo(zoo).get(base))
     except Exception:  # noqa: BLE001 - an unknown base fails later, with its own message
         return "ffhq"
+
+
+def _base_value_range(zoo, job: dict) -> list[float] | None:
+    """The base restorer card's value_range (the range the model works in; the adapted model keeps it), None when the
+    base is not in the zoo (`restorer_io.run_restorer` then uses the arch's own `value_range` attribute)."""
+    from restoration.zoo import ModelNotFound
+
+    try:
+        return [float(v) for v in _zoo(zoo).get(job["base"]).value_range]
+    except ModelNotFound:
+        return None
 
 
 def _check_cancel(should_cancel: CancelFn | None, what: str) -> None:
@@ -533,7 +546,7 @@ def finetune(
         extra_result["codeformer_config"] = ccfg.to_dict()
     else:
         res = ft.finetune(restorer, pairs, list(hq_images), fcfg, fdir / "ckpt", progress=progress,
-                          should_cancel=should_cancel)
+                          should_cancel=should_cancel, value_range=_base_value_range(zoo, job))
     sd = {k: v.detach().to("cpu").contiguous() for k, v in res.ema.state_dict().items()}
     tmp = fdir / f".model.safetensors.tmp{os.getpid()}"
     save_file(sd, str(tmp))
@@ -617,6 +630,7 @@ def evaluate(
     base_model.eval()
     adapted_model.eval()
     psnr, ssim, sharp, lp_psnr = _metric_fns(int(cfg.pseudo.down_N))
+    vrange = _base_value_range(zoo, job)  # base and adapted work in the base card's range (GFPGAN: [-1, 1])
     has_gt = all("gt" in it for it in items)
     per_model = {"input": [], "base": [], "adapted": []}
     grid_rows = []
@@ -625,7 +639,8 @@ def evaluate(
         chunk = items[b:b + batch_size]
         imgs = [_load_rgb(workdir / PREPARE / it["crop"]) for it in chunk]
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255.0).to(dev)
-        outs = {"base": to_uint8(restore_batch(base_model, x)), "adapted": to_uint8(restore_batch(adapted_model, x))}
+        outs = {"base": to_uint8(restore_batch(base_model, x, vrange)),
+                "adapted": to_uint8(restore_batch(adapted_model, x, vrange))}
         for k, it in enumerate(chunk):
             inp = imgs[k].astype(np.float64) / 255.0
             gt = _load_rgb(workdir / PREPARE / it["gt"]).astype(np.float64) / 255.0 if has_gt else None
@@ -759,6 +774,9 @@ def run_adaptation(
         else:
             raise ValueError(f"a model named {name!r} already exists in the zoo; choose another name or overwrite")
     size = int(cfg.size or base_card.input_size)
+    if base_card.arch in FIXED_SIZE_ARCHS and size != int(base_card.input_size):
+        raise ValueError(f"{base} ({base_card.arch}) takes {base_card.input_size}x{base_card.input_size} faces only, "
+                         f"not {size}x{size}: leave size unset")
     images = list_images(data_dir)
     gt = None
     if gt_dir is not None:

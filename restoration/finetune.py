@@ -5,7 +5,8 @@ One loop, read top to bottom:
     loss_G = l1 * |G(y) - target|_1 + lpips * LPIPS(G(y), target) + gan * BCE(D(G(y)), real)
     loss_D = BCE(D(x_hq), real) + BCE(D(G(y).detach()), fake)
 
-* G is any restorer built by `restoration.archs.build` (Bx3xHxW in [0,1] -> same); D is a U-Net discriminator
+* G is any restorer built by `restoration.archs.build`, called through `restoration.restorer_io.run_restorer`
+  (Bx3xHxW in [0,1] -> same, whatever the model's own value range; tuple outputs give element 0); D is a U-Net discriminator
   with spectral norm (`UNetDiscriminatorSN`, per-pixel logits). D's REAL images are clean high-quality faces,
   never the pseudo targets: pseudo targets only supervise G through the L1/LPIPS terms.
 * LPIPS needs its weights on disk (`restoration.metrics.lpips_available()`); without them the perceptual term is
@@ -38,6 +39,7 @@ import torch.nn.functional as F
 from restoration.configs import strict_from_dict
 from restoration import rng
 from restoration.errors import Cancelled
+from restoration.restorer_io import run_restorer
 
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
@@ -297,8 +299,14 @@ def finetune(
     ckpt_dir: str | Path = "finetune_ckpt",
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    value_range: Sequence[float] | None = None,
 ) -> FinetuneResult:
     """Fine-tune `model` in place on `pairs` [(lq, pseudo_target), ...] (paths or HxWx3 uint8 arrays).
+
+    `model` is called through `restoration.restorer_io.run_restorer` (with gradients): images in [0, 1] are mapped
+    to `value_range` (the zoo card's; None: the arch's `value_range` attribute, else [0, 1]) and back, element 0 of a
+    tuple output is taken and the arch's `inference_kwargs` are passed (GFPGAN: the stored noise maps), so every
+    restorer family trains on the call it is served with; losses and D always see [0, 1] images.
 
     `hq_images` (paths or arrays) are D's real images; they are resized to the training size. With no HQ images
     or `cfg.gan == 0` there is no discriminator. Resumes from `ckpt_dir/last.pt` when it exists.
@@ -394,9 +402,7 @@ def finetune(
             if cfg.flip and bool(flip.any()):
                 fl = flip.to(device)[:, None, None, None]
                 x, y = torch.where(fl, x.flip(-1), x), torch.where(fl, y.flip(-1), y)
-            out = model(x)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
+            out = run_restorer(model, x, value_range)  # [0, 1] scale whatever the model's range; differentiable
             l_pix = F.l1_loss(out, y)
             loss = cfg.l1 * l_pix
             logs["l1"] += l_pix.item() / cfg.grad_accum

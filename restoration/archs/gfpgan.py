@@ -22,6 +22,8 @@ Input and output: ``B x 3 x out_size x out_size`` RGB in **[-1, 1]**; ``forward`
 where ``image`` is about [-1, 1] (not clamped) and ``out_rgbs`` the intermediate RGB images (empty unless
 ``return_rgb``). The zoo card records ``value_range=[-1, 1]``; the pipeline converts from and to [0, 1]
 (``restoration.restorer_io``). ``value_range`` is also a class attribute, used when no card is at hand.
+``inference_kwargs`` (class attribute, ``randomize_noise=False, return_rgb=False``) is what FaceAdapt passes on
+every call through ``restorer_io.run_restorer`` (restore, pseudo targets, evaluation, fine-tuning): deterministic.
 
 Reference behaviour reproduced on purpose:
 
@@ -326,6 +328,10 @@ class GFPGANv1Clean(nn.Module):
     different_w=True, narrow=1, sft_half=True``. Input/output in [-1, 1]; returns ``(image, out_rgbs)``."""
 
     value_range = (-1.0, 1.0)
+    # FaceAdapt's call (restoration.restorer_io.run_restorer: restoring, pseudo targets, evaluation, fine-tuning):
+    # the stored ``noises.noiseN`` maps instead of fresh noise per call, so the same face always gives the same
+    # output (GFPGANer draws new noise each call; the bare forward keeps that default), no intermediate RGBs
+    inference_kwargs = {"randomize_noise": False, "return_rgb": False}
 
     def __init__(self, out_size: int, num_style_feat: int = 512, channel_multiplier: int = 1,
                  decoder_load_path: str | None = None, fix_decoder: bool = True, num_mlp: int = 8,
