@@ -28,6 +28,28 @@ def startup() -> None:
     get_storage().setup()
     with session_factory()() as s, startup_lock(s):
         sync_zoo_models(s)
+    warn_demo_model()
+
+
+_demo_warned = False
+
+
+def warn_demo_model() -> None:
+    """Log once per process when the default restorer is the bundled 64 px demo model (and how to pull a 512 px one)."""
+    global _demo_warned
+    if _demo_warned:
+        return
+    _demo_warned = True
+    from restoration.fidelity import demo_model_warning
+    from restoration.zoo import Zoo
+
+    try:
+        card = Zoo().get(get_settings().default_restorer)
+    except Exception:  # noqa: BLE001 - a missing default restorer is reported by the requests that need it
+        return
+    msg = demo_model_warning(card)
+    if msg:
+        log.warning("%s (FACEADAPT_DEFAULT_RESTORER selects the default)", msg)
 
 
 def create_app(run_startup: bool = True) -> FastAPI:
@@ -98,7 +120,30 @@ def create_app(run_startup: bool = True) -> FastAPI:
 
     for module in (health, restore, datasets, adaptations, models):
         app.include_router(module.router)
+    app.openapi = _openapi_with_error_bodies(app)
     # outermost: any other error is the documented JSON error (Starlette's own would be plain text, and it re-raises
     # to the server, which then drops the connection)
     app.add_middleware(UnexpectedErrorMiddleware)
     return app
+
+
+def _openapi_with_error_bodies(app: FastAPI):
+    """The spec documents the 422 body the API really sends (`validation_error` above), not FastAPI's default."""
+    base = app.openapi
+
+    def openapi() -> dict:
+        schema = base()
+        comps = schema.get("components", {}).get("schemas", {})
+        if "HTTPValidationError" in comps:
+            comps["HTTPValidationError"] = {
+                "title": "HTTPValidationError", "type": "object", "required": ["error", "detail"],
+                "properties": {
+                    "error": {"type": "string", "title": "Error", "example": "invalid_request"},
+                    "detail": {"type": "string", "title": "Detail"},
+                    "errors": {"type": "array", "title": "Errors", "items": {
+                        "type": "object", "properties": {"loc": {"type": "array", "items": {}}, "msg": {"type": "string"}}}},
+                },
+            }
+        return schema
+
+    return openapi
