@@ -20,6 +20,12 @@ class FaceOut(BaseModel):
     box: list[float]
     score: float
     landmarks: list[list[float]] | None = None
+    native_size: float | None = Field(default=None, description="side of the face's aligned square in input pixels")
+    mode: Literal["restored", "detail_preserving", "kept"] | None = Field(
+        default=None, description="restored: the model's output (blended by fidelity); detail_preserving: the face is "
+        "larger than 2x the model input, only the band the model represents is replaced and the input's finer detail "
+        "is kept; kept: left as it is (fidelity 1)")
+    fidelity: float | None = Field(default=None, description="the fidelity used for this face (0 = fully restored)")
 
 
 class RestoreJSON(BaseModel):
@@ -32,6 +38,8 @@ class RestoreJSON(BaseModel):
     model: str
     model_id: str
     detector: str | None = None
+    fidelity: float | Literal["auto"] = Field(default="auto", description="the fidelity asked for")
+    modes: dict[str, int] = Field(default_factory=dict, description="restored faces per mode")
 
 
 class Rejected(BaseModel):

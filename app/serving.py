@@ -205,15 +205,24 @@ class Loaded:
     restorer: object  # restoration.pipeline.Restorer
     batcher: MicroBatcher
 
-    def restore(self, img: np.ndarray, aligned: bool, only_center_face: bool, max_faces: int | None = None) -> Restored:
-        """Restore the faces of `img`; at most the `max_faces` largest ones (the others are left as they are)."""
+    def restore(self, img: np.ndarray, aligned: bool, only_center_face: bool, max_faces: int | None = None,
+                fidelity: float | None = None) -> Restored:
+        """Restore the faces of `img`; at most the `max_faces` largest ones (the others are left as they are).
+        `fidelity` (None: auto by each face's native size, `restoration.fidelity`); every face's `extra` records
+        `native_size`, `mode` and `fidelity`."""
+        from restoration.fidelity import network_fidelity
+
         helper = self.restorer.face_helper()
+        arch = self.restorer.card.arch
+        # archs that take the fidelity as their own input get it per call, outside the micro-batcher
+        fn = self.restorer.restore_crops if network_fidelity(arch)[0] else self.batcher
         if aligned:
-            out, faces = helper.process(img, self.batcher, aligned=True)
+            out, faces = helper.process(img, fn, aligned=True, fidelity=fidelity, arch=arch)
             return Restored(out, faces, len(faces), helper.detector_name)
         faces = sorted(helper.detect(img, only_center_face=only_center_face), key=lambda f: f.area, reverse=True)
         kept = faces[:max_faces] if max_faces is not None and max_faces > 0 else faces
-        return Restored(helper.restore_faces(img, kept, self.batcher), kept, len(faces), helper.detector_name)
+        return Restored(helper.restore_faces(img, kept, fn, fidelity=fidelity, arch=arch), kept, len(faces),
+                        helper.detector_name)
 
     def close(self) -> None:
         self.batcher.close()

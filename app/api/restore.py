@@ -13,6 +13,7 @@ from app.errors import ApiError
 from app.limits import check_image_format, check_pixels, read_upload
 from app.schemas import ErrorBody, RestoreJSON
 from app.serving import get_cache, resolve_model
+from restoration.fidelity import mode_counts
 from restoration.settings import get_settings
 
 router = APIRouter(tags=["restore"])
@@ -33,6 +34,9 @@ async def restore(
     aligned: bool = Form(False),
     only_center_face: bool = Form(False),
     format: Literal["png", "jpeg", "webp"] = Form("png"),
+    fidelity: float | None = Form(None, ge=0.0, le=1.0, description=(
+        "0 = fully restored ... 1 = the faces left as they are; default: auto (faces larger than 2x the model input "
+        "keep their own fine detail: detail-preserving paste). CodeFormer takes it as its w.")),
     principal: Principal = CurrentPrincipal,
 ):
     """Restore the faces of a photo: all of them, or the `FACEADAPT_MAX_FACES_PER_IMAGE` largest when there are more
@@ -59,19 +63,25 @@ async def restore(
         except ImageError as exc:
             raise ApiError(400, "bad_image", f"cannot read the image: {exc}") from None
         with get_cache().use(row) as loaded:  # the model stays loaded until this request is done with it
-            res = loaded.restore(img, aligned, only_center_face, max_faces=settings.max_faces_per_image)
+            res = loaded.restore(img, aligned, only_center_face, max_faces=settings.max_faces_per_image,
+                                 fidelity=fidelity)
         return encode_image(res.image, format), res
 
     encoded, res = await run_in_threadpool(work)
     faces = res.faces
+    modes = mode_counts(faces)
     if "application/json" in request.headers.get("accept", ""):
         body = RestoreJSON(
             image=base64.b64encode(encoded).decode(), format=format, model=row.name, model_id=row.id,
             detector=res.detector, faces_found=res.faces_found, faces_restored=len(faces),
             faces=[{"box": [float(v) for v in f.box], "score": float(f.score),
-                    "landmarks": [[float(x), float(y)] for x, y in f.landmarks5]} for f in faces],
+                    "landmarks": [[float(x), float(y)] for x, y in f.landmarks5],
+                    **{k: f.extra[k] for k in ("native_size", "mode", "fidelity") if k in f.extra}} for f in faces],
+            fidelity="auto" if fidelity is None else fidelity, modes=modes,
         )
         return JSONResponse(body.model_dump())
     return Response(encoded, media_type=MEDIA[format],
                     headers={"X-FaceAdapt-Model": row.name, "X-FaceAdapt-Faces": str(len(faces)),
-                             "X-FaceAdapt-Faces-Found": str(res.faces_found)})
+                             "X-FaceAdapt-Faces-Found": str(res.faces_found),
+                             "X-FaceAdapt-Modes": ",".join(f"{k}={v}" for k, v in modes.items()) or "none",
+                             "X-FaceAdapt-Fidelity": "auto" if fidelity is None else f"{fidelity:g}"})

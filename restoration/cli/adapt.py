@@ -64,12 +64,29 @@ def adapt(
     from restoration.settings import get_settings
     from restoration.zoo import Zoo, ZooError
 
+    from restoration.cli.checks import (check_detector, check_device, check_image_folder, check_new_model_name,
+                                        check_zoo_model)
+    from restoration.cli.errors import fail
+
     settings = get_settings()
     base = base or settings.default_restorer
     prior = prior or settings.default_prior
     zoo = Zoo()
+    # everything is checked before any stage runs (a bad --name used to fail after the whole run)
+    check_new_model_name(zoo, name, overwrite)
+    check_zoo_model(zoo, base, "restorer", "--base")
+    if not no_prior:
+        check_zoo_model(zoo, prior, "prior", "--prior")
+    check_image_folder(data, "--data")
+    device = check_device(device)
+    if not aligned:
+        check_detector(None)
+    if hq_dir is not None:
+        check_image_folder(hq_dir, "--hq-dir")
+    if workdir is not None and workdir.exists() and not workdir.is_dir():
+        fail(f"--workdir {workdir}: exists and is not a folder", 2)
     cfg = AdaptConfig(eval_fraction=eval_fraction, aligned=aligned, seed=seed, use_prior=not no_prior,
-                      hq_dir=str(hq_dir) if hq_dir else None, device=device or settings.device)
+                      hq_dir=str(hq_dir) if hq_dir else None, device=device)
     given = {"start": start, "constrain_until": constrain_until, "down_N": down_n, "schedule": schedule,
              "fast_steps": fast_steps}
     given = {k: v for k, v in given.items() if v is not None}

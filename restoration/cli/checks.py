@@ -48,11 +48,12 @@ def check_detector(detector: str | None, option: str = "--detector") -> str:
     if det == "retinaface":
         root = settings.facexlib_dir
         weights = root / RETINAFACE_WEIGHTS
+        alt = f"{option} mtcnn or auto" if detector is not None else "FACEADAPT_DETECTOR=mtcnn or auto"
         if not weights.is_file():
             where = "FACEADAPT_FACEXLIB_MODEL_ROOT" if settings.facexlib_model_root else \
                 "FACEADAPT_HOME/facexlib (FACEADAPT_FACEXLIB_MODEL_ROOT is not set)"
             fail(f"{source} retinaface: the RetinaFace weights {RETINAFACE_WEIGHTS} are missing: looked for "
-                 f"{weights} ({where}); put the file there, or use --detector mtcnn or auto (nothing is downloaded)", 1)
+                 f"{weights} ({where}); put the file there, or use {alt} (nothing is downloaded)", 1)
     return det
 
 

@@ -59,6 +59,10 @@ def serve(
                     "(and create keys with `faceadapt keys create --tenant NAME`) or bind 127.0.0.1",
                     err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
+    from restoration.cli.checks import check_detector, check_device
+
+    check_device(None)  # FACEADAPT_DEVICE / FACEADAPT_DETECTOR, before anything starts
+    check_detector(None)
     import uvicorn
 
     from app.main import create_app, startup

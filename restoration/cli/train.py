@@ -23,8 +23,9 @@ app.add_typer(train_app, name="train")
 
 
 def _fail(msg: str, code: int = 1):
-    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
+    from restoration.cli.errors import fail
+
+    fail(msg, code)
 
 
 def _deadline(until: Optional[str], max_minutes: Optional[float]) -> Optional[float]:
@@ -53,6 +54,12 @@ def _deadline(until: Optional[str], max_minutes: Optional[float]) -> Optional[fl
 
 def _common(cfg, out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every, data_root, cache_dir,
             limit, until, max_minutes, init_from=None):
+    from restoration.cli.checks import check_device
+
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out}: exists and is not a folder; give a run folder", 2)
+    if device is not None:
+        device = check_device(device)
     cfg.out_dir = str(out)
     cfg.init_from = init_from
     for k, v in dict(steps=steps, seed=seed, device=device, batch_size=batch_size, lr=lr, threads=threads,
