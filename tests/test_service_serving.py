@@ -308,3 +308,15 @@ def test_restore_timeout_is_a_503(service_stack, tenant_b, tmp_path):
     finally:
         api.send_signal(signal.SIGTERM)
         api.wait(timeout=30)
+
+
+def test_short_load_run_has_no_errors_or_hangs(second_api, service_stack, tenant_b):
+    """bench/load.py, short: 10 clients for 10 s mixing restores with 3 models (through a cache of 2), dataset uploads
+    and job polling against the real API: no error, no hang."""
+    api = second_api.ensure()
+    out = subprocess.run([PY, str(REPO / "bench" / "load.py"), "--url", api.url, "--key", tenant_b, "--clients", "10",
+                          "--duration", "10", "--timeout", "45", "--models", ",".join(EXTRA_MODELS[:3]),
+                          "--no-prepare-models"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    print(out.stdout[-3000:])
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " 0 errors, 0 hangs" in out.stdout
