@@ -126,11 +126,35 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
+def progress_out(job: Job) -> dict:
+    """The current stage's progress, its elapsed time and an ETA from its rate so far (None until there is one)."""
+    out = {"stage": job.stage, "done": job.progress_done, "total": job.progress_total, "stage_elapsed_s": None,
+           "eta_s": None}
+    if job.status in FINAL_STATUSES or not job.stage:
+        return out
+    started = [e.ts for e in job.events if e.stage == job.stage and "started" in e.message or
+               (e.stage == job.stage and "resumed" in e.message)]
+    if not started:
+        return out
+    t0 = min(started)
+    now = utcnow()
+    if t0.tzinfo is None and now.tzinfo is not None:
+        now = now.replace(tzinfo=None)
+    elapsed = max(0.0, (now - t0).total_seconds())
+    out["stage_elapsed_s"] = round(elapsed, 1)
+    done, total = int(job.progress_done or 0), int(job.progress_total or 0)
+    if 0 < done < total:
+        out["eta_s"] = round(elapsed / done * (total - done), 1)
+    elif total and done >= total:
+        out["eta_s"] = 0.0
+    return out
+
+
 def job_out(job: Job, with_events: bool = True) -> dict:
     return {
         "id": job.id, "status": job.status, "dataset_id": job.dataset_id, "base_model": job.base_model,
         "name": job.name, "params": job.params,
-        "progress": {"stage": job.stage, "done": job.progress_done, "total": job.progress_total},
+        "progress": progress_out(job),
         "events": [{"ts": e.ts, "stage": e.stage, "kind": e.kind, "message": e.message, "data": e.data or {}}
                    for e in job.events] if with_events else None,
         "evaluation": job.metrics or {}, "model_id": job.model_id, "error": job.error,

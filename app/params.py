@@ -31,6 +31,7 @@ TOP = {
     "max_faces": ("int", 1, 16),
     "device": ("device",),
     "grid_count": ("int", 0, 64),
+    "quality_gate": ("bool",),
 }
 PSEUDO = {
     "start": ("int", 0, 1000),

@@ -70,6 +70,8 @@ class Progress(BaseModel):
     stage: str | None
     done: int
     total: int
+    stage_elapsed_s: float | None = Field(None, description="seconds since the current stage started")
+    eta_s: float | None = Field(None, description="estimated seconds left in the current stage (from its rate so far)")
 
 
 class EventOut(BaseModel):

@@ -1,24 +1,32 @@
-"""The paper's synthetic experiment in miniature (Kuai et al., WACV 2025, Sec. 5.1), on faces-utk200 at the base
-model's size (64x64 for the bundled defaults).
+"""Adaptation benchmark: does adapting the default restorer to an unseen damage type help, at the size users send?
 
-* base restorer: the default small model (`settings.default_restorer`), trained on the DEFAULT degradations;
-* target domain: `restoration.degrade.DOMAIN_SHIFT` (correlated colour sensor noise, colour cast, heavy JPEG),
-  which the base model never saw;
-* adaptation data: N_TRAIN degraded faces of the *train* split (their ground truth is never used for training;
-  it is only read for the diagnostic "pseudo-target PSNR" column); the discriminator's real images are N_HQ other
-  clean faces of the train split (disjoint from the adaptation faces);
-* evaluation: N_TEST degraded faces of the *test* split against their ground truth (PSNR / SSIM, RGB, [0, 1]).
+The paper's synthetic experiment (Kuai et al., WACV 2025, Sec. 5.1) in miniature, on faces-utk200, run exactly as a
+user would run `faceadapt adapt --aligned` and then `faceadapt restore --aligned`:
 
-Rows: base; adapted with diffusion pseudo targets (reference ancestral schedule, start/constrain_until/down_N from
-the prior card); adapted with the fast DDIM schedule; ablation "self-training without the prior" (pseudo target = x0).
-Every adapted row uses the same fine-tuning recipe (L1 1.0 + LPIPS-or-substitute 0.1 + GAN 0.1, AdamW cosine) and
-runs through the engine's stage functions (`restoration.adapt.prepare / generate_targets / finetune`).
+* base restorer: the default model (`settings.default_restorer`), trained on the DEFAULT degradations only;
+* target domains (`--domains`, presets of `restoration.degrade.PRESETS` that the base never saw): `camera` (cheap
+  camera: 3-4x resolution loss, low-light colour noise, cool cast, JPEG), `scan` (scanned album print: sepia fade,
+  soft optics, film grain) and `domain_shift` (strong correlated colour noise, warm cast, heavy JPEG);
+* faces at `--size` pixels (default 128, the size users send; the 64 px default models see them through the same
+  resize the product uses);
+* adaptation data: N_TRAIN damaged faces of the *train* split, no ground truth (it is read only for the diagnostic
+  "pseudo-target PSNR" column); evaluation: N_TEST damaged faces of the *test* split against their ground truth
+  (PSNR / SSIM at `--size`, RGB), restored through `restoration.pipeline.Restorer.restore_crops`, the product path.
 
-    python bench/adaptation.py                    # defaults sized for ~20-25 min on 2 busy CPU cores
-    python bench/adaptation.py --zoo-root /tmp/zoo   # models exported from runs/ (train.export) before they ship
-    python bench/adaptation.py --n-train 32 --steps 100 --methods base,fast,self
+Rows per domain: the damaged input; the base model; adapted with diffusion pseudo targets (the engine's defaults:
+the prior card's pseudo-target settings, the base card's fine-tuning settings); the ablation "self-training without
+the prior" (pseudo target = the base model's own output x0, same fine-tuning). Every adapted row runs through the
+engine's stage functions (`restoration.adapt.prepare / generate_targets / finetune / evaluate`) with the same
+configuration the CLI builds (`restoration.adapt.default_config`), so the figures are the defaults' figures; the
+quality gate's verdict (`evaluate`, no ground truth used) is printed too. Options override single settings for
+tuning.
 
-Work files go to --out (default /tmp/faceadapt-bench-adaptation); re-running resumes finished stages.
+    python bench/adaptation.py                                   # camera + scan, 128 px, engine defaults
+    python bench/adaptation.py --domains domain_shift --size 64  # the earlier miniature setting
+    python bench/adaptation.py --steps 300 --lr 1e-4 --methods base,prior
+
+Work files go to --out (default /tmp/faceadapt-bench-adaptation); re-running resumes finished stages (a changed
+setting starts that stage afresh).
 """
 from __future__ import annotations
 
@@ -39,15 +47,13 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from restoration import adapt, data, degrade, metrics  # noqa: E402
-from restoration.finetune import FinetuneConfig  # noqa: E402
-from restoration.pseudo import PseudoTargetParams, restore_batch  # noqa: E402
+from restoration.pipeline import Restorer  # noqa: E402
 from restoration.settings import get_settings  # noqa: E402
 from restoration.zoo import Zoo  # noqa: E402
 
 METHODS = {
     "base": "base (no adaptation)",
-    "prior": "adapted, diffusion pseudo targets (ancestral)",
-    "fast": "adapted, diffusion pseudo targets (ddim fast)",
+    "prior": "adapted, diffusion pseudo targets",
     "self": "adapted, self-training w/o prior (target = x0)",
 }
 
@@ -71,17 +77,14 @@ def _load(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
-def make_data(out: Path, size: int, n_train: int, n_test: int, n_hq: int, seed: int):
-    """Degraded train/test faces (PNG) and the names used; deterministic."""
+def make_data(out: Path, domain: str, size: int, n_train: int, n_test: int, seed: int) -> None:
+    """Damaged train/test faces (PNG) of one domain, with their ground truth; deterministic."""
     root = data.default_faces_root()
     train = data.load_split("train")
     test = data.load_split("test")
-    rnd = random.Random(seed)
-    rnd.shuffle(train)
-    adapt_names, hq_names = train[:n_train], train[n_train:n_train + n_hq]
-    test_names = sorted(test)[:n_test]
-    params = degrade.DOMAIN_SHIFT
-    for split, names in (("train", adapt_names), ("test", test_names)):
+    random.Random(seed).shuffle(train)
+    params = degrade.PRESETS[domain]
+    for split, names in (("train", train[:n_train]), ("test", sorted(test)[:n_test])):
         for n in names:
             stem = Path(n).name.split(".")[0]
             lq_path = out / "data" / f"{split}_lq" / f"{stem}.png"
@@ -89,27 +92,106 @@ def make_data(out: Path, size: int, n_train: int, n_test: int, n_hq: int, seed: 
             if lq_path.is_file() and gt_path.is_file():
                 continue
             hq = data.load_face(root / n, size)
-            lq = degrade.degrade(hq, params, np.random.default_rng(_seed_of(n, seed)))
+            lq = degrade.degrade(hq, params, np.random.default_rng(_seed_of(f"{domain}/{n}", seed)))
             _save(np.clip(np.rint(lq * 255.0), 0, 255).astype(np.uint8), lq_path)
             _save(hq, gt_path)
-    hq = [data.load_face(root / n, size) for n in hq_names]
-    return hq
-
-
-@torch.no_grad()
-def run_model(model, paths: list[Path], batch: int = 32) -> list[np.ndarray]:
-    outs = []
-    for i in range(0, len(paths), batch):
-        x = torch.from_numpy(np.stack([_load(p) for p in paths[i:i + batch]])).permute(0, 3, 1, 2).float() / 255.0
-        y = restore_batch(model.eval(), x)
-        outs += list(y.mul(255).round().byte().permute(0, 2, 3, 1).numpy())
-    return outs
 
 
 def score(outs: list[np.ndarray], gts: list[np.ndarray]) -> tuple[float, float]:
     ps = [float(metrics.psnr(o.astype(np.float64) / 255, g.astype(np.float64) / 255)) for o, g in zip(outs, gts)]
     ss = [float(metrics.ssim(o.astype(np.float64) / 255, g.astype(np.float64) / 255)) for o, g in zip(outs, gts)]
     return float(np.mean(ps)), float(np.mean(ss))
+
+
+def restore_all(restorer: Restorer, paths: list[Path]) -> list[np.ndarray]:
+    return restorer.restore_crops([_load(p) for p in paths])
+
+
+def run_domain(domain: str, args, zoo: Zoo, hq_paths: list[Path]) -> list[dict]:
+    out = Path(args.out) / f"{domain}-{args.size}"
+    t = time.perf_counter()
+    make_data(out, domain, args.size, args.n_train, args.n_test, args.seed)
+    train_lq = sorted((out / "data" / "train_lq").glob("*.png"))[: args.n_train]
+    test_lq = sorted((out / "data" / "test_lq").glob("*.png"))[: args.n_test]
+    test_gt = [_load(out / "data" / "test_gt" / p.name) for p in test_lq]
+    print(f"\n=== domain {domain}: {len(train_lq)} adaptation faces (train split, no GT), {len(test_lq)} test faces, "
+          f"{args.size}x{args.size} ({time.perf_counter() - t:.0f}s to make)", flush=True)
+
+    base_card = zoo.get(args.base)
+    base = Restorer(zoo.load(args.base), base_card, device="cpu", batch_size=32)
+    rows = []
+    ps, ss = score([_load(p) for p in test_lq], test_gt)
+    rows.append({"method": "input (damaged, no restoration)", "psnr": ps, "ssim": ss, "minutes": 0.0})
+    if "base" in args.methods:
+        t = time.perf_counter()
+        ps, ss = score(restore_all(base, test_lq), test_gt)
+        rows.append({"method": METHODS["base"], "psnr": ps, "ssim": ss, "minutes": (time.perf_counter() - t) / 60})
+        print(f"  base: PSNR {ps:.2f} SSIM {ss:.4f}", flush=True)
+
+    for m in args.methods:
+        if m == "base":
+            continue
+        cfg = adapt.default_config(zoo, args.base, args.prior, args.overrides, aligned=True, use_prior=(m == "prior"),
+                                   device="cpu", seed=args.seed)
+        if m == "prior":
+            p = cfg.pseudo
+            print(f"  pseudo targets: start {p.start}/{p.respacing}, constrain_until {p.constrain_until}, "
+                  f"down_N {p.down_N}, schedule {p.schedule}" + (f" ({p.fast_steps} steps)" if p.schedule == "ddim" else ""),
+                  flush=True)
+        f = cfg.finetune
+        print(f"  [{m}] fine-tuning: {f.steps} steps x batch {f.batch_size}, AdamW lr {f.lr} -> {f.lr_min} cosine, "
+              f"EMA {f.ema_decay}, L1 {f.l1} + perceptual {f.lpips} + GAN {f.gan} (D {f.d_channels} ch)", flush=True)
+        wd = out / f"work-{m}-{hashlib.sha256(cfg.to_json().encode()).hexdigest()[:10]}"
+        t0 = time.perf_counter()
+        last = {"t": 0.0}
+
+        def progress(stage, done, total, _m=m):
+            now = time.perf_counter()
+            if now - last["t"] > 60 or done == total:
+                last["t"] = now
+                print(f"    [{_m}] {stage} {done}/{total} ({(now - t0) / 60:.1f} min)", flush=True)
+
+        # the held-out split of the engine is taken from the adaptation faces (no GT), as for a user
+        adapt.prepare(wd, train_lq, aligned=True, size=int(cfg.size or base_card.input_size), config=cfg,
+                      base=args.base, prior=args.prior, name=f"bench-{domain}-{m}", progress=progress)
+        adapt.generate_targets(wd, 0, 1, zoo=zoo, device="cpu", progress=progress)
+        t_pt = time.perf_counter() - t0
+        items = [it for it in json.loads((wd / "prepare" / "manifest.json").read_text())["items"] if it["split"] == "train"]
+        tg = [_load(wd / "targets" / f"{it['id']}.png") for it in items]
+        gt_train = [data.load_face(out / "data" / "train_gt" / f"{it['id']}.png", tg[0].shape[0]) for it in items]
+        pt_psnr, _ = score(tg, gt_train)
+        x0_psnr, _ = score([_load(wd / "targets" / f"{it['id']}.x0.png") for it in items], gt_train)
+        t1 = time.perf_counter()
+        res = adapt.finetune(wd, zoo=zoo, device="cpu", hq_images=hq_paths, progress=progress)
+        t_ft = time.perf_counter() - t1
+        ev = adapt.evaluate(wd, zoo=zoo, device="cpu")
+        minutes = (time.perf_counter() - t0) / 60
+        model = adapt._load_adapted(wd, adapt.read_job(wd), zoo, torch.device("cpu"))
+        adapted = Restorer(model, base_card, device="cpu", batch_size=32)
+        ps, ss = score(restore_all(adapted, test_lq), test_gt)
+        gate = ev.get("gate", {})
+        rows.append({"method": METHODS[m], "psnr": ps, "ssim": ss, "minutes": minutes, "pt_minutes": t_pt / 60,
+                     "ft_minutes": t_ft / 60, "pseudo_psnr": pt_psnr, "x0_psnr": x0_psnr, "losses": res["losses"],
+                     "gate": gate.get("verdict", "-"), "gate_reasons": gate.get("reasons"),
+                     "eval": ev.get("metrics")})
+        print(f"  {m}: PSNR {ps:.2f} SSIM {ss:.4f} (targets {t_pt / 60:.1f} min, pseudo-target PSNR {pt_psnr:.2f} (x0 {x0_psnr:.2f}) at "
+              f"{tg[0].shape[0]} px; fine-tune {t_ft / 60:.1f} min; gate {gate.get('verdict', '-')})", flush=True)
+    return rows
+
+
+def print_table(domain: str, size: int, rows: list[dict]) -> None:
+    print(f"\nAdaptation to `{domain}`, faces-utk200 at {size}x{size}")
+    hdr = (f"| {'method':48} | {'PSNR':>6} | {'SSIM':>6} | {'vs base':>7} | {'pseudo-target PSNR*':>19} | "
+           f"{'gate':>8} | {'minutes (targets + fine-tune)':>30} |")
+    print(hdr)
+    print("|" + "|".join("-" * len(c) for c in hdr.split("|")[1:-1]) + "|")
+    base = next((r["psnr"] for r in rows if r["method"] == METHODS["base"]), None)
+    for r in rows:
+        mins = f"{r['minutes']:.1f}" + (f" ({r['pt_minutes']:.1f} + {r['ft_minutes']:.1f})" if "pt_minutes" in r else "")
+        pp = f"{r['pseudo_psnr']:.2f}" if "pseudo_psnr" in r else "-"
+        d = f"{r['psnr'] - base:+.2f}" if base is not None else "-"
+        print(f"| {r['method']:48} | {r['psnr']:6.2f} | {r['ssim']:6.4f} | {d:>7} | {pp:>19} | {r.get('gate', '-'):>8} "
+              f"| {mins:>30} |")
 
 
 def main() -> None:
@@ -119,126 +201,49 @@ def main() -> None:
     ap.add_argument("--prior", default=s.default_prior)
     ap.add_argument("--zoo-root", default=None, help="user zoo folder (default: settings); bundled defaults always searched")
     ap.add_argument("--out", default="/tmp/faceadapt-bench-adaptation")
-    ap.add_argument("--methods", default="base,prior,fast,self")
-    ap.add_argument("--n-train", type=int, default=24)
+    ap.add_argument("--domains", default="camera,scan", help=f"comma list of {sorted(set(degrade.PRESETS) - {'default'})}")
+    ap.add_argument("--methods", default="base,prior,self")
+    ap.add_argument("--size", type=int, default=128, help="face size of the data (what users send)")
+    ap.add_argument("--n-train", type=int, default=64)
     ap.add_argument("--n-test", type=int, default=100)
-    ap.add_argument("--n-hq", type=int, default=500)
-    ap.add_argument("--steps", type=int, default=100, help="fine-tuning steps")
-    ap.add_argument("--d-channels", type=int, default=16, help="discriminator width (64x64 faces: 16 is plenty)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=1e-4, help="miniature: fewer steps than the paper, higher lr")
-    ap.add_argument("--lr-min", type=float, default=2.5e-5)
-    ap.add_argument("--start", type=int, default=None)
-    ap.add_argument("--constrain-until", type=int, default=None)
-    ap.add_argument("--down-n", type=int, default=None)
-    ap.add_argument("--fast-steps", type=int, default=15)
-    ap.add_argument("--pt-batch", type=int, default=12, help="pseudo-target batch size")
+    ap.add_argument("--n-hq", type=int, default=500, help="clean faces (train split, disjoint) for the discriminator")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one engine setting, e.g. finetune.steps=300, pseudo.start=60, pseudo.schedule=ddim")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    t_all = time.perf_counter()
-    out = Path(args.out)
-    zoo = Zoo(root=args.zoo_root) if args.zoo_root else Zoo()
-    base_card = zoo.get(args.base)
-    size = int(base_card.input_size)
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = set(args.methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"unknown methods {sorted(unknown)}; choose from {sorted(METHODS)}")
-
-    # ---- data ----
-    t = time.perf_counter()
-    hq = make_data(out, size, args.n_train, args.n_test, args.n_hq, args.seed)
-    train_lq = sorted((out / "data" / "train_lq").glob("*.png"))[: args.n_train]
-    test_lq = sorted((out / "data" / "test_lq").glob("*.png"))[: args.n_test]
-    test_gt = [_load(out / "data" / "test_gt" / p.name) for p in test_lq]
-    print(f"data: {len(train_lq)} adaptation faces (train split, DOMAIN_SHIFT), {len(test_lq)} test faces, "
-          f"{len(hq)} clean HQ faces for D, {size}x{size}, {time.perf_counter() - t:.0f}s", flush=True)
-
-    # ---- config shared by the adapted rows ----
-    base_cfg = adapt.AdaptConfig(
-        pseudo=PseudoTargetParams(batch_size=args.pt_batch, seed=args.seed, fast_steps=args.fast_steps),
-        finetune=FinetuneConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, lr_min=args.lr_min,
-                                ckpt_every=max(1, args.steps // 3), seed=args.seed, ema_decay=0.99,
-                                d_channels=args.d_channels),
-        eval_fraction=0.0, aligned=True, size=size, device="cpu", seed=args.seed)
-    if any(m in methods for m in ("prior", "fast")):
-        prior_card = zoo.get(args.prior)
-        base_cfg = adapt.apply_prior_defaults(base_cfg, prior_card)
-    given = {k: v for k, v in {"start": args.start, "constrain_until": args.constrain_until,
-                               "down_N": args.down_n}.items() if v is not None}
-    base_cfg = dataclasses.replace(base_cfg, pseudo=dataclasses.replace(base_cfg.pseudo, **given))
-    p = base_cfg.pseudo
-    print(f"pseudo targets: start {p.start}/{p.respacing}, constrain_until {p.constrain_until}, down_N {p.down_N}; "
-          f"fast: ddim {p.fast_steps} steps", flush=True)
-    f = base_cfg.finetune
-    print(f"fine-tuning: {f.steps} steps x batch {f.batch_size}, AdamW lr {f.lr} -> {f.lr_min} cosine, EMA {f.ema_decay}, "
-          f"L1 {f.l1} + perceptual {f.lpips} + GAN {f.gan} (U-Net D, {f.d_channels} channels, lr {f.d_lr})", flush=True)
-
-    rows = []
-    base_model = zoo.load(args.base)
-    in_psnr, in_ssim = score([_load(p) for p in test_lq], test_gt)
-    rows.append({"method": "input (degraded, no restoration)", "psnr": in_psnr, "ssim": in_ssim, "minutes": 0.0})
-    if "base" in methods:
-        t = time.perf_counter()
-        ps, ss = score(run_model(base_model, test_lq), test_gt)
-        rows.append({"method": METHODS["base"], "psnr": ps, "ssim": ss, "minutes": (time.perf_counter() - t) / 60})
-        print(f"base: PSNR {ps:.2f} SSIM {ss:.4f}", flush=True)
-
-    for m in methods:
-        if m == "base":
-            continue
-        cfg = base_cfg
-        if m == "fast":
-            cfg = dataclasses.replace(cfg, pseudo=dataclasses.replace(cfg.pseudo, schedule="ddim"))
-        if m == "self":
-            cfg = dataclasses.replace(cfg, use_prior=False)
-        wd = out / f"work-{m}"
-        t0 = time.perf_counter()
-        adapt.prepare(wd, train_lq, aligned=True, size=size, config=cfg, base=args.base, prior=args.prior,
-                      name=f"bench-{m}")
-        last = {"t": 0.0}
-
-        def progress(stage, done, total, _m=m):
-            now = time.perf_counter()
-            if now - last["t"] > 60 or done == total:
-                last["t"] = now
-                print(f"  [{_m}] {stage} {done}/{total} ({(now - t0) / 60:.1f} min)", flush=True)
-
-        adapt.generate_targets(wd, 0, 1, zoo=zoo, device="cpu", progress=progress)
-        t_pt = time.perf_counter() - t0
-        # diagnostic only (never used for training): how close are the pseudo targets to the ground truth?
-        tg = [_load(wd / "targets" / f"{q.stem}.png") for q in train_lq]
-        gt_train = [_load(out / "data" / "train_gt" / q.name) for q in train_lq]
-        pt_psnr, _ = score(tg, gt_train)
-        t1 = time.perf_counter()
-        res = adapt.finetune(wd, zoo=zoo, device="cpu", hq_images=hq, progress=progress)
-        t_ft = time.perf_counter() - t1
-        model = adapt._load_adapted(wd, adapt.read_job(wd), zoo, torch.device("cpu"))
-        ps, ss = score(run_model(model, test_lq), test_gt)
-        rows.append({"method": METHODS[m], "psnr": ps, "ssim": ss, "minutes": (time.perf_counter() - t0) / 60,
-                     "pt_minutes": t_pt / 60, "ft_minutes": t_ft / 60, "pseudo_psnr": pt_psnr,
-                     "losses": res["losses"]})
-        print(f"{m}: PSNR {ps:.2f} SSIM {ss:.4f} (pseudo targets {t_pt / 60:.1f} min, PSNR vs GT {pt_psnr:.2f}; "
-              f"fine-tune {t_ft / 60:.1f} min)", flush=True)
-
-    losses = next((r["losses"] for r in rows if "losses" in r), None)
+    domains = [d for d in args.domains.split(",") if d]
+    bad = [d for d in domains if d not in degrade.PRESETS or d == "default"]
+    if bad:
+        raise SystemExit(f"unknown domains {bad}; choose from {sorted(set(degrade.PRESETS) - {'default'})}")
+    args.overrides = {}
+    for kv in args.sets:
+        k, _, v = kv.partition("=")
+        args.overrides[k.strip()] = json.loads(v) if v.strip()[:1] in "0123456789-[{tfn\"" else v.strip()
+    t_all = time.perf_counter()
+    zoo = Zoo(root=args.zoo_root) if args.zoo_root else Zoo()
+    names = data.load_split("train")
+    random.Random(args.seed).shuffle(names)
+    root = data.default_faces_root()
+    hq_paths = [root / n for n in names[args.n_train:args.n_train + args.n_hq]]  # disjoint from the adaptation faces
+    results = {}
+    for d in domains:
+        results[d] = run_domain(d, args, zoo, hq_paths)
     print()
-    print(f"Adaptation to DOMAIN_SHIFT, faces-utk200 {size}x{size}: base {args.base}, prior {args.prior}; "
-          f"{len(train_lq)} adaptation faces (train split, no GT), {len(test_lq)} test faces (test split, GT)")
-    hdr = f"| {'method':50} | {'PSNR':>6} | {'SSIM':>6} | {'pseudo-target PSNR*':>19} | {'minutes (targets + fine-tune)':>30} |"
-    print(hdr)
-    print("|" + "|".join("-" * (len(c)) for c in hdr.split("|")[1:-1]) + "|")
-    for r in rows:
-        mins = f"{r['minutes']:.1f}" + (f" ({r['pt_minutes']:.1f} + {r['ft_minutes']:.1f})" if "pt_minutes" in r else "")
-        pp = f"{r['pseudo_psnr']:.2f}" if "pseudo_psnr" in r else "-"
-        print(f"| {r['method']:50} | {r['psnr']:6.2f} | {r['ssim']:6.4f} | {pp:>19} | {mins:>30} |")
-    print("* diagnostic: PSNR of the pseudo targets against the (unused) ground truth of the adaptation faces")
-    if losses:
-        print(f"losses: {json.dumps(losses)}")
+    print(f"base {args.base}, prior {args.prior}; engine settings overridden: {args.overrides or 'none'}")
+    for d in domains:
+        print_table(d, args.size, results[d])
+    print("* diagnostic: PSNR of the pseudo targets against the (unused) ground truth of the adaptation faces, at the "
+          "model's size")
     print(f"total wall time {(time.perf_counter() - t_all) / 60:.1f} min, torch threads {args.threads}")
-    (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1, default=str))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "results.json").write_text(json.dumps({"args": {k: v for k, v in vars(args).items()},
+                                                             "results": results}, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -55,7 +55,8 @@ FIXED_SIZE_ARCHS = ("gfpgan_v1_4", "codeformer")
 
 __all__ = [
     "AdaptConfig", "Cancelled", "prepare", "generate_targets", "targets_status", "finetune", "evaluate", "register",
-    "run_adaptation", "list_images", "apply_prior_defaults", "read_job",
+    "run_adaptation", "list_images", "apply_prior_defaults", "apply_base_defaults", "default_config", "read_job",
+    "QualityGateFailed", "GATE", "prior_naturalness",
 ]
 
 
@@ -74,6 +75,8 @@ class AdaptConfig:
     hq_dir: clean high-quality faces for the discriminator's real images (None: the UTKFace training split of
         `restoration.data` when present, else no GAN term); hq_count: how many of them to use at most.
     max_faces: faces kept per source image when detecting (largest first).
+    quality_gate: `register` refuses an adapted model that `evaluate` judged worse than the base on the held-out
+        images (see `GATE`); False registers it anyway (the verdict is still recorded in the card).
     """
 
     pseudo: PseudoTargetParams = field(default_factory=PseudoTargetParams)
@@ -88,6 +91,7 @@ class AdaptConfig:
     max_faces: int = 4
     device: str = "auto"
     grid_count: int = 8
+    quality_gate: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.pseudo, dict):
@@ -128,6 +132,49 @@ def apply_prior_defaults(config: AdaptConfig, prior_card, explicit: Sequence[str
         if k in p and k not in explicit:
             p[k] = v
     return dataclasses.replace(config, pseudo=PseudoTargetParams.from_dict(p))
+
+
+def apply_base_defaults(config: AdaptConfig, base_card, explicit: Sequence[str] = ()) -> AdaptConfig:
+    """Fill the fine-tuning settings from the base restorer card's `extra.finetune_defaults` (the settings chosen
+    for that model with `bench/adaptation.py`), except the names in `explicit` (given by the user). A card without
+    them keeps `FinetuneConfig`'s defaults (the paper's)."""
+    extra = getattr(base_card, "extra", None) or {}
+    defaults = dict(extra.get("finetune_defaults") or {})
+    f = config.finetune.to_dict()
+    for k, v in defaults.items():
+        if k in f and k not in explicit:
+            f[k] = v
+    return dataclasses.replace(config, finetune=FinetuneConfig.from_dict(f))
+
+
+def nest_overrides(overrides: dict | None) -> dict:
+    """{"finetune.steps": 300, "seed": 1} -> {"finetune": {"steps": 300}, "seed": 1} (nested dicts pass through)."""
+    out: dict = {}
+    for key, value in (overrides or {}).items():
+        parts = str(key).split(".")
+        d = out
+        for p in parts[:-1]:
+            d = d.setdefault(p, {})
+            if not isinstance(d, dict):
+                raise ValueError(f"bad override {key!r}")
+        if isinstance(value, dict) and isinstance(d.get(parts[-1]), dict):
+            d[parts[-1]].update(value)
+        else:
+            d[parts[-1]] = value
+    return out
+
+
+def default_config(zoo, base: str, prior: str | None, params: dict | None = None, **fields) -> AdaptConfig:
+    """The engine configuration for adapting `base` with `prior`, as the CLI, the worker and the benchmark build it:
+    `AdaptConfig` defaults, then the prior card's pseudo-target defaults and the base card's fine-tuning defaults,
+    then `params` (an `AdaptConfig` dict, nested or with dotted keys such as "finetune.steps") and `fields` (top-level
+    fields such as aligned=True), which always win."""
+    params = nest_overrides(params)
+    params.update({k: v for k, v in fields.items()})
+    cfg = AdaptConfig.from_dict(params)
+    if cfg.use_prior and prior:
+        cfg = apply_prior_defaults(cfg, zoo.get(prior), explicit=list(params.get("pseudo") or {}))
+    return apply_base_defaults(cfg, zoo.get(base), explicit=list(params.get("finetune") or {}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,12 +266,6 @@ def load_prior(zoo, name: str, device, respacing: str | None = None):
     return IDDPMPrior.from_zoo(name, zoo=_zoo(zoo), device=device, respacing=respacing)
 
 
-def _is_codeformer(model) -> bool:
-    from restoration.archs.codeformer import CodeFormer
-
-    return isinstance(model, CodeFormer)
-
-
 def _base_face_template(zoo, base: str | None) -> str:
     """The alignment template of the base restorer's card ('ffhq' when it cannot be read)."""
     from restoration.face import template_for_card
@@ -235,6 +276,12 @@ def _base_face_template(zoo, base: str | None) -> str:
         return template_for_card(_zoo(zoo).get(base))
     except Exception:  # noqa: BLE001 - an unknown base fails later, with its own message
         return "ffhq"
+
+
+def _is_codeformer(model) -> bool:
+    from restoration.archs.codeformer import CodeFormer
+
+    return isinstance(model, CodeFormer)
 
 
 def _base_value_range(zoo, job: dict) -> list[float] | None:
@@ -593,11 +640,56 @@ def _load_adapted(workdir: Path, job: dict, zoo, dev):
     return instantiate(c["arch"], c["config"], sd, name="adapted").to(dev)
 
 
+#: The quality gate of `evaluate` (no ground truth): the adapted model is judged worse than the base when, on the
+#: held-out crops, any of these means drops below the base's by more than the margin (dB):
+#:   target_psnr       PSNR against the held-out images' own pseudo targets (made like the training targets, never
+#:                     trained on): the fine-tuning objective on unseen images of the domain (a validation loss);
+#:   consistency_psnr  PSNR of the low-passed output against the low-passed input: the content is kept;
+#:   naturalness       the prior's one-shot reconstruction PSNR of the output noised to `naturalness_t` of the way
+#:                     through its (respaced) schedule, t = 25/250 for the default priors: clean faces are
+#:                     reconstructed better than noisy or broken ones.
+GATE = {"target_psnr": 0.1, "consistency_psnr": 1.0, "naturalness": 0.5, "naturalness_t": 0.1}
+
+
+def prior_naturalness(prior, imgs01, t: float = 0.1, seed: int = 0) -> list[float]:
+    """Per image: PSNR between an image (Bx3xHxW in [0,1]) and the prior's one-shot x0 prediction from that image
+    noised to respaced step `t` (a float in (0, 1): that fraction of the respaced schedule; fixed noise per position
+    in the batch, seeded: comparable between models)."""
+    import torch
+
+    if isinstance(t, float):
+        t = max(1, int(round(t * int(prior.diffusion.num_timesteps))))
+
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(seed))
+    tt = torch.full((imgs01.shape[0],), int(t), dtype=torch.long)
+    noise = torch.randn(imgs01.shape, generator=g)
+    x0 = imgs01.to(prior.device, torch.float32).clamp(0, 1) * 2 - 1
+    xt = prior.diffusion.q_sample(x0, tt.to(prior.device), noise=noise.to(prior.device))
+    rec = (prior.denoise_x0(xt, tt.to(prior.device)) + 1) / 2
+    mse = ((rec.cpu().float() - imgs01.cpu().float().clamp(0, 1)) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+    return [float(v) for v in (-10.0 * torch.log10(mse))]
+
+
+def _gate(summary: dict, count: int) -> dict:
+    reasons = []
+    for key in ("target_psnr", "consistency_psnr", "naturalness"):
+        if key not in summary.get("base", {}) or key not in summary.get("adapted", {}):
+            continue
+        b, a = summary["base"][key], summary["adapted"][key]
+        if a < b - GATE[key]:
+            reasons.append(f"{key} {a:.2f} dB < base {b:.2f} dB - {GATE[key]} dB")
+    checked = [k for k in ("target_psnr", "consistency_psnr", "naturalness") if k in summary.get("adapted", {})]
+    verdict = "worse" if reasons else ("ok" if checked else "unchecked")
+    return {"verdict": verdict, "reasons": reasons, "checked": checked, "margins_db": dict(GATE), "count": count}
+
+
 def evaluate(
     workdir: str | Path,
     *,
     base_model=None,
     adapted_model=None,
+    prior=None,
     zoo=None,
     device: str | None = None,
     batch_size: int = 16,
@@ -605,13 +697,22 @@ def evaluate(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
 ) -> dict:
-    """Base vs adapted on the held-out crops: consistency PSNR (low-passed output vs low-passed input, low pass =
-    bicubic down-up by the pseudo-target down_N), no-reference sharpness, PSNR / SSIM when ground truth was given;
-    a before/after grid PNG (rows: input | base | adapted | GT). Writes `eval/metrics.json`, returns it."""
+    """Base vs adapted on the held-out crops (never trained on), with no ground truth needed, and the quality gate.
+
+    Per model (input, base, adapted), means over the held-out crops: `target_psnr` (against the held-out crops'
+    pseudo targets, made here exactly like the training targets, with the prior card's settings), `consistency_psnr`
+    (low-passed output vs low-passed input, low pass = area reduction by the pseudo-target down_N), `naturalness`
+    (`prior_naturalness`), `sharpness` (Laplacian variance, reported only); PSNR / SSIM when ground truth was
+    given. `gate` holds the verdict (`GATE`): "ok", "worse" (with reasons) or "unchecked" (no held-out crops or no
+    prior). Writes `eval/metrics.json` and a before/after grid `eval/grid.png` (columns: input | base | adapted |
+    pseudo target [| GT]); returns the metrics.
+    """
+    import dataclasses as _dc
+
     import torch
 
     from restoration.pipeline import to_uint8
-    from restoration.pseudo import restore_batch
+    from restoration.pseudo import generate_pseudo_targets, restore_batch
 
     workdir = Path(workdir)
     job = read_job(workdir)
@@ -620,7 +721,8 @@ def evaluate(
     items = _items(workdir, split)
     edir = workdir / EVAL
     if not items:
-        out = {"split": split, "count": 0, "note": "no held-out images (eval_fraction 0 or too few images)"}
+        out = {"split": split, "count": 0, "note": "no held-out images (eval_fraction 0 or too few images)",
+               "gate": {"verdict": "unchecked", "reasons": ["no held-out images to compare on"], "checked": []}}
         _write_json(edir / "metrics.json", out)
         return out
     if base_model is None:
@@ -629,8 +731,29 @@ def evaluate(
         adapted_model = _load_adapted(workdir, job, zoo, dev)
     base_model.eval()
     adapted_model.eval()
-    psnr, ssim, sharp, lp_psnr = _metric_fns(int(cfg.pseudo.down_N))
     vrange = _base_value_range(zoo, job)  # base and adapted work in the base card's range (GFPGAN: [-1, 1])
+    # the judge: the job's prior (also for the self-training ablation), with its card's pseudo-target settings
+    pparams = None
+    if prior is None and job.get("prior"):
+        try:
+            pcard = _zoo(zoo).get(job["prior"])
+            pparams = apply_prior_defaults(dataclasses.replace(cfg, use_prior=True), pcard,
+                                           explicit=list(cfg.pseudo.to_dict()) if cfg.use_prior else ()).pseudo
+            prior = load_prior(_zoo(zoo), job["prior"], dev, respacing=pparams.respacing)
+        except Exception as exc:  # no usable prior: the gate checks consistency only
+            prior, pparams = None, None
+            job.setdefault("_judge_error", str(exc))
+    elif prior is not None:
+        pparams = cfg.pseudo
+    target_dir = edir / "targets"
+    targets = {}
+    if prior is not None:
+        pparams = _dc.replace(pparams, save_x0=False)
+        generate_pseudo_targets([(it["id"], workdir / PREPARE / it["crop"]) for it in items], base_model, prior,
+                                target_dir, pparams, should_cancel=should_cancel,
+                                fingerprint_extra=f"eval|base={job.get('base')}|prior={job.get('prior')}")
+        targets = {it["id"]: _load_rgb(target_dir / f"{it['id']}.png") for it in items}
+    psnr, ssim, sharp, lp_psnr = _metric_fns(int(cfg.pseudo.down_N))
     has_gt = all("gt" in it for it in items)
     per_model = {"input": [], "base": [], "adapted": []}
     grid_rows = []
@@ -641,37 +764,61 @@ def evaluate(
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255.0).to(dev)
         outs = {"base": to_uint8(restore_batch(base_model, x, vrange)),
                 "adapted": to_uint8(restore_batch(adapted_model, x, vrange))}
+        nat = {}
+        if prior is not None:
+            for key, arrs in (("input", imgs), ("base", outs["base"]), ("adapted", outs["adapted"])):
+                t = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div(255.0)
+                nat[key] = prior_naturalness(prior, t, GATE["naturalness_t"], seed=cfg.seed + b)
         for k, it in enumerate(chunk):
             inp = imgs[k].astype(np.float64) / 255.0
             gt = _load_rgb(workdir / PREPARE / it["gt"]).astype(np.float64) / 255.0 if has_gt else None
+            tg = targets[it["id"]].astype(np.float64) / 255.0 if targets else None
             for key, arr in (("input", imgs[k]), ("base", outs["base"][k]), ("adapted", outs["adapted"][k])):
                 o = arr.astype(np.float64) / 255.0
                 m = {"sharpness": sharp(o)}
                 if key != "input":  # the input against itself would be +inf
                     m["consistency_psnr"] = lp_psnr(o, inp)
+                if tg is not None:
+                    m["target_psnr"] = psnr(o, tg)
+                if nat:
+                    m["naturalness"] = nat[key][k]
                 if gt is not None:
                     m["psnr"], m["ssim"] = psnr(o, gt), ssim(o, gt)
                 per_model[key].append(m)
             if len(grid_rows) < cfg.grid_count:
                 row = [imgs[k], outs["base"][k], outs["adapted"][k]]
+                if targets:
+                    row.append(targets[it["id"]])
                 if has_gt:
                     row.append(_load_rgb(workdir / PREPARE / it["gt"]))
                 grid_rows.append(row)
         if progress is not None:
             progress("evaluate", min(b + batch_size, len(items)), len(items))
     summary = {key: {m: round(float(np.mean([r[m] for r in rows])), 4) for m in rows[0]} for key, rows in per_model.items()}
+    gate = _gate(summary, len(items))
+    if prior is None:
+        gate["note"] = "no prior to judge with: only consistency was checked" + (
+            f" ({job['_judge_error']})" if job.get("_judge_error") else "")
     out = {"split": split, "count": len(items), "has_gt": has_gt, "lowpass_down_N": int(cfg.pseudo.down_N),
-           "metrics": summary, "grid": f"{EVAL}/grid.png", "grid_columns": ["input", "base", "adapted"] + (["gt"] if has_gt else [])}
+           "metrics": summary, "gate": gate, "grid": f"{EVAL}/grid.png",
+           "grid_columns": ["input", "base", "adapted"] + (["pseudo target"] if targets else []) + (["gt"] if has_gt else [])}
     _save_png(_grid(grid_rows), edir / "grid.png")
     _write_json(edir / "metrics.json", out)
     return out
 
 
+class QualityGateFailed(RuntimeError):
+    """`register` refused an adapted model that `evaluate` judged worse than its base."""
+
+
 # ------------------------------------------------------------------------------------------------
 # stage 5: register
 # ------------------------------------------------------------------------------------------------
-def register(workdir: str | Path, zoo=None, name: str | None = None, overwrite: bool = False):
-    """Register the adapted EMA weights under `name` (default: job.json's name). Returns the ModelCard."""
+def register(workdir: str | Path, zoo=None, name: str | None = None, overwrite: bool = False, force: bool = False):
+    """Register the adapted EMA weights under `name` (default: job.json's name). Returns the ModelCard.
+
+    Raises `QualityGateFailed` when `evaluate` judged the adapted model worse than the base (`GATE`), unless the
+    job's `quality_gate` is off or `force`."""
     from safetensors.torch import load_file
 
     workdir = Path(workdir)
@@ -688,6 +835,12 @@ def register(workdir: str | Path, zoo=None, name: str | None = None, overwrite: 
     ft_res = _read_json(workdir / FINETUNE / "result.json")
     ev_path = workdir / EVAL / "metrics.json"
     ev = _read_json(ev_path) if ev_path.is_file() else None
+    verdict = ((ev or {}).get("gate") or {}).get("verdict")
+    if verdict == "worse" and cfg.quality_gate and not force:
+        raise QualityGateFailed(
+            "not registered: the adapted model is worse than the base on the held-out images ("
+            + "; ".join(ev["gate"]["reasons"]) + "); see the grid eval/grid.png; "
+            "set quality_gate=false (CLI: --no-quality-gate) to register it anyway")
     prior_card = None
     if cfg.use_prior and job.get("prior"):
         try:
@@ -797,14 +950,18 @@ def run_adaptation(
     ft_res = timed("finetune", lambda: finetune(workdir, zoo=zoo, hq_images=hq_images, progress=progress,
                                                 should_cancel=should_cancel))
     ev = timed("evaluate", lambda: evaluate(workdir, zoo=zoo, progress=progress, should_cancel=should_cancel))
-    card = None
+    card, refused = None, None
     if register_model:
         _check_cancel(should_cancel, "cancelled before registering")
-        card = timed("register", lambda: register(workdir, zoo=zoo, name=name, overwrite=overwrite))
+        try:
+            card = timed("register", lambda: register(workdir, zoo=zoo, name=name, overwrite=overwrite))
+        except QualityGateFailed as exc:
+            refused = str(exc)
         if progress is not None:
             progress("register", 1, 1)
     return {
-        "name": name if register_model else None, "workdir": str(workdir), "base": base,
+        "name": name if card is not None else None, "refused": refused, "gate": ev.get("gate"),
+        "workdir": str(workdir), "base": base,
         "prior": prior if cfg.use_prior else None, "faces": man["counts"], "skipped_images": len(man["skipped"]),
         "pseudo_targets": tg, "finetune": {k: ft_res[k] for k in ("steps", "losses", "hq_source", "seconds", "resumed_from")},
         "evaluation": ev, "card": card.to_json() if card is not None else None, "timings": timings,

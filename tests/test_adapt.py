@@ -230,6 +230,9 @@ def test_finetune_cancel_saves_checkpoint(tmp_path):
 # ------------------------------------------------------------------------------------------------ engine
 def _config(**kw) -> AdaptConfig:
     ft = FinetuneConfig(steps=2, batch_size=2, ckpt_every=1, d_channels=8, log_every=1)
+    # random tiny models: the quality gate's verdict is noise, so these tests register regardless (the gate has its
+    # own tests below)
+    kw.setdefault("quality_gate", False)
     return AdaptConfig(pseudo=PseudoTargetParams(**FAST_PSEUDO), finetune=ft, eval_fraction=0.34, aligned=True,
                        device="cpu", **kw)
 
@@ -259,9 +262,14 @@ def test_run_adaptation_registers_model(tmp_path, faces, zoo):
     assert len(ex["data_sha256"]) == 64 and ex["config"]["pseudo"]["start"] == 4
     ev = ex["evaluation"]["metrics"]
     for row in ("base", "adapted"):
-        assert set(ev[row]) == {"consistency_psnr", "sharpness", "psnr", "ssim"}
-    assert set(ev["input"]) == {"sharpness", "psnr", "ssim"}
-    assert (tmp_path / "work" / "eval" / "grid.png").is_file()
+        assert set(ev[row]) == {"consistency_psnr", "target_psnr", "naturalness", "sharpness", "psnr", "ssim"}
+    assert set(ev["input"]) == {"sharpness", "target_psnr", "naturalness", "psnr", "ssim"}
+    gate = ex["evaluation"]["gate"]
+    assert gate["verdict"] in ("ok", "worse") and set(gate["checked"]) == {"target_psnr", "consistency_psnr", "naturalness"}
+    assert res["gate"] == gate and res["refused"] is None
+    assert ex["evaluation"]["grid_columns"] == ["input", "base", "adapted", "pseudo target", "gt"]
+    grid = np.asarray(Image.open(tmp_path / "work" / "eval" / "grid.png"))
+    assert grid.shape[1] == 5 * (64 + 2) + 2  # five 64 px columns with 2 px gaps
     adapted = zoo.load("tiny-adapted")
     base = zoo.load("tiny-restorer")
     assert any(not torch.equal(a, b) for a, b in zip(adapted.state_dict().values(), base.state_dict().values()))
@@ -373,3 +381,86 @@ def test_stages_worker_style_sharded(tmp_path, faces, zoo):
     assert adapt.targets_status(wd)["complete"] and man["counts"]["train"] == 4
     res = adapt.finetune(wd, zoo=zoo, device="cpu", hq_images=[])
     assert res["steps"] == 2 and res["losses"]["gan"] == 0.0 and (wd / "finetune" / "model.safetensors").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ quality gate
+class _Broken(torch.nn.Module):
+    """An "adapted" restorer that wrecks its input: content shifted and noise added (what the gate must refuse)."""
+
+    def forward(self, x):
+        g = torch.Generator().manual_seed(0)
+        return (x.flip(-2).flip(-1) * 0.5 + 0.5 * torch.rand(x.shape, generator=g)).clamp(0, 1)
+
+
+def test_quality_gate_refuses_a_worse_model(tmp_path, faces, zoo):
+    from restoration import adapt
+
+    wd = tmp_path / "w"
+    kw = dict(base="tiny-restorer", prior="tiny-prior", name="gated", workdir=wd, zoo=zoo,
+              hq_images=sorted((faces / "gt").glob("*.png")))
+    res = run_adaptation(faces / "lq", config=_config(quality_gate=True), register_model=False, **kw)
+    assert res["gate"]["verdict"] in ("ok", "worse")
+    # the base judged against itself is never worse
+    ev_same = adapt.evaluate(wd, zoo=zoo, adapted_model=zoo.load("tiny-restorer"))
+    assert ev_same["gate"]["verdict"] == "ok" and ev_same["gate"]["reasons"] == []
+    assert ev_same["metrics"]["adapted"] == ev_same["metrics"]["base"]
+    # a model that wrecks the faces is refused, with the reasons, and nothing is registered
+    ev = adapt.evaluate(wd, zoo=zoo, adapted_model=_Broken())
+    assert ev["gate"]["verdict"] == "worse"
+    assert any(r.startswith("consistency_psnr") for r in ev["gate"]["reasons"])
+    assert json.loads((wd / "eval" / "metrics.json").read_text())["gate"]["verdict"] == "worse"
+    with pytest.raises(adapt.QualityGateFailed, match="worse than the base.*quality_gate=false"):
+        adapt.register(wd, zoo=zoo)
+    with pytest.raises(Exception):
+        zoo.get("gated")
+    # overridable: force, or the job's quality_gate off
+    card = adapt.register(wd, zoo=zoo, force=True)
+    assert card.extra["evaluation"]["gate"]["verdict"] == "worse"
+    zoo.delete("gated")
+
+
+def test_cli_adapt_reports_a_refused_model(tmp_path, faces, zoo, monkeypatch):
+    """The CLI prints the before/after table and the gate verdict; a refused model is one error line, exit 1."""
+    from typer.testing import CliRunner
+
+    from restoration import adapt
+    from restoration.cli import app
+    from restoration.settings import get_settings
+
+    monkeypatch.setenv("FACEADAPT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FACEADAPT_MODELS_DIR", str(zoo.root))
+    real = adapt.evaluate
+    monkeypatch.setattr(adapt, "evaluate", lambda wd, **kw: real(wd, **{**kw, "adapted_model": _Broken()}))
+    get_settings.cache_clear()
+    try:
+        args = ["adapt", "--data", str(faces / "lq"), "--base", "tiny-restorer", "--prior", "tiny-prior", "--name",
+                "cli-gated", "--aligned", "--steps", "1", "--batch-size", "2", "--device", "cpu", "--schedule", "ddim",
+                "--fast-steps", "2", "--hq-dir", str(faces / "gt"), "--workdir", str(tmp_path / "w")]
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 1, r.output
+        assert "not registered: cli-gated" in r.output and "quality gate: worse" in r.output
+        assert "target_psnr" in r.output and "naturalness" in r.output and "Traceback" not in r.output
+        with pytest.raises(Exception):
+            Zoo(root=zoo.root, builtin_dir=None).get("cli-gated")
+        r = CliRunner().invoke(app, args + ["--no-quality-gate"])
+        assert r.exit_code == 0, r.output
+        assert "registered cli-gated" in r.output
+    finally:
+        get_settings.cache_clear()
+
+
+def test_default_config_layers(zoo):
+    """AdaptConfig defaults < prior card pseudo-target defaults < base card finetune_defaults < given parameters."""
+    from restoration import adapt
+
+    zoo.register("tiny-restorer-tuned", "swinir_face", TINY_SWINIR, _tiny_restorer().state_dict(), kind="restorer",
+                 input_size=64, value_range=(0, 1), license="test", random_init=True,
+                 extra={"finetune_defaults": {"steps": 7, "lr": 3e-4, "d_channels": 8}})
+    cfg = adapt.default_config(zoo, "tiny-restorer-tuned", "tiny-prior", {"finetune.lr": 1e-4, "pseudo": {"down_N": 2}},
+                               aligned=True)
+    assert (cfg.finetune.steps, cfg.finetune.lr, cfg.finetune.d_channels) == (7, 1e-4, 8)
+    assert (cfg.pseudo.start, cfg.pseudo.constrain_until, cfg.pseudo.down_N) == (4, 2, 2) and cfg.aligned
+    plain = adapt.default_config(zoo, "tiny-restorer", None, None, use_prior=False)
+    assert plain.finetune == FinetuneConfig() and plain.pseudo == PseudoTargetParams()
+    with pytest.raises(ValueError, match="unknown"):
+        adapt.default_config(zoo, "tiny-restorer", "tiny-prior", {"finetune.bogus": 1})

@@ -111,9 +111,8 @@ def run_stage(job_id: str, stage: str, shard: int, lease: Lease) -> dict:
 
     if stage == "prepare":
         paths = fetch_inputs(job, wd / "inputs")
-        cfg = adapt.AdaptConfig.from_dict(engine_params(job.params, get_settings()))  # hq_set -> configured hq_dir
-        if cfg.use_prior:
-            cfg = adapt.apply_prior_defaults(cfg, zoo.get(prior_name), explicit=list((job.params.get("pseudo") or {})))
+        # the CLI's configuration: defaults, prior card, base card, then the job's own parameters (hq_set -> hq_dir)
+        cfg = adapt.default_config(zoo, base_name, prior_name, engine_params(job.params, get_settings()))
         size = int(cfg.size or zoo.get(base_name).input_size)
         man = adapt.prepare(wd, paths, aligned=cfg.aligned, size=size, config=cfg, base=base_name, prior=prior_name,
                             name=job.name, zoo=zoo, **kw)

@@ -41,8 +41,10 @@ def adapt(
     base: Optional[str] = typer.Option(None, "--base", help="Restorer to adapt (default: FACEADAPT_DEFAULT_RESTORER)."),
     prior: Optional[str] = typer.Option(None, "--prior", help="Diffusion prior (default: FACEADAPT_DEFAULT_PRIOR)."),
     aligned: bool = typer.Option(False, "--aligned", help="Inputs are aligned face crops: no detection."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Fine-tuning steps (default 1000)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Fine-tuning batch size (default 8)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Fine-tuning steps (default: the base card's finetune_defaults, else 1000)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Fine-tuning batch size (default: the base card's, else 8)."),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Fine-tuning learning rate, cosine to --lr-min (default: the base card's, else 2e-5)."),
+    lr_min: Optional[float] = typer.Option(None, "--lr-min", min=0.0, help="Final learning rate (default: the base card's, else 5e-6)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda or auto (default: FACEADAPT_DEVICE)."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Work dir (default: FACEADAPT_HOME/adapt/NAME); re-running resumes."),
     start: Optional[int] = typer.Option(None, "--start", help="Respaced step the restored image is noised to (prior card default, else 150)."),
@@ -55,11 +57,12 @@ def adapt(
     no_prior: bool = typer.Option(False, "--no-prior", help="Ablation: pseudo target = the base model's output (no diffusion prior)."),
     seed: int = typer.Option(0, "--seed"),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing zoo model of that name."),
+    no_quality_gate: bool = typer.Option(False, "--no-quality-gate", help="Register the adapted model even when the held-out evaluation judges it worse than the base."),
 ):
     """Adapt a restorer to your images: pseudo targets from a diffusion prior, then fine-tuning; registers NAME."""
     import dataclasses
 
-    from restoration.adapt import AdaptConfig, apply_prior_defaults, run_adaptation
+    from restoration.adapt import default_config, run_adaptation
     from restoration.errors import Cancelled
     from restoration.settings import get_settings
     from restoration.zoo import Zoo, ZooError
@@ -85,27 +88,28 @@ def adapt(
         check_image_folder(hq_dir, "--hq-dir")
     if workdir is not None and workdir.exists() and not workdir.is_dir():
         fail(f"--workdir {workdir}: exists and is not a folder", 2)
-    cfg = AdaptConfig(eval_fraction=eval_fraction, aligned=aligned, seed=seed, use_prior=not no_prior,
-                      hq_dir=str(hq_dir) if hq_dir else None, device=device)
-    given = {"start": start, "constrain_until": constrain_until, "down_N": down_n, "schedule": schedule,
-             "fast_steps": fast_steps}
-    given = {k: v for k, v in given.items() if v is not None}
+    pseudo = {"start": start, "constrain_until": constrain_until, "down_N": down_n, "schedule": schedule,
+              "fast_steps": fast_steps}
+    ft = {"steps": steps, "batch_size": batch_size, "lr": lr, "lr_min": lr_min}
+    params = {"pseudo": {k: v for k, v in pseudo.items() if v is not None},
+              "finetune": {k: v for k, v in ft.items() if v is not None}}
     try:
-        if not no_prior:
-            cfg = apply_prior_defaults(cfg, zoo.get(prior), explicit=list(given))
-        cfg = dataclasses.replace(cfg, pseudo=dataclasses.replace(cfg.pseudo, **given))
-        ft = {k: v for k, v in {"steps": steps, "batch_size": batch_size}.items() if v is not None}
-        cfg = dataclasses.replace(cfg, finetune=dataclasses.replace(cfg.finetune, **ft))
+        # the same configuration the service's worker and bench/adaptation.py build: AdaptConfig defaults, the prior
+        # card's pseudo-target defaults, the base card's fine-tuning defaults, then what was given here
+        cfg = default_config(zoo, base, None if no_prior else prior, params, eval_fraction=eval_fraction,
+                             aligned=aligned, seed=seed, use_prior=not no_prior,
+                             hq_dir=str(hq_dir) if hq_dir else None, device=device,
+                             quality_gate=not no_quality_gate)
     except (ZooError, ValueError) as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        raise typer.Exit(2)
+        fail(f"{exc}", 2)
 
     p = cfg.pseudo
     typer.echo(f"adapting {base} with prior {prior if not no_prior else '(none: self-training)'} -> {name}")
     typer.echo(f"  pseudo targets: start {p.start}/{p.respacing}, constrain until {p.constrain_until}, "
                f"down_N {p.down_N}, schedule {p.schedule}" + (f" ({p.fast_steps} steps)" if p.schedule == "ddim" else ""))
-    typer.echo(f"  fine-tuning: {cfg.finetune.steps} steps x batch {cfg.finetune.batch_size}, lr {cfg.finetune.lr} -> "
-               f"{cfg.finetune.lr_min}")
+    f = cfg.finetune
+    typer.echo(f"  fine-tuning: {f.steps} steps x batch {f.batch_size}, lr {f.lr} -> {f.lr_min}, EMA {f.ema_decay}, "
+               f"L1 {f.l1} + perceptual {f.lpips} + GAN {f.gan}")
     bars = _Bars()
     try:
         res = run_adaptation(data, base=base, prior=prior, name=name, config=cfg, workdir=workdir, progress=bars,
@@ -122,20 +126,29 @@ def adapt(
 
     ev = res["evaluation"]
     typer.echo("")
-    typer.secho(f"registered {res['name']}", fg=typer.colors.GREEN, bold=True)
+    if res.get("refused"):
+        typer.secho(f"not registered: {name}", fg=typer.colors.RED, bold=True)
+    else:
+        typer.secho(f"registered {res['name']}", fg=typer.colors.GREEN, bold=True)
     typer.echo(f"  faces: {res['faces']['train']} train, {res['faces']['eval']} held out "
                f"({res['skipped_images']} images skipped)")
     typer.echo(f"  losses: {json.dumps(res['finetune']['losses'])}")
     typer.echo(f"  discriminator real images: {res['finetune']['hq_source']}")
     if ev.get("count"):
         m = ev["metrics"]
-        cols = ["consistency_psnr", "sharpness"] + (["psnr", "ssim"] if ev.get("has_gt") else [])
-        typer.echo(f"  held-out evaluation ({ev['count']} faces):")
+        cols = [c for c in ("target_psnr", "consistency_psnr", "naturalness", "sharpness", "psnr", "ssim")
+                if any(c in m[r] for r in ("input", "base", "adapted"))]
+        typer.echo(f"  held-out evaluation ({ev['count']} faces, before = base, after = adapted; no ground truth "
+                   f"needed):")
         typer.echo("    " + f"{'':10}" + "".join(f"{c:>18}" for c in cols))
         for row in ("input", "base", "adapted"):
             typer.echo("    " + f"{row:10}" + "".join(f"{m[row][c]:>18.4f}" if c in m[row] else f"{'-':>18}" for c in cols))
-        typer.echo(f"  before/after grid: {Path(res['workdir']) / ev['grid']}")
+        typer.echo(f"  before/after grid: {Path(res['workdir']) / ev['grid']} (columns: {', '.join(ev['grid_columns'])})")
     else:
         typer.echo(f"  evaluation: {ev.get('note')}")
+    gate = ev.get("gate") or {}
+    typer.echo(f"  quality gate: {gate.get('verdict', '-')}" + (f" ({'; '.join(gate['reasons'])})" if gate.get("reasons") else ""))
     typer.echo("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in res["timings"].items()) + f" (total {res['seconds']:.1f}s)")
     typer.echo(f"  work dir: {res['workdir']}")
+    if res.get("refused"):
+        fail(res["refused"], 1)
