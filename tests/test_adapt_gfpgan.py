@@ -196,3 +196,23 @@ def test_cli_adapt_gfpgan(tmp_path, faces, zoo, monkeypatch):
         assert card.arch == "gfpgan_v1_4" and card.value_range == [-1.0, 1.0] and card.input_size == 64
     finally:
         get_settings.cache_clear()
+
+
+def test_make_tiny_gfpgan_script(tmp_path):
+    """bench/make_tiny_gfpgan.py registers a loadable [-1, 1] gfpgan_v1_4 base with its recipe and figures."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(repo / "bench" / "make_tiny_gfpgan.py"), "--zoo-root", str(tmp_path / "z"),
+                        "--steps", "2", "--n-faces", "8", "--n-test", "4", "--batch-size", "2"], capture_output=True, text=True,
+                       timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    z = Zoo(root=tmp_path / "z", builtin_dir=None)
+    card = z.get("tiny-gfpgan")
+    assert (card.arch, card.kind, card.input_size, card.value_range) == ("gfpgan_v1_4", "restorer", 64, [-1.0, 1.0])
+    assert card.extra["face_template"] == "utk200" and card.extra["training"]["steps"] == 2
+    m = card.extra["metrics"]["test_standard_degradations"]
+    assert m["count"] == 4 and 0 < m["psnr"] < 60
+    z.load("tiny-gfpgan")
