@@ -309,6 +309,10 @@ class ModelCache:
             raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance")
         return entry
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _check_open(self) -> None:
         if self._closed:
             raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance")
@@ -369,7 +373,7 @@ _cache: ModelCache | None = None
 
 def get_cache() -> ModelCache:
     global _cache
-    if _cache is None:
+    if _cache is None or _cache.closed:  # closed: a previous app's shutdown (several apps in one process, tests)
         settings = get_settings()
         _cache = ModelCache(settings.model_cache_size, timeout_s=settings.restore_timeout_s)
     return _cache
