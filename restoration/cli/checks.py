@@ -35,8 +35,9 @@ def check_device(device: str | None, option: str = "--device") -> str:
     return dev
 
 
-def check_detector(detector: str | None, option: str = "--detector") -> str:
-    """'auto', 'retinaface' (its weights must be on disk) or 'mtcnn' (None: FACEADAPT_DETECTOR)."""
+def check_detector(detector: str | None, option: str = "--detector", need_weights: bool = True) -> str:
+    """'auto', 'retinaface' (its weights must be on disk, unless not `need_weights`) or 'mtcnn' (None:
+    FACEADAPT_DETECTOR)."""
     from restoration.face import RETINAFACE_WEIGHTS
     from restoration.settings import get_settings
 
@@ -45,7 +46,7 @@ def check_detector(detector: str | None, option: str = "--detector") -> str:
     det = (detector if detector is not None else settings.detector).strip().lower()
     if det not in DETECTOR_CHOICES:
         fail(f"{source}: unknown detector {det!r}; use one of {', '.join(DETECTOR_CHOICES)}", 2)
-    if det == "retinaface":
+    if det == "retinaface" and need_weights:
         root = settings.facexlib_dir
         weights = root / RETINAFACE_WEIGHTS
         alt = f"{option} mtcnn or auto" if detector is not None else "FACEADAPT_DETECTOR=mtcnn or auto"

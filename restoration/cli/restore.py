@@ -68,8 +68,8 @@ def restore(
         fail("no images found in the inputs", 2)
     check_outdir(outdir)
     device = check_device(device)
-    if not aligned:
-        detector = check_detector(detector)
+    if not aligned or detector is not None:
+        detector = check_detector(detector, need_weights=not aligned)  # aligned crops need no detector
     try:
         restorer = Restorer.from_zoo(model, device=device, batch_size=batch_size)
     except (ZooError, ValueError) as exc:
