@@ -187,3 +187,38 @@ def test_api_fidelity_field(tmp_path, monkeypatch, facexlib_root, shared_dir):
         if serving._cache is not None:
             serving._cache.clear()
             serving._cache = None
+
+
+def test_codeformer_takes_the_fidelity_as_its_w(tmp_path, facexlib_root, shared_dir, monkeypatch):
+    """For CodeFormer f goes to the network as w (no pixel blend; auto = the reference's 0.5); f = 1 keeps the face."""
+    import torch
+
+    from restoration.archs import build
+    from restoration.settings import get_settings
+    from restoration.zoo import Zoo
+
+    monkeypatch.setenv("FACEADAPT_FACEXLIB_MODEL_ROOT", str(facexlib_root))
+    get_settings.cache_clear()
+    tiny = dict(dim_embd=64, n_head=4, n_layers=2, codebook_size=64, latent_size=64, connect_list=["16", "32"],
+                img_size=64, nf=32, ch_mult=[1, 1, 2, 2], res_blocks=1, attn_resolutions=[8], emb_dim=32)
+    torch.manual_seed(0)
+    zoo = Zoo(tmp_path / "zoo", builtin_dir=None)
+    zoo.register("cf", "codeformer", tiny, build("codeformer", tiny).state_dict(), kind="restorer", input_size=64,
+                 value_range=(-1, 1), random_init=True)
+    try:
+        r = Restorer.from_zoo("cf", zoo=zoo, device="cpu")
+        img = _photo(shared_dir)
+        seen = []
+        orig = r.restore_tensor
+        r.restore_tensor = lambda x, fidelity=None: (seen.append(fidelity), orig(x, fidelity))[1]
+        outs = {}
+        for f in (None, 0.2, 0.8, 1.0):
+            seen.clear()
+            res = r.restore_image(img, detector="retinaface", fidelity=f)
+            outs[f] = res.image
+            want = 0.5 if f is None else f
+            assert [fc.extra["fidelity"] for fc in res.faces] == [want] * len(res.faces)
+            assert seen == ([] if f == 1.0 else [want])  # the network's w, one batch
+        assert not np.array_equal(outs[0.2], outs[0.8]) and np.array_equal(outs[1.0], img)
+    finally:
+        get_settings.cache_clear()
