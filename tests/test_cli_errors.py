@@ -148,6 +148,14 @@ def test_other_commands_one_line(tmp_path, env):
                                "x"], env, tmp_path), 1)
     assert_one_line_error(cli(["serve", "--port", "1"], {**env, "FACEADAPT_DEVICE": "gpu"}, tmp_path), 2,
                           "FACEADAPT_DEVICE")
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert_one_line_error(cli(["serve", "--port", str(port)], env, tmp_path), 1, f"--port {port}", "in use")
+    assert not Path(env["FACEADAPT_HOME"]).exists()  # refused before anything was created
 
 
 def test_restore_summary_reports_each_face(tmp_path, monkeypatch, facexlib_root, shared_dir):

@@ -34,6 +34,23 @@ def is_loopback(host: str) -> bool:
             return False
 
 
+def check_port(host: str, port: int) -> None:
+    """Exit with one line when `host:port` cannot be listened on (in use, no such address), before anything starts."""
+    from restoration.cli.errors import fail
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        fail(f"--host {host}: cannot resolve it: {exc.strerror or exc}", 2)
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            fail(f"--port {port}: cannot listen on {host}:{port}: {exc.strerror or exc}", 1)
+
+
 def worker_command(settings) -> list[str]:
     return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool", "solo",
             "--concurrency", "1", "--prefetch-multiplier", "1", "--loglevel", "INFO",
@@ -43,7 +60,7 @@ def worker_command(settings) -> list[str]:
 @app.command("serve")
 def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (non-loopback needs FACEADAPT_REQUIRE_KEYS=true)."),
-    port: int = typer.Option(8000, "--port", help="TCP port."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
     worker: Optional[bool] = typer.Option(
         None, "--worker/--no-worker",
         help="Start a local Celery worker process (default: yes when no FACEADAPT_BROKER_URL is set, i.e. embedded mode)."),
@@ -63,6 +80,7 @@ def serve(
 
     check_device(None)  # FACEADAPT_DEVICE / FACEADAPT_DETECTOR, before anything starts
     check_detector(None)
+    check_port(host, port)
     import uvicorn
 
     from app.main import create_app, startup
