@@ -237,11 +237,13 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
 
 
 def _resize(arr: np.ndarray, size: int) -> np.ndarray:
-    from PIL import Image
-
+    """An aligned crop at the model's size, resized exactly as `restoration.pipeline.to_tensor` resizes it when the
+    adapted model serves it (so that fine-tuning sees the inputs it will be served)."""
     if arr.shape[:2] == (size, size):
         return arr
-    return np.asarray(Image.fromarray(arr).resize((size, size), Image.BICUBIC))
+    from restoration.pipeline import to_tensor, to_uint8
+
+    return to_uint8(to_tensor([arr], size))[0]
 
 
 def _device(device: str | None, job_cfg: AdaptConfig | None = None):
@@ -641,14 +643,19 @@ def _load_adapted(workdir: Path, job: dict, zoo, dev):
 
 
 #: The quality gate of `evaluate` (no ground truth): the adapted model is judged worse than the base when, on the
-#: held-out crops, any of these means drops below the base's by more than the margin (dB):
-#:   target_psnr       PSNR against the held-out images' own pseudo targets (made like the training targets, never
-#:                     trained on): the fine-tuning objective on unseen images of the domain (a validation loss);
-#:   consistency_psnr  PSNR of the low-passed output against the low-passed input: the content is kept;
+#: held-out crops, one of these means drops below the base's by more than its margin (dB):
+#:   consistency_psnr  PSNR of the low-passed output against the low-passed input (area reduction by the pseudo-target
+#:                     down_N): the content is kept. The margin is wide on purpose: a good adaptation legitimately
+#:                     moves the input's colour and noise (bench/adaptation.py, `camera` at 128 px: -3.3 dB for a model
+#:                     1.3 dB better against the ground truth), a broken one moves the face (-15.6 dB seen);
 #:   naturalness       the prior's one-shot reconstruction PSNR of the output noised to `naturalness_t` of the way
 #:                     through its (respaced) schedule, t = 25/250 for the default priors: clean faces are
 #:                     reconstructed better than noisy or broken ones.
-GATE = {"target_psnr": 0.1, "consistency_psnr": 1.0, "naturalness": 0.5, "naturalness_t": 0.1}
+#: Reported, not gated: target_psnr, the PSNR against the held-out crops' own pseudo targets (made like the training
+#: targets, never trained on). With gentle pseudo-target settings those stay close to the base's output x0, so the
+#: base scores high on it even where the adapted model is better against the ground truth.
+#: Over-smoothing is not caught by these (a blurred face keeps its content and looks clean to the prior).
+GATE = {"consistency_psnr": 6.0, "naturalness": 0.5, "naturalness_t": 0.1}
 
 
 def prior_naturalness(prior, imgs01, t: float = 0.1, seed: int = 0) -> list[float]:
@@ -673,13 +680,13 @@ def prior_naturalness(prior, imgs01, t: float = 0.1, seed: int = 0) -> list[floa
 
 def _gate(summary: dict, count: int) -> dict:
     reasons = []
-    for key in ("target_psnr", "consistency_psnr", "naturalness"):
+    for key in ("consistency_psnr", "naturalness"):
         if key not in summary.get("base", {}) or key not in summary.get("adapted", {}):
             continue
         b, a = summary["base"][key], summary["adapted"][key]
         if a < b - GATE[key]:
             reasons.append(f"{key} {a:.2f} dB < base {b:.2f} dB - {GATE[key]} dB")
-    checked = [k for k in ("target_psnr", "consistency_psnr", "naturalness") if k in summary.get("adapted", {})]
+    checked = [k for k in ("consistency_psnr", "naturalness") if k in summary.get("adapted", {})]
     verdict = "worse" if reasons else ("ok" if checked else "unchecked")
     return {"verdict": verdict, "reasons": reasons, "checked": checked, "margins_db": dict(GATE), "count": count}
 
@@ -702,9 +709,9 @@ def evaluate(
     Per model (input, base, adapted), means over the held-out crops: `target_psnr` (against the held-out crops'
     pseudo targets, made here exactly like the training targets, with the prior card's settings), `consistency_psnr`
     (low-passed output vs low-passed input, low pass = area reduction by the pseudo-target down_N), `naturalness`
-    (`prior_naturalness`), `sharpness` (Laplacian variance, reported only); PSNR / SSIM when ground truth was
-    given. `gate` holds the verdict (`GATE`): "ok", "worse" (with reasons) or "unchecked" (no held-out crops or no
-    prior). Writes `eval/metrics.json` and a before/after grid `eval/grid.png` (columns: input | base | adapted |
+    (`prior_naturalness`), `sharpness` (Laplacian variance); PSNR / SSIM when ground truth was given (never used by
+    the gate). `gate` holds the verdict on consistency and naturalness (`GATE`): "ok", "worse" (with reasons) or
+    "unchecked" (no held-out crops). Writes `eval/metrics.json` and a before/after grid `eval/grid.png` (columns: input | base | adapted |
     pseudo target [| GT]); returns the metrics.
     """
     import dataclasses as _dc

@@ -265,7 +265,7 @@ def test_run_adaptation_registers_model(tmp_path, faces, zoo):
         assert set(ev[row]) == {"consistency_psnr", "target_psnr", "naturalness", "sharpness", "psnr", "ssim"}
     assert set(ev["input"]) == {"sharpness", "target_psnr", "naturalness", "psnr", "ssim"}
     gate = ex["evaluation"]["gate"]
-    assert gate["verdict"] in ("ok", "worse") and set(gate["checked"]) == {"target_psnr", "consistency_psnr", "naturalness"}
+    assert gate["verdict"] in ("ok", "worse") and set(gate["checked"]) == {"consistency_psnr", "naturalness"}
     assert res["gate"] == gate and res["refused"] is None
     assert ex["evaluation"]["grid_columns"] == ["input", "base", "adapted", "pseudo target", "gt"]
     grid = np.asarray(Image.open(tmp_path / "work" / "eval" / "grid.png"))
