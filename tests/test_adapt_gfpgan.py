@@ -166,7 +166,7 @@ def test_run_adaptation_gfpgan_end_to_end(tmp_path, faces, zoo):
 
     # evaluation is reproducible and the adapted model restores through the product path in its own range
     ev = res["evaluation"]
-    assert set(ev["metrics"]["adapted"]) == {"consistency_psnr", "sharpness", "psnr", "ssim"}
+    assert set(ev["metrics"]["adapted"]) >= {"consistency_psnr", "sharpness", "psnr", "ssim"}
     assert evaluate(wd, zoo=zoo, device="cpu")["metrics"] == ev["metrics"]
     r = Restorer(adapted, card, device="cpu")
     got = r.restore_tensor(crop)
