@@ -117,15 +117,31 @@ def test_more_models_than_cache_never_hangs_and_sigterm_finishes(second_api, ser
     errors = [r for r in results if r[0] not in (200, "hang")]
     assert not hangs and not errors, (len(hangs), errors[:5], time.time() - t0)
     assert {m for _, m in results} >= set(EXTRA_MODELS)
-    # SIGTERM: the server finishes its shutdown
+    # SIGTERM while a second wave of requests is in flight: the server finishes its shutdown, and every request gets
+    # an answer or a closed connection, none is left hanging
+    ex = concurrent.futures.ThreadPoolExecutor(24)
+    wave = [ex.submit(one, job) for job in jobs[:60]]
+    time.sleep(2)
     t0 = time.time()
     api.send_signal(signal.SIGTERM)
     try:
         rc = api.wait(timeout=30)
     except subprocess.TimeoutExpired:
         pytest.fail(f"API still running 30 s after SIGTERM:\n{api.log.read_text()[-3000:]}")
+    finally:
+        ex.shutdown(wait=False, cancel_futures=True)
     assert rc in (0, -signal.SIGTERM), api.log.read_text()[-3000:]  # uvicorn re-raises the signal it handled
     assert time.time() - t0 < 30
+    done = []
+    for f in wave:
+        try:
+            done.append(f.result(timeout=60))
+        except concurrent.futures.CancelledError:
+            continue  # never sent: the pool was shut down
+        except httpx.TransportError:
+            done.append(("closed", None))  # refused or cut by the stopping server: an answer, not a hang
+    assert not [r for r in done if r[0] == "hang"], done
+    assert any(r[0] == 200 for r in done), done  # some were in flight and finished
 
 
 def _image(fmt: str, size=(64, 48), **kw) -> bytes:
