@@ -64,6 +64,7 @@ def faces(tmp_path_factory, shared_dir):
 
 
 def _config(**kw) -> AdaptConfig:
+    kw.setdefault("quality_gate", False)  # random / tiny stand-ins: this file tests the GFPGAN path, not the gate
     ft = FinetuneConfig(steps=3, batch_size=2, ckpt_every=1, d_channels=8, log_every=1, lr=1e-3, lr_min=1e-4,
                         ema_decay=0.5)
     kw.setdefault("quality_gate", False)  # random tiny models: the gate's verdict on them is noise
@@ -189,7 +190,7 @@ def test_cli_adapt_gfpgan(tmp_path, faces, zoo, monkeypatch):
         r = CliRunner().invoke(app, ["adapt", "--data", str(faces / "lq"), "--base", "tiny-gfpgan", "--prior",
                                      "faceadapt-iddpm-small", "--name", "cli-gfpgan", "--aligned", "--steps", "1",
                                      "--batch-size", "2", "--device", "cpu", "--schedule", "ddim", "--fast-steps", "2",
-                                     "--start", "4", "--constrain-until", "2", "--hq-dir", str(faces / "gt"),
+                                     "--start", "4", "--constrain-until", "2", "--hq-dir", str(faces / "gt"), "--no-quality-gate",
                                      "--workdir", str(tmp_path / "w"), "--no-quality-gate"])
         assert r.exit_code == 0, r.output + repr(r.exception)
         assert "registered cli-gfpgan" in r.output
