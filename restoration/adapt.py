@@ -760,7 +760,8 @@ def evaluate(
                                 target_dir, pparams, should_cancel=should_cancel,
                                 fingerprint_extra=f"eval|base={job.get('base')}|prior={job.get('prior')}")
         targets = {it["id"]: _load_rgb(target_dir / f"{it['id']}.png") for it in items}
-    psnr, ssim, sharp, lp_psnr = _metric_fns(int(cfg.pseudo.down_N))
+    lp_factor = int(pparams.down_N) if pparams is not None else int(cfg.pseudo.down_N)  # the judge's low pass
+    psnr, ssim, sharp, lp_psnr = _metric_fns(lp_factor)
     has_gt = all("gt" in it for it in items)
     per_model = {"input": [], "base": [], "adapted": []}
     grid_rows = []
@@ -806,7 +807,7 @@ def evaluate(
     if prior is None:
         gate["note"] = "no prior to judge with: only consistency was checked" + (
             f" ({job['_judge_error']})" if job.get("_judge_error") else "")
-    out = {"split": split, "count": len(items), "has_gt": has_gt, "lowpass_down_N": int(cfg.pseudo.down_N),
+    out = {"split": split, "count": len(items), "has_gt": has_gt, "lowpass_down_N": lp_factor,
            "metrics": summary, "gate": gate, "grid": f"{EVAL}/grid.png",
            "grid_columns": ["input", "base", "adapted"] + (["pseudo target"] if targets else []) + (["gt"] if has_gt else [])}
     _save_png(_grid(grid_rows), edir / "grid.png")
