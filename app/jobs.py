@@ -150,6 +150,23 @@ def progress_out(job: Job) -> dict:
     return out
 
 
+GRID_KEY = "grid_png_b64"  # the evaluation grid, kept in the job's metrics (the job's blobs are collected at its end)
+
+
+def evaluation_grid(job: Job) -> bytes | None:
+    import base64
+
+    b64 = (job.metrics or {}).get(GRID_KEY)
+    return base64.b64decode(b64) if b64 else None
+
+
+def _evaluation_out(job: Job) -> dict:
+    ev = {k: v for k, v in (job.metrics or {}).items() if k != GRID_KEY}
+    if (job.metrics or {}).get(GRID_KEY):
+        ev["grid_url"] = f"/v1/adaptations/{job.id}/grid"
+    return ev
+
+
 def job_out(job: Job, with_events: bool = True) -> dict:
     return {
         "id": job.id, "status": job.status, "dataset_id": job.dataset_id, "base_model": job.base_model,
@@ -157,7 +174,7 @@ def job_out(job: Job, with_events: bool = True) -> dict:
         "progress": progress_out(job),
         "events": [{"ts": e.ts, "stage": e.stage, "kind": e.kind, "message": e.message, "data": e.data or {}}
                    for e in job.events] if with_events else None,
-        "evaluation": job.metrics or {}, "model_id": job.model_id, "error": job.error,
+        "evaluation": _evaluation_out(job), "model_id": job.model_id, "error": job.error,
         "cancel_requested": job.cancel_requested, "created_at": job.created_at, "started_at": job.started_at,
         "finished_at": job.finished_at,
     }

@@ -19,6 +19,13 @@ def test_e2e_adapt_then_restore(service_stack, tenant_a, adapted):
     assert job["status"] == "succeeded", job
     assert job["model_id"] and job["error"] is None
     assert job["evaluation"].get("count", 0) >= 1, job["evaluation"]
+    # before/after figures, the quality gate's verdict and the grid, after the job's blobs were collected
+    ev = job["evaluation"]
+    assert {"base", "adapted", "input"} <= set(ev["metrics"]) and "naturalness" in ev["metrics"]["adapted"]
+    assert ev["gate"]["verdict"] in ("ok", "worse") and "grid_png_b64" not in ev
+    r = st.client.get(ev["grid_url"], headers=auth)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert st.client.get(ev["grid_url"], headers=st.auth("someone-else")).status_code in (401, 404)
     stages = [e["stage"] for e in job["events"]]
     for s in ("prepare", "targets", "finetune", "evaluate", "register"):
         assert s in stages, stages

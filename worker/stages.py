@@ -7,6 +7,8 @@ partial state (finished pseudo targets, the last fine-tuning checkpoint).
 """
 from __future__ import annotations
 
+import base64
+
 import json
 import re
 import shutil
@@ -140,8 +142,11 @@ def run_stage(job_id: str, stage: str, shard: int, lease: Lease) -> dict:
 
     if stage == "evaluate":
         res = adapt.evaluate(wd, zoo=zoo, **kw)
+        grid = wd / "eval" / "grid.png"
         with session() as s:
-            s.get(Job, job_id).metrics = res
+            # the grid travels with the figures (a few dozen KB): the job's blobs are collected when it ends
+            s.get(Job, job_id).metrics = {**res, **({"grid_png_b64": base64.b64encode(grid.read_bytes()).decode()}
+                                                    if grid.is_file() else {})}
             s.commit()
         return {"count": res.get("count"), "blobs": upload(wd, [wd / "eval" / "metrics.json", wd / "eval" / "grid.png"], job_id)}
 

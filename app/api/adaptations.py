@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.api.deps import DB, CurrentPrincipal, Principal
-from app.jobs import cancel_job, create_job, get_job, job_out
+from app.errors import ApiError
+from app.jobs import cancel_job, create_job, evaluation_grid, get_job, job_out
 from app.models import Job
 from app.schemas import AdaptationIn, AdaptationOut
 
@@ -29,6 +30,17 @@ def list_adaptations(principal: Principal = CurrentPrincipal, session: Session =
 @router.get("/v1/adaptations/{job_id}", response_model=AdaptationOut)
 def read_adaptation(job_id: str, principal: Principal = CurrentPrincipal, session: Session = DB):
     return job_out(get_job(session, principal.tenant_id, job_id))
+
+
+@router.get("/v1/adaptations/{job_id}/grid", response_class=Response,
+            responses={200: {"content": {"image/png": {}}, "description": "the before/after grid"}})
+def adaptation_grid(job_id: str, principal: Principal = CurrentPrincipal, session: Session = DB):
+    """The held-out before/after grid of the evaluation (PNG; columns: input, base, adapted, pseudo target), once the
+    job has been evaluated; 404 before."""
+    png = evaluation_grid(get_job(session, principal.tenant_id, job_id))
+    if png is None:
+        raise ApiError(404, "grid_not_ready", "the job has not been evaluated yet (no before/after grid)")
+    return Response(png, media_type="image/png")
 
 
 @router.post("/v1/adaptations/{job_id}/cancel", status_code=202, response_model=AdaptationOut)
