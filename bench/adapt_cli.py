@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import subprocess
 import sys
 import time
@@ -24,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.adaptation import _load, make_data, score  # noqa: E402
-from restoration import degrade  # noqa: E402
+from bench.adaptation import _load, _save, make_data, score  # noqa: E402
+from restoration import data, degrade  # noqa: E402
 
 
 def main() -> None:
@@ -34,17 +35,28 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--n-train", type=int, default=200)
     ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--n-hq", type=int, default=500, help="clean train-split faces for the discriminator (disjoint)")
     ap.add_argument("--out", default="/tmp/faceadapt-bench-adapt-cli")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--adapt-args", default="", help="extra arguments for `faceadapt adapt` (default: none)")
     args = ap.parse_args()
     out = Path(args.out) / f"{args.domain}-{args.size}-{args.n_train}"
     make_data(out, args.domain, args.size, args.n_train, args.n_test, args.seed)
+    # the discriminator's clean faces: train-split faces disjoint from the adaptation faces (the engine's default,
+    # the whole train split, would hold their clean versions)
+    hq_dir = out / "data" / "hq"
+    names = data.load_split("train")
+    random.Random(args.seed).shuffle(names)  # the order make_data uses: its first n_train are the adaptation faces
+    for n in names[args.n_train:args.n_train + args.n_hq]:
+        dst = hq_dir / f"{Path(n).name.split('.')[0]}.png"
+        if not dst.is_file():
+            _save(data.load_face(data.default_faces_root() / n, args.size), dst)
     env = dict(os.environ, FACEADAPT_HOME=str(out / "home"), FACEADAPT_MODELS_DIR=str(out / "home" / "models"))
     exe = [sys.executable, "-m", "restoration.cli"] if not (REPO / ".venv" / "bin" / "faceadapt").is_file() \
         else [str(REPO / ".venv" / "bin" / "faceadapt")]
     name = f"bench-{args.domain}-{int(time.time())}"
-    cmd = exe + ["adapt", "--data", str(out / "data" / "train_lq"), "--aligned", "--name", name] + args.adapt_args.split()
+    cmd = exe + ["adapt", "--data", str(out / "data" / "train_lq"), "--aligned", "--name", name, "--hq-dir",
+                 str(hq_dir)] + args.adapt_args.split()
     print("$", " ".join(cmd[len(exe) - 1:]), flush=True)
     t0 = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
