@@ -317,11 +317,26 @@ class FaceHelper:
             )
 
     def detect(self, img: np.ndarray, only_center_face: bool = False) -> list[Face]:
-        """Faces in an RGB uint8 image, largest first (or best score first with ``sort_by='score'``)."""
+        """Faces in an RGB uint8 image, largest first (or best score first with ``sort_by='score'``).
+
+        Detection runs on the image with a replicated border (``detect_pad``: faces that touch the image edge get
+        their landmarks right); when that finds no face, once more on the image as it is (RetinaFace misses some
+        tight face crops with the border)."""
         img = _check_image(img)
+        faces = self._detect(img, self.detect_pad)
+        if not faces and self.detect_pad > 0:
+            faces = self._detect(img, 0.0)
+        key = (lambda f: f.area) if self.sort_by == "area" else (lambda f: f.score)
+        faces.sort(key=key, reverse=True)
+        if only_center_face and faces:
+            h, w = img.shape[:2]
+            cx, cy = w / 2.0, h / 2.0
+            faces = [min(faces, key=lambda f: (f.center[0] - cx) ** 2 + (f.center[1] - cy) ** 2)]
+        return faces
+
+    def _detect(self, img: np.ndarray, detect_pad: float) -> list[Face]:
         h, w = img.shape[:2]
-        # a border around the image: faces that touch the image edge (tight face crops) get their landmarks right
-        pad = int(round(self.detect_pad * min(h, w))) if self.detect_pad > 0 else 0
+        pad = int(round(detect_pad * min(h, w))) if detect_pad > 0 else 0
         padded = cv2.copyMakeBorder(img, pad, pad, pad, pad, cv2.BORDER_REPLICATE) if pad else img
         ph, pw = padded.shape[:2]
         scale = 1.0
@@ -350,11 +365,6 @@ class FaceHelper:
             if face.eye_distance < self.min_eye_distance:
                 continue
             faces.append(face)
-        key = (lambda f: f.area) if self.sort_by == "area" else (lambda f: f.score)
-        faces.sort(key=key, reverse=True)
-        if only_center_face and faces:
-            cx, cy = w / 2.0, h / 2.0
-            faces = [min(faces, key=lambda f: (f.center[0] - cx) ** 2 + (f.center[1] - cy) ** 2)]
         return faces
 
     # -------------------------------------------------------------------------- alignment

@@ -28,7 +28,8 @@ REDIS_URL = os.environ.get("FACEADAPT_TEST_REDIS", "redis://127.0.0.1:6379/11")
 
 # A tiny engine configuration: a few diffusion steps and fine-tuning steps (CPU friendly)
 TINY_PARAMS = {
-    "pseudo": {"start": 4, "respacing": "10", "constrain_until": 2, "down_N": 4, "batch_size": 4},
+    "pseudo": {"start": 4, "respacing": "10", "constrain_until": 2, "down_N": 4, "batch_size": 4,
+               "schedule": "ancestral"},  # 5 network calls a face (the bundled prior's default DDIM makes 16)
     "finetune": {"steps": 3, "batch_size": 2, "ckpt_every": 1, "log_every": 1, "d_channels": 16},
     "eval_fraction": 0.25, "hq_count": 8, "device": "cpu",
     # stand-in models: the quality gate's verdict on them is noise, and these tests are about the service
