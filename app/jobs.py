@@ -126,14 +126,15 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
     return job
 
 
-def progress_out(job: Job) -> dict:
-    """The current stage's progress, its elapsed time and an ETA from its rate so far (None until there is one)."""
+def progress_out(job: Job, timing: bool = True) -> dict:
+    """The current stage's progress, its elapsed time and an ETA from its rate so far (None until there is one;
+    `timing=False` skips them, for listings that do not load each job's events)."""
     out = {"stage": job.stage, "done": job.progress_done, "total": job.progress_total, "stage_elapsed_s": None,
            "eta_s": None}
-    if job.status in FINAL_STATUSES or not job.stage:
+    if not timing or job.status in FINAL_STATUSES or not job.stage:
         return out
-    started = [e.ts for e in job.events if e.stage == job.stage and "started" in e.message or
-               (e.stage == job.stage and "resumed" in e.message)]
+    started = [e.ts for e in job.events
+               if e.stage == job.stage and ("started" in e.message or "resumed" in e.message)]
     if not started:
         return out
     t0 = min(started)
@@ -171,7 +172,7 @@ def job_out(job: Job, with_events: bool = True) -> dict:
     return {
         "id": job.id, "status": job.status, "dataset_id": job.dataset_id, "base_model": job.base_model,
         "name": job.name, "params": job.params,
-        "progress": progress_out(job),
+        "progress": progress_out(job, timing=with_events),
         "events": [{"ts": e.ts, "stage": e.stage, "kind": e.kind, "message": e.message, "data": e.data or {}}
                    for e in job.events] if with_events else None,
         "evaluation": _evaluation_out(job), "model_id": job.model_id, "error": job.error,

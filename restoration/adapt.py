@@ -714,8 +714,6 @@ def evaluate(
     "unchecked" (no held-out crops). Writes `eval/metrics.json` and a before/after grid `eval/grid.png` (columns: input | base | adapted |
     pseudo target [| GT]); returns the metrics.
     """
-    import dataclasses as _dc
-
     import torch
 
     from restoration.pipeline import to_uint8
@@ -740,7 +738,7 @@ def evaluate(
     adapted_model.eval()
     vrange = _base_value_range(zoo, job)  # base and adapted work in the base card's range (GFPGAN: [-1, 1])
     # the judge: the job's prior (also for the self-training ablation), with its card's pseudo-target settings
-    pparams = None
+    pparams, judge_error = None, None
     if prior is None and job.get("prior"):
         try:
             pcard = _zoo(zoo).get(job["prior"])
@@ -748,14 +746,13 @@ def evaluate(
                                            explicit=list(cfg.pseudo.to_dict()) if cfg.use_prior else ()).pseudo
             prior = load_prior(_zoo(zoo), job["prior"], dev, respacing=pparams.respacing)
         except Exception as exc:  # no usable prior: the gate checks consistency only
-            prior, pparams = None, None
-            job.setdefault("_judge_error", str(exc))
+            prior, pparams, judge_error = None, None, str(exc)
     elif prior is not None:
         pparams = cfg.pseudo
     target_dir = edir / "targets"
     targets = {}
     if prior is not None:
-        pparams = _dc.replace(pparams, save_x0=False)
+        pparams = dataclasses.replace(pparams, save_x0=False)
         generate_pseudo_targets([(it["id"], workdir / PREPARE / it["crop"]) for it in items], base_model, prior,
                                 target_dir, pparams, should_cancel=should_cancel,
                                 fingerprint_extra=f"eval|base={job.get('base')}|prior={job.get('prior')}")
@@ -806,7 +803,7 @@ def evaluate(
     gate = _gate(summary, len(items))
     if prior is None:
         gate["note"] = "no prior to judge with: only consistency was checked" + (
-            f" ({job['_judge_error']})" if job.get("_judge_error") else "")
+            f" ({judge_error})" if judge_error else "")
     out = {"split": split, "count": len(items), "has_gt": has_gt, "lowpass_down_N": lp_factor,
            "metrics": summary, "gate": gate, "grid": f"{EVAL}/grid.png",
            "grid_columns": ["input", "base", "adapted"] + (["pseudo target"] if targets else []) + (["gt"] if has_gt else [])}
