@@ -35,6 +35,18 @@ def _count_cases(ndjson: Path) -> tuple[int, dict[str, int]]:
     return n, statuses
 
 
+def _cancel_new_jobs(st, key: str, before: set[str]) -> None:
+    """The fuzzer finds real dataset ids and starts real adaptations with the default parameters (minutes each on
+    these 2 cores): cancel them and wait until they stopped, so that they do not hold the workers of later tests."""
+    new = [j for j in st.client.get("/v1/adaptations", headers=st.auth(key)).json() if j["id"] not in before]
+    for j in new:
+        if j["status"] not in ("succeeded", "failed", "cancelled"):
+            r = st.client.post(f"/v1/adaptations/{j['id']}/cancel", headers=st.auth(key))
+            assert r.status_code in (200, 202, 409), r.text
+    for j in new:
+        st.wait_job(key, j["id"], timeout=180)
+
+
 def test_openapi_fuzzing_no_5xx(service_stack, tenant_b, tmp_path):
     st = service_stack
     auth = f"Authorization: Bearer {tenant_b}"
@@ -47,7 +59,11 @@ def test_openapi_fuzzing_no_5xx(service_stack, tenant_b, tmp_path):
            "--phases", "examples,coverage,fuzzing", "--workers", "2", "--request-timeout", "60", "--no-shrink",
            "--suppress-health-check", "all", "--report", "ndjson,junit", "--report-dir", str(report)]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"}
-    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+    before = {j["id"] for j in st.client.get("/v1/adaptations", headers=st.auth(tenant_b)).json()}
+    try:
+        out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=420)
+    finally:
+        _cancel_new_jobs(st, tenant_b, before)
     summary = out.stdout[-6000:] + out.stderr[-2000:]
     ndjson = next(report.glob("*.ndjson"), None)
     assert ndjson is not None, summary
