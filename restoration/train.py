@@ -109,6 +109,10 @@ class RestorerTrainConfig(_TrainConfig):
     disc_channels: int = 32
     degradation: dict = field(default_factory=dict)  # overrides of DegradationParams (empty: standard)
     n_grid: int = 8
+    # Train on what the product feeds the model: each face is damaged at a native size drawn from this list (the
+    # damage scaled for that size, as `degrade` does), then resized to `size` the way the pipeline resizes a crop
+    # (bicubic, antialiased); its target is the clean face resized to `size`. Empty: damaged at `size`.
+    native_sizes: list = field(default_factory=list)
 
 
 def config_from_dict(cls, d: dict):
@@ -242,10 +246,11 @@ def _batch_images(images: np.ndarray, idx: torch.Tensor, gen: torch.Generator, f
     return x
 
 
-def _load_train_images(cfg: _TrainConfig, progress: ProgressFn | None) -> tuple[np.ndarray, list[str]]:
+def _load_train_images(cfg: _TrainConfig, progress: ProgressFn | None,
+                       size: int | None = None) -> tuple[np.ndarray, list[str]]:
     from restoration.data import FacesDataset
 
-    ds = FacesDataset(cfg.split, cfg.size, root=cfg.data_root, flip=False, cache_dir=cfg.cache_dir, limit=cfg.limit,
+    ds = FacesDataset(cfg.split, size or cfg.size, root=cfg.data_root, flip=False, cache_dir=cfg.cache_dir, limit=cfg.limit,
                       progress=progress)
     return ds.images, ds.names
 
@@ -348,7 +353,7 @@ class _Loop:
         cfg = self.cfg
         set_threads(cfg.threads)
         seed_everything(cfg.seed)
-        self.images, self.names = _load_train_images(cfg, self.progress)
+        self.images, self.names = _load_train_images(cfg, self.progress, self.load_size())
         self.gen = torch.Generator().manual_seed(cfg.seed)
         self.batches = _Batches(len(self.images), cfg.batch_size, self.gen)
         self.build()
@@ -453,6 +458,10 @@ class _Loop:
         }
         return _save_checkpoint(self.out, state, self.cfg.keep_ckpts)
 
+    def load_size(self) -> int:
+        """Side of the training faces as loaded (the batches the loop hands to train_step)."""
+        return self.cfg.size
+
     def extra_state(self) -> dict:
         return {}
 
@@ -524,6 +533,26 @@ def degrade_batch(x01: torch.Tensor, params, rng: np.random.Generator) -> torch.
     return torch.from_numpy(out).permute(0, 3, 1, 2).clamp(0, 1).contiguous()
 
 
+def resize_like_pipeline(x: torch.Tensor, size: int) -> torch.Tensor:
+    """NCHW [0, 1] -> size x size, as `pipeline.to_tensor` resizes a crop for the model (bicubic, antialiased)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def degrade_native_batch(gt_hi: torch.Tensor, params, rng: np.random.Generator, sizes: list[int],
+                         size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lq, gt) at `size` for faces seen at native sizes drawn from `sizes`: each clean face (NCHW, loaded at least
+    as large as the largest size) is resized to its native size, damaged there (`degrade` scales the damage for
+    that size), and resized to `size` like a crop in the pipeline; the target is the clean face resized to `size`."""
+    lqs = []
+    for i in range(len(gt_hi)):
+        s = int(sizes[int(rng.integers(len(sizes)))])
+        x = resize_like_pipeline(gt_hi[i:i + 1], s)
+        lqs.append(resize_like_pipeline(degrade_batch(x, params, rng), size))
+    return torch.cat(lqs), resize_like_pipeline(gt_hi, size)
+
+
 def degradation_params(overrides: dict | None = None):
     from restoration.degrade import DegradationParams
 
@@ -546,6 +575,16 @@ class _RestorerLoop(_Loop):
         self.np_rng = np.random.default_rng(cfg.seed)
         self._grid_batch = None
 
+    def load_size(self) -> int:
+        cfg: RestorerTrainConfig = self.cfg  # type: ignore[assignment]
+        return max([cfg.size, *cfg.native_sizes])
+
+    def damage(self, gt: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg: RestorerTrainConfig = self.cfg  # type: ignore[assignment]
+        if cfg.native_sizes:
+            return degrade_native_batch(gt, self.params, rng, cfg.native_sizes, cfg.size)
+        return degrade_batch(gt, self.params, rng), gt
+
     def extra_state(self) -> dict:
         return {"disc": self.disc.state_dict(), "opt_d": self.opt_d.state_dict(),
                 "np_rng": self.np_rng.bit_generator.state}
@@ -558,7 +597,8 @@ class _RestorerLoop(_Loop):
 
     def train_step(self, gt: torch.Tensor) -> dict:
         cfg: RestorerTrainConfig = self.cfg  # type: ignore[assignment]
-        lq = degrade_batch(gt, self.params, self.np_rng).to(self.device)
+        lq, gt = self.damage(gt, self.np_rng)
+        lq, gt = lq.to(self.device), gt.to(self.device)
         out = self.model(lq)
         l1 = (out - gt).abs().mean()
         loss = l1
@@ -592,11 +632,11 @@ class _RestorerLoop(_Loop):
 
             cfg: RestorerTrainConfig = self.cfg  # type: ignore[assignment]
             try:
-                ds = FacesDataset("val", cfg.size, root=cfg.data_root, limit=cfg.n_grid)
+                ds = FacesDataset("val", self.load_size(), root=cfg.data_root, limit=cfg.n_grid)
                 gt = torch.stack([ds[i] for i in range(len(ds))])
             except FileNotFoundError:
                 gt = _batch_images(self.images, torch.arange(min(cfg.n_grid, len(self.images))), self.gen, False)
-            lq = degrade_batch(gt, self.params, np.random.default_rng(12345))
+            lq, gt = self.damage(gt, np.random.default_rng(12345))
             self._grid_batch = (lq, gt)
         return self._grid_batch
 

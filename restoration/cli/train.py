@@ -155,6 +155,7 @@ def restorer(
     gan_start: Optional[int] = typer.Option(None, "--gan-start", help="Steps of pure L1 before the GAN term starts (default 500)."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="'cosine' (default, to 10% at --steps) or 'constant'."),
     model_json: Optional[str] = typer.Option(None, "--model-json", help="swinir_face constructor config as JSON (default: the small 64 px config)."),
+    native_sizes: Optional[str] = typer.Option(None, "--native-sizes", help="Comma-separated face sizes, e.g. 64,96,128,192: each face is damaged at one of them and resized to 64 as the pipeline resizes a crop (default: damaged at 64)."),
 ):
     """Train the small swinir_face restorer on synthetic degradations (L1 + small GAN term) at 64x64."""
     from restoration.train import RestorerTrainConfig, train_restorer
@@ -169,6 +170,13 @@ def restorer(
     _set_schedule(cfg, lr_schedule)
     if model_json:
         cfg.model = json.loads(model_json)
+    if native_sizes:
+        try:
+            cfg.native_sizes = sorted({int(v) for v in native_sizes.split(",") if v.strip()})
+        except ValueError:
+            raise typer.BadParameter(f"--native-sizes takes comma-separated integers, not {native_sizes!r}")
+        if not cfg.native_sizes or min(cfg.native_sizes) < 16 or max(cfg.native_sizes) > 1024:
+            raise typer.BadParameter("--native-sizes: sizes from 16 to 1024 px")
     _run(train_restorer, cfg, resume)
 
 
