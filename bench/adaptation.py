@@ -139,8 +139,15 @@ def run_domain(domain: str, args, zoo: Zoo, hq_paths: list[Path]) -> list[dict]:
                   f"down_N {p.down_N}, schedule {p.schedule}" + (f" ({p.fast_steps} steps)" if p.schedule == "ddim" else ""),
                   flush=True)
         f = cfg.finetune
-        print(f"  [{m}] fine-tuning: {f.steps} steps x batch {f.batch_size}, AdamW lr {f.lr} -> {f.lr_min} cosine, "
-              f"EMA {f.ema_decay}, L1 {f.l1} + perceptual {f.lpips} + GAN {f.gan} (D {f.d_channels} ch)", flush=True)
+        if base_card.arch == "codeformer":  # only the schedule fields apply; the rest is CodeFormer's own stage II
+            from restoration.finetune_codeformer import CodeFormerFinetuneConfig
+
+            c = CodeFormerFinetuneConfig()
+            print(f"  [{m}] fine-tuning (CodeFormer code prediction): {f.steps} steps x batch {f.batch_size}, Adam lr "
+                  f"{c.lr}, EMA {c.ema_decay}, code CE {c.entropy} + feature L2 {c.feat}", flush=True)
+        else:
+            print(f"  [{m}] fine-tuning: {f.steps} steps x batch {f.batch_size}, AdamW lr {f.lr} -> {f.lr_min} cosine, "
+                  f"EMA {f.ema_decay}, L1 {f.l1} + perceptual {f.lpips} + GAN {f.gan} (D {f.d_channels} ch)", flush=True)
         wd = out / f"work-{m}-{hashlib.sha256(cfg.to_json().encode()).hexdigest()[:10]}"
         t0 = time.perf_counter()
         last = {"t": 0.0}
