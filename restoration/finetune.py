@@ -291,6 +291,31 @@ def load_checkpoint(ckpt_dir: str | Path) -> dict | None:
 # ------------------------------------------------------------------------------------------------
 # the loop
 # ------------------------------------------------------------------------------------------------
+def sample_pairs(lq: torch.Tensor, tgt: torch.Tensor, batch_size: int, gen: torch.Generator, device: torch.device,
+                 flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of (input, target) pairs drawn with replacement from `gen`, as float [0, 1] on `device`, each pair
+    flipped horizontally (both images) with probability 0.5 when `flip`. The draws are made whether or not `flip`."""
+    idx = torch.randint(0, lq.shape[0], (batch_size,), generator=gen)
+    flips = torch.rand(batch_size, generator=gen) < 0.5
+    x, y = _to_float(lq[idx], device), _to_float(tgt[idx], device)
+    if flip and bool(flips.any()):
+        fl = flips.to(device)[:, None, None, None]
+        x, y = torch.where(fl, x.flip(-1), x), torch.where(fl, y.flip(-1), y)
+    return x, y
+
+
+def after_step(step: int, cfg, history: list, lr: float, logs: dict, save: Callable[[], None],
+               progress: ProgressFn | None) -> None:
+    """Bookkeeping after optimizer step `step`: a history row every `log_every` steps, a checkpoint every
+    `ckpt_every` steps, both at the last step; then the progress callback."""
+    if step % cfg.log_every == 0 or step == cfg.steps:
+        history.append({"step": step, "lr": lr, **{k: round(v, 6) for k, v in logs.items()}})
+    if step % cfg.ckpt_every == 0 or step == cfg.steps:
+        save()
+    if progress is not None:
+        progress("finetune", step, cfg.steps)
+
+
 def finetune(
     model: nn.Module,
     pairs: Sequence[tuple],
@@ -383,7 +408,7 @@ def finetune(
 
     if progress is not None:
         progress("finetune", step, cfg.steps)
-    n, bs = lq.shape[0], cfg.batch_size
+    bs = cfg.batch_size
 
     while step < cfg.steps:
         if should_cancel is not None and should_cancel():
@@ -396,12 +421,7 @@ def finetune(
         if use_gan:
             net_d.requires_grad_(False)
         for _ in range(cfg.grad_accum):
-            idx = torch.randint(0, n, (bs,), generator=data_gen)
-            flip = torch.rand(bs, generator=data_gen) < 0.5
-            x, y = _to_float(lq[idx], device), _to_float(tgt[idx], device)
-            if cfg.flip and bool(flip.any()):
-                fl = flip.to(device)[:, None, None, None]
-                x, y = torch.where(fl, x.flip(-1), x), torch.where(fl, y.flip(-1), y)
+            x, y = sample_pairs(lq, tgt, bs, data_gen, device, cfg.flip)
             out = run_restorer(model, x, value_range)  # [0, 1] scale whatever the model's range; differentiable
             l_pix = F.l1_loss(out, y)
             loss = cfg.l1 * l_pix
@@ -438,12 +458,7 @@ def finetune(
         # ---- EMA, bookkeeping, checkpoint ----
         _ema_update(ema, model, min(cfg.ema_decay, (1.0 + step) / (10.0 + step)))
         step += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            history.append({"step": step, "lr": opt_g.param_groups[0]["lr"], **{k: round(v, 6) for k, v in logs.items()}})
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save()
-        if progress is not None:
-            progress("finetune", step, cfg.steps)
+        after_step(step, cfg, history, opt_g.param_groups[0]["lr"], logs, save, progress)
 
     model.eval()
     return FinetuneResult(step=step, model=model, ema=ema, losses=losses, history=history,

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from restoration.configs import strict_from_dict
 from restoration.errors import Cancelled
 from restoration.finetune import (
-    CKPT_NAME, FinetuneResult, _atomic_save, _resolve_device, _rng_state, _set_rng_state, _stack, _to_float,
-    load_checkpoint,
+    CKPT_NAME, FinetuneResult, _atomic_save, _resolve_device, _rng_state, _set_rng_state, _stack,
+    after_step, load_checkpoint, sample_pairs,
 )
 
 ProgressFn = Callable[[str, int, int], None]
@@ -195,7 +195,7 @@ def finetune_codeformer(
 
     if progress is not None:
         progress("finetune", step, cfg.steps)
-    n, bs = lq.shape[0], cfg.batch_size
+    bs = cfg.batch_size
     while step < cfg.steps:
         if should_cancel is not None and should_cancel():
             save()
@@ -203,12 +203,7 @@ def finetune_codeformer(
         opt.zero_grad(set_to_none=True)
         logs = {"loss": 0.0, "ce": 0.0, "feat": 0.0, "code_acc": 0.0}
         for _ in range(cfg.grad_accum):
-            idx = torch.randint(0, n, (bs,), generator=data_gen)
-            flip = torch.rand(bs, generator=data_gen) < 0.5
-            x, y = _to_float(lq[idx], device), _to_float(tgt[idx], device)
-            if cfg.flip and bool(flip.any()):
-                fl = flip.to(device)[:, None, None, None]
-                x, y = torch.where(fl, x.flip(-1), x), torch.where(fl, y.flip(-1), y)
+            x, y = sample_pairs(lq, tgt, bs, data_gen, device, cfg.flip)
             codes, code_feat = hq_codes(y)
             loss, parts = code_losses(model, x, codes, code_feat, cfg)
             (loss / cfg.grad_accum).backward()
@@ -221,12 +216,7 @@ def finetune_codeformer(
                 if pm.requires_grad:
                     pe.mul_(cfg.ema_decay).add_(pm.detach(), alpha=1.0 - cfg.ema_decay)
         step += 1
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            history.append({"step": step, "lr": opt.param_groups[0]["lr"], **{k: round(v, 6) for k, v in logs.items()}})
-        if step % cfg.ckpt_every == 0 or step == cfg.steps:
-            save()
-        if progress is not None:
-            progress("finetune", step, cfg.steps)
+        after_step(step, cfg, history, opt.param_groups[0]["lr"], logs, save, progress)
 
     model.eval()
     return FinetuneResult(step=step, model=model, ema=ema, losses=losses, history=history,
