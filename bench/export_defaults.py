@@ -1,9 +1,12 @@
 """Export the two default models from their training runs into `restoration/zoo_defaults/`, with val metrics.
 
     python bench/export_defaults.py --restorer-run runs/restorer2 --prior-run runs/prior2 --ptd 60,20,2 --tune runs/tune_all.json
+    python bench/export_defaults.py --only restorer --restorer-run runs/restorer3
 
 * restorer (`--restorer-run`, default `runs/restorer` -> `faceadapt-swinir-small`): PSNR / SSIM on the 500 val faces damaged with the standard
-  pipeline (seeds 3000000 + i), of the restorer, of its input and of the bicubic-upsampled low-resolution image;
+  pipeline (seeds 3000000 + i), of the restorer, of its input and of the bicubic-upsampled low-resolution image,
+  and on 200 test faces at 128 px through the product path (as bench/restorer_native.py); the card's adaptation
+  defaults (`finetune_defaults`, ...) are kept;
 * prior (`--prior-run`, default `runs/prior` -> `faceadapt-iddpm-small`): `pseudo_target_defaults` from `--ptd start,constrain_until,down_N`,
   the tuning table from `--tune` (the JSON written by bench/tune_pseudo_targets.py) and the denoising PSNR of the
   x0-prediction at the start step on 100 clean val faces.
@@ -28,9 +31,37 @@ VAL_SEED = 3_000_000
 PRIOR_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train prior --out runs/prior2 --init-from faceadapt-iddpm-small "
                        "--steps 4500 --seed 1 --threads 1 --lr-schedule cosine --until 13:25 --ckpt-every 500 "
                        "--sample-every 1000")
-RESTORER_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train restorer --out runs/restorer2 --init-from "
-                          "faceadapt-swinir-small --steps 12000 --seed 1 --threads 1 --batch-size 8 --lr-schedule cosine "
-                          "--gan-start 200 --until 13:25 --ckpt-every 500 --sample-every 1000")
+RESTORER_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train restorer --out runs/restorer3 --init-from "
+                          "faceadapt-swinir-small --steps 10000 --seed 2 --threads 1 --batch-size 8 --lr 1e-4 "
+                          "--lr-schedule cosine --gan-start 200 --native-sizes 64,96,128,160,192 --until 04:05 "
+                          "--ckpt-every 500 --sample-every 1000")
+# card.extra entries that are not about the training run (chosen with the adaptation bench): an export keeps them
+KEEP_EXTRA = ("finetune_defaults", "finetune_defaults_note", "pseudo_target_defaults", "pseudo_target_tuning")
+NATIVE_SEED = 2_000_000  # bench/restorer_native.py's test seeds
+
+
+@torch.no_grad()
+def native_metrics(model, card, size: int, n: int = 200) -> dict:
+    """PSNR / SSIM on `n` test faces at native size `size` through the product path (`Restorer.restore_crops`), next
+    to the bicubic baseline: what bench/restorer_native.py prints."""
+    import numpy as np
+
+    from restoration import train as T
+    from restoration.data import FacesDataset
+    from restoration.pipeline import Restorer
+
+    ds = FacesDataset("test", size, limit=n)
+    gt = torch.stack([ds[i] for i in range(len(ds))])
+    lq, lqb = T.degrade_pair(gt, T.degradation_params(), NATIVE_SEED)
+    crops = [(lq[i].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8) for i in range(len(lq))]
+    out = Restorer(model, card, device="cpu", batch_size=32).restore_crops(crops)
+    out_t = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0
+    res = {"split": "test", "native_size": size, "n": len(gt), "seed": NATIVE_SEED,
+           "path": "Restorer.restore_crops (resize to 64, restore, paste back by the native-size rule)"}
+    for key, img in (("restorer", out_t), ("bicubic", lqb)):
+        p, s_ = T._psnr_ssim(img.clamp(0, 1), gt)
+        res[f"psnr_{key}"], res[f"ssim_{key}"] = round(float(np.mean(p)), 4), round(float(np.mean(s_)), 4)
+    return res
 
 
 def main() -> None:
@@ -38,7 +69,7 @@ def main() -> None:
     ap.add_argument("--restorer-run", default=str(REPO / "runs" / "restorer"))
     ap.add_argument("--prior-run", default=str(REPO / "runs" / "prior"))
     ap.add_argument("--dest", default=str(REPO / "restoration" / "zoo_defaults"))
-    ap.add_argument("--ptd", required=True, help="pseudo-target defaults start,constrain_until,down_N")
+    ap.add_argument("--ptd", help="pseudo-target defaults start,constrain_until,down_N (needed for the prior)")
     ap.add_argument("--tune", help="tuning JSON of bench/tune_pseudo_targets.py (recorded in the prior card)")
     ap.add_argument("--note", default="", help="free text recorded as card.extra.note (e.g. 'preliminary export')")
     ap.add_argument("--only", choices=["restorer", "prior"])
@@ -54,14 +85,21 @@ def main() -> None:
     val = FacesDataset("val", 64)
     gt = torch.stack([val[i] for i in range(len(val))])
     note = {"note": args.note} if args.note else {}
+    if args.only in (None, "prior") and not args.ptd:
+        ap.error("--ptd start,constrain_until,down_N is needed to export the prior")
     if args.only in (None, "restorer"):
+        from restoration.zoo import Zoo
+
         m = T.load_run_model(args.restorer_run)
         r = T.evaluate_restorer(m, gt, seed=VAL_SEED)
         metrics = {"val": {"split": "val", "degradation": "DegradationParams() standard, seeds 3000000+i",
                            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()},
                            "input_is": "degrade() output: LQ upsampled bilinearly",
                            "bicubic_is": "the same LQ upsampled bicubically"}}
-        p = T.export(args.restorer_run, dest / "faceadapt-swinir-small", metrics=metrics, extra=note,
+        old = Zoo(root=dest, builtin_dir=None).get("faceadapt-swinir-small")
+        metrics["test_native_128"] = native_metrics(m, old, 128)
+        kept = {k: old.extra[k] for k in KEEP_EXTRA if k in old.extra}
+        p = T.export(args.restorer_run, dest / "faceadapt-swinir-small", metrics=metrics, extra={**kept, **note},
                      command=cmd, train_command=RESTORER_TRAIN_COMMAND)
         print("restorer", m.step, "steps", json.dumps(metrics), "->", p)
     if args.only in (None, "prior"):
