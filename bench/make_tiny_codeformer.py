@@ -49,11 +49,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from restoration import data, degrade, metrics  # noqa: E402
+from restoration import data, metrics  # noqa: E402
 from restoration.archs import build  # noqa: E402
 from restoration.finetune_codeformer import CodeFormerFinetuneConfig, HQCodes, code_losses, trainable_parameters  # noqa: E402
 from restoration.restorer_io import run_restorer  # noqa: E402
 from restoration.zoo import Zoo  # noqa: E402
+from bench.make_tiny_gfpgan import _degraded, _t  # noqa: E402  (standard damage; uint8/float NHWC -> NCHW)
 
 SIZE = 64
 TINY_CODEFORMER = dict(dim_embd=128, n_head=4, n_layers=3, codebook_size=256, latent_size=64,
@@ -62,18 +63,6 @@ TINY_CODEFORMER = dict(dim_embd=128, n_head=4, n_layers=3, codebook_size=256, la
 LICENSE = ("Weights trained on UTKFace (non-commercial research use only): research / non-commercial use only. "
            "Architecture after CodeFormer (sczhou/CodeFormer, S-Lab License 1.0, non-commercial); FaceAdapt's own "
            "implementation, weights trained here (no S-Lab weights).")
-
-
-def _degraded(hq_u8: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """N x S x S x 3 uint8 -> N x S x S x 3 float32 in [0, 1], standard degradations."""
-    return np.stack([np.asarray(degrade.degrade(im, degrade.DEFAULT, rng), dtype=np.float32) for im in hq_u8])
-
-
-def _t(arr: np.ndarray) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(arr))
-    if t.dtype == torch.uint8:
-        t = t.float().div(255.0)
-    return t.permute(0, 3, 1, 2).contiguous()
 
 
 def _cosine(opt, steps: int, floor: float):
