@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 VAL_SEED = 3_000_000
 # the commands of the last training run behind the shipped weights (docs/MODELS.md); run from the repo root. Each
 # continues the previous shipped model (--init-from); the cards carry the earlier runs' commands under
@@ -37,30 +39,20 @@ RESTORER_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train restorer --out runs
                           "--ckpt-every 500 --sample-every 1000")
 # card.extra entries that are not about the training run (chosen with the adaptation bench): an export keeps them
 KEEP_EXTRA = ("finetune_defaults", "finetune_defaults_note", "pseudo_target_defaults", "pseudo_target_tuning")
-NATIVE_SEED = 2_000_000  # bench/restorer_native.py's test seeds
 
 
-@torch.no_grad()
 def native_metrics(model, card, size: int, n: int = 200) -> dict:
-    """PSNR / SSIM on `n` test faces at native size `size` through the product path (`Restorer.restore_crops`), next
-    to the bicubic baseline: what bench/restorer_native.py prints."""
-    import numpy as np
-
-    from restoration import train as T
-    from restoration.data import FacesDataset
+    """What bench/restorer_native.py prints, for the card: PSNR / SSIM on `n` test faces at native size `size`
+    through the product path (`Restorer.restore_crops`), next to the bicubic baseline."""
+    from bench.restorer_native import TEST_SEED, measure
     from restoration.pipeline import Restorer
 
-    ds = FacesDataset("test", size, limit=n)
-    gt = torch.stack([ds[i] for i in range(len(ds))])
-    lq, lqb = T.degrade_pair(gt, T.degradation_params(), NATIVE_SEED)
-    crops = [(lq[i].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8) for i in range(len(lq))]
-    out = Restorer(model, card, device="cpu", batch_size=32).restore_crops(crops)
-    out_t = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0
-    res = {"split": "test", "native_size": size, "n": len(gt), "seed": NATIVE_SEED,
+    rows, count = measure([Restorer(model, card, device="cpu", batch_size=32)], size, n)
+    by = {r["label"]: r for r in rows}
+    res = {"split": "test", "native_size": size, "n": count, "seed": TEST_SEED,
            "path": "Restorer.restore_crops (resize to 64, restore, paste back by the native-size rule)"}
-    for key, img in (("restorer", out_t), ("bicubic", lqb)):
-        p, s_ = T._psnr_ssim(img.clamp(0, 1), gt)
-        res[f"psnr_{key}"], res[f"ssim_{key}"] = round(float(np.mean(p)), 4), round(float(np.mean(s_)), 4)
+    for key, label in (("restorer", "restorer 0"), ("bicubic", "bicubic")):
+        res[f"psnr_{key}"], res[f"ssim_{key}"] = round(by[label]["psnr"], 4), round(by[label]["ssim"], 4)
     return res
 
 

@@ -31,16 +31,38 @@ def _load_restorer(spec: str, zoo_dir: str):
     from restoration.zoo import CARD, Zoo
 
     zoo = Zoo(root=zoo_dir, builtin_dir=None)
-    base_card = zoo.get("faceadapt-swinir-small")
     p = Path(spec)
     if p.is_dir() and (p / CARD).is_file():
-        z = Zoo(root=p.parent, builtin_dir=None)
-        return Restorer(z.load(p.name), z.get(p.name), device="cpu", batch_size=32), spec
-    if p.is_dir() and T.last_checkpoint(p) is not None:
-        ck = T.last_checkpoint(p)
+        zoo, spec_name = Zoo(root=p.parent, builtin_dir=None), p.name
+    elif p.is_dir() and (ck := T.last_checkpoint(p)) is not None:  # a run: its EMA weights, the bundled card
         model = T.load_run_model(p, "ema", ck)
-        return Restorer(model, base_card, device="cpu", batch_size=32), f"{spec} ({ck.name})"
-    return Restorer(zoo.load(spec), zoo.get(spec), device="cpu", batch_size=32), spec
+        return Restorer(model, zoo.get("faceadapt-swinir-small"), device="cpu", batch_size=32), f"{spec} ({ck.name})"
+    else:
+        spec_name = spec
+    return Restorer(zoo.load(spec_name), zoo.get(spec_name), device="cpu", batch_size=32), spec
+
+
+@torch.no_grad()
+def measure(restorers: list, size: int, n: int) -> tuple[list[dict], int]:
+    """Score each `Restorer` on `n` test faces at native `size` (standard damage scaled for that size, seeds
+    TEST_SEED + i, saved as uint8 crops, restored by `restore_crops`). Returns rows {label, psnr, ssim} (the damaged
+    input, the bicubic baseline, then one per restorer, labelled "restorer <i>") and the number of faces."""
+    from restoration import train as T
+    from restoration.data import FacesDataset
+
+    ds = FacesDataset("test", size, limit=n)
+    gt = torch.stack([ds[i] for i in range(len(ds))])
+    lq, lqb = T.degrade_pair(gt, T.degradation_params(), TEST_SEED)
+    crops = [(lq[i].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8) for i in range(len(lq))]
+    images = [("input", lq), ("bicubic", lqb)]
+    for i, restorer in enumerate(restorers):
+        out = restorer.restore_crops(crops)
+        images.append((f"restorer {i}", torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0))
+    rows = []
+    for label, img in images:
+        p, s = T._psnr_ssim(img.clamp(0, 1), gt)
+        rows.append({"label": label, "psnr": float(np.mean(p)), "ssim": float(np.mean(s))})
+    return rows, len(gt)
 
 
 def main() -> None:
@@ -54,30 +76,19 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from restoration import train as T
-    from restoration.data import FacesDataset
-
     models = [_load_restorer(m, args.zoo_dir) for m in (args.model or ["faceadapt-swinir-small"])]
+    names = {"input": "damaged input (bilinear up)", "bicubic": "bicubic baseline",
+             **{f"restorer {i}": f"restorer {label}" for i, (_, label) in enumerate(models)}}
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU; {args.n} UTK200 test faces, standard damage "
           f"scaled for each size, seeds {TEST_SEED}+i")
     for size in [int(s) for s in args.sizes.split(",")]:
         t0 = time.time()
-        ds = FacesDataset("test", size, limit=args.n)
-        gt = torch.stack([ds[i] for i in range(len(ds))])
-        lq, lqb = T.degrade_pair(gt, T.degradation_params(), TEST_SEED)
-        crops = [(lq[i].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8) for i in range(len(lq))]
-        rows = [("damaged input (bilinear up)", lq), ("bicubic baseline", lqb)]
-        for restorer, label in models:
-            out = restorer.restore_crops(crops)
-            rows.append((f"restorer {label}", torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0))
-        print(f"\nnative {size} px ({len(gt)} faces)")
-        bic = None
-        for label, img in rows:
-            p, s = T._psnr_ssim(img.clamp(0, 1), gt)
-            mp = float(np.mean(p))
-            bic = mp if label == "bicubic baseline" else bic
-            gain = f"  {mp - bic:+.2f} dB vs bicubic" if bic is not None and label.startswith("restorer") else ""
-            print(f"  {label:60} {mp:6.2f} dB  SSIM {float(np.mean(s)):.4f}{gain}")
+        rows, n = measure([r for r, _ in models], size, args.n)
+        print(f"\nnative {size} px ({n} faces)")
+        bic = next(r["psnr"] for r in rows if r["label"] == "bicubic")
+        for r in rows:
+            gain = f"  {r['psnr'] - bic:+.2f} dB vs bicubic" if r["label"].startswith("restorer") else ""
+            print(f"  {names[r['label']]:60} {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}{gain}")
         print(f"  ({time.time() - t0:.0f} s)")
 
 

@@ -31,14 +31,20 @@ def resolve_device(device: str | None = None) -> torch.device:
     return torch.device(device)
 
 
+def resize_for_model(x: torch.Tensor, size: int) -> torch.Tensor:
+    """NCHW [0, 1] -> N x C x size x size as the model is fed (bicubic, antialiased; unchanged at that size).
+    Training resizes with this too (`train.degrade_native_batch`), so the model learns on what it is served."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+
+
 def to_tensor(crops: list[np.ndarray], size: int) -> torch.Tensor:
     """uint8 HxWx3 RGB crops -> float Bx3xSxS in [0, 1] (resized with antialiasing when needed)."""
     out = []
     for c in crops:
         t = torch.from_numpy(np.array(c, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
-        if t.shape[1:] != (size, size):
-            t = F.interpolate(t[None], size=(size, size), mode="bicubic", antialias=True, align_corners=False)[0]
-        out.append(t)
+        out.append(resize_for_model(t[None], size)[0])
     return torch.stack(out).clamp_(0, 1)
 
 

@@ -111,7 +111,7 @@ class RestorerTrainConfig(_TrainConfig):
     n_grid: int = 8
     # Train on what the product feeds the model: each face is damaged at a native size drawn from this list (the
     # damage scaled for that size, as `degrade` does), then resized to `size` the way the pipeline resizes a crop
-    # (bicubic, antialiased); its target is the clean face resized to `size`. Empty: damaged at `size`.
+    # (`pipeline.resize_for_model`); its target is the clean face resized to `size`. Empty: damaged at `size`.
     native_sizes: list = field(default_factory=list)
 
 
@@ -246,11 +246,10 @@ def _batch_images(images: np.ndarray, idx: torch.Tensor, gen: torch.Generator, f
     return x
 
 
-def _load_train_images(cfg: _TrainConfig, progress: ProgressFn | None,
-                       size: int | None = None) -> tuple[np.ndarray, list[str]]:
+def _load_train_images(cfg: _TrainConfig, progress: ProgressFn | None, size: int) -> tuple[np.ndarray, list[str]]:
     from restoration.data import FacesDataset
 
-    ds = FacesDataset(cfg.split, size or cfg.size, root=cfg.data_root, flip=False, cache_dir=cfg.cache_dir, limit=cfg.limit,
+    ds = FacesDataset(cfg.split, size, root=cfg.data_root, flip=False, cache_dir=cfg.cache_dir, limit=cfg.limit,
                       progress=progress)
     return ds.images, ds.names
 
@@ -533,24 +532,21 @@ def degrade_batch(x01: torch.Tensor, params, rng: np.random.Generator) -> torch.
     return torch.from_numpy(out).permute(0, 3, 1, 2).clamp(0, 1).contiguous()
 
 
-def resize_like_pipeline(x: torch.Tensor, size: int) -> torch.Tensor:
-    """NCHW [0, 1] -> size x size, as `pipeline.to_tensor` resizes a crop for the model (bicubic, antialiased)."""
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
-
-
 def degrade_native_batch(gt_hi: torch.Tensor, params, rng: np.random.Generator, sizes: list[int],
                          size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(lq, gt) at `size` for faces seen at native sizes drawn from `sizes`: each clean face (NCHW, loaded at least
     as large as the largest size) is resized to its native size, damaged there (`degrade` scales the damage for
     that size), and resized to `size` like a crop in the pipeline; the target is the clean face resized to `size`."""
+    from restoration.pipeline import resize_for_model
+
+    def resize(x: torch.Tensor, s: int) -> torch.Tensor:
+        return resize_for_model(x, s).clamp(0, 1)
+
     lqs = []
     for i in range(len(gt_hi)):
         s = int(sizes[int(rng.integers(len(sizes)))])
-        x = resize_like_pipeline(gt_hi[i:i + 1], s)
-        lqs.append(resize_like_pipeline(degrade_batch(x, params, rng), size))
-    return torch.cat(lqs), resize_like_pipeline(gt_hi, size)
+        lqs.append(resize(degrade_batch(resize(gt_hi[i:i + 1], s), params, rng), size))
+    return torch.cat(lqs), resize(gt_hi, size)
 
 
 def degradation_params(overrides: dict | None = None):
