@@ -43,6 +43,7 @@ PSEUDO = {
     "batch_size": ("int", 1, 64),
     "seed": ("int", 0, INT_MAX),
     "save_x0": ("bool",),
+    "color_correction": ("float", 0.0, 1.0),
 }
 FINETUNE = {
     "steps": ("int", 1, lambda s: s.max_finetune_steps),

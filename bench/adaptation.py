@@ -161,7 +161,8 @@ def run_domain(domain: str, args, zoo: Zoo, hq_paths: list[Path]) -> list[dict]:
         # the held-out split of the engine is taken from the adaptation faces (no GT), as for a user
         adapt.prepare(wd, train_lq, aligned=True, size=int(cfg.size or base_card.input_size), config=cfg,
                       base=args.base, prior=args.prior, name=f"bench-{domain}-{m}", progress=progress)
-        adapt.generate_targets(wd, 0, 1, zoo=zoo, device="cpu", progress=progress)
+        gen = adapt.generate_targets(wd, 0, 1, zoo=zoo, device="cpu", progress=progress, hq_images=hq_paths)
+        print(f"    [{m}] domain colour gains (R, G, B) of the targets: {gen['color_gains'] or 'none'}", flush=True)
         t_pt = time.perf_counter() - t0
         items = [it for it in json.loads((wd / "prepare" / "manifest.json").read_text())["items"] if it["split"] == "train"]
         tg = [_load(wd / "targets" / f"{it['id']}.png") for it in items]

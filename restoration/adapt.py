@@ -456,9 +456,60 @@ def _items(workdir: Path, split: str) -> list[dict]:
 # ------------------------------------------------------------------------------------------------
 # stage 2: pseudo targets (shardable)
 # ------------------------------------------------------------------------------------------------
-def _targets_fingerprint(job: dict) -> str:
+COLOR = "color.json"
+#: Reference faces read for the clean-face colour statistics (`color_correction`).
+COLOR_REFERENCE_COUNT = 256
+
+
+def color_correction(workdir: str | Path, hq_images: Sequence | None = None, zoo=None) -> dict:
+    """The domain white balance of the pseudo targets (`PseudoTargetParams.color_correction`), computed once per job
+    and kept in `targets/color.json`: {"strength", "gains" (R, G, B, or None: nothing to correct), "domain_rgb",
+    "reference_rgb", "reference"}. The domain's statistics come from its training crops, the reference from clean
+    faces: `hq_images` (paths or arrays), else the discriminator's real images (`config.hq_dir`, else the UTKFace
+    training split), else the prior card's `extra.face_mean_rgb` (the colour of the faces it was trained on); with
+    none of them there is no correction. Deterministic, so every shard computes the same."""
+    from restoration.pseudo import domain_color_gains, mean_rgb
+
+    workdir = Path(workdir)
+    job = read_job(workdir)
+    cfg: AdaptConfig = job["config"]
+    path = workdir / TARGETS / COLOR
+    strength = float(cfg.pseudo.color_correction)
+    if path.is_file():
+        rec = _read_json(path)
+        if rec.get("strength") == strength:
+            return rec
+    rec = {"strength": strength, "gains": None, "domain_rgb": None, "reference_rgb": None, "reference": None}
+    if strength > 0:
+        if hq_images is None:
+            hq_images, source = _hq_images(cfg)
+        else:
+            source = f"given ({len(hq_images)} images)"
+        refs = list(hq_images)[:COLOR_REFERENCE_COUNT]
+        if refs:
+            rec["reference"] = source
+            rec["reference_rgb"] = mean_rgb(im if isinstance(im, np.ndarray) else _load_rgb(Path(im)) for im in refs)
+        elif job.get("prior"):
+            try:
+                fm = (_zoo(zoo).get(job["prior"]).extra or {}).get("face_mean_rgb") or {}
+            except Exception:  # noqa: BLE001 - an unknown prior has no reference; the job fails elsewhere if it matters
+                fm = {}
+            if fm.get("rgb"):
+                rec["reference"], rec["reference_rgb"] = f"prior card {job['prior']} (face_mean_rgb)", list(fm["rgb"])
+        if rec["reference_rgb"] is not None:
+            rec["domain_rgb"] = mean_rgb(_load_rgb(workdir / PREPARE / it["crop"]) for it in _items(workdir, "train"))
+            rec["gains"] = domain_color_gains(rec["domain_rgb"], rec["reference_rgb"], strength)
+        else:
+            rec["reference"] = "none found: no correction"
+    _write_json(path, rec)
+    return rec
+
+
+def _targets_fingerprint(job: dict, gains=None) -> str:
     cfg: AdaptConfig = job["config"]
     extra = f"base={job.get('base')}|prior={job.get('prior')}" + ("" if cfg.use_prior else "|prior=none")
+    if gains is not None:
+        extra += f"|color={[round(float(v), 4) for v in gains]}"
     return params_fingerprint(cfg.pseudo, extra)
 
 
@@ -473,11 +524,13 @@ def generate_targets(
     device: str | None = None,
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
+    hq_images: Sequence | None = None,
 ) -> dict:
     """Pseudo targets for shard `shard` of `num_shards` of the training crops, into `workdir/targets`.
 
-    `restorer` / `prior` (loaded modules) default to the zoo models named in job.json. Returns
-    {"shard", "num_shards", "total", "generated", "skipped", "seconds"}.
+    `restorer` / `prior` (loaded modules) default to the zoo models named in job.json; `hq_images`: the clean
+    reference faces of `color_correction`. Returns {"shard", "num_shards", "total", "generated", "skipped",
+    "seconds", "color_gains"}.
     """
     from restoration.pseudo import generate_pseudo_targets
 
@@ -493,20 +546,23 @@ def generate_targets(
         prior = None
     inputs = [(it["id"], workdir / PREPARE / it["crop"]) for it in _items(workdir, "train")]
     extra = f"base={job.get('base')}|prior={job.get('prior')}"
+    gains = color_correction(workdir, hq_images, zoo)["gains"]
     res = generate_pseudo_targets(inputs, restorer, prior, workdir / TARGETS, cfg.pseudo, shard=(shard, num_shards),
-                                  progress=progress, should_cancel=should_cancel, fingerprint_extra=extra)
+                                  progress=progress, should_cancel=should_cancel, fingerprint_extra=extra,
+                                  color_gains=gains)
     out = {"shard": shard, "num_shards": num_shards, "total": res.total, "generated": res.generated,
-           "skipped": res.skipped, "seconds": round(res.seconds, 3)}
+           "skipped": res.skipped, "seconds": round(res.seconds, 3), "color_gains": gains}
     _write_json(workdir / TARGETS / f"shard-{shard}-of-{num_shards}.json", out)
     return out
 
 
-def targets_status(workdir: str | Path) -> dict:
+def targets_status(workdir: str | Path, zoo=None) -> dict:
     """{"done", "total", "complete", "missing": [ids]} over all shards (for the worker's fan-in)."""
     workdir = Path(workdir)
     job = read_job(workdir)
     ids = [it["id"] for it in _items(workdir, "train")]
-    done = read_manifest(workdir / TARGETS, fingerprint=_targets_fingerprint(job)) if (workdir / TARGETS).is_dir() else {}
+    gains = color_correction(workdir, zoo=zoo)["gains"]
+    done = read_manifest(workdir / TARGETS, fingerprint=_targets_fingerprint(job, gains)) if (workdir / TARGETS).is_dir() else {}
     missing = [i for i in ids if i not in done]
     return {"done": len(ids) - len(missing), "total": len(ids), "complete": not missing, "missing": missing}
 
@@ -570,7 +626,7 @@ def finetune(
             if progress is not None:
                 progress("finetune", res["steps"], res["steps"])
             return res
-    st = targets_status(workdir)
+    st = targets_status(workdir, zoo)
     if not st["complete"]:
         raise RuntimeError(f"pseudo targets incomplete: {st['done']}/{st['total']} (run generate_targets for every shard)")
     dev = _device(device, cfg)
@@ -614,8 +670,8 @@ def _metric_fns(down_N: int):
     """(psnr, ssim, sharpness, lowpass_psnr) on float HxWx3 arrays in [0,1] from restoration.metrics."""
     from restoration import metrics as M
 
-    def lowpass_psnr(a, b):
-        return float(M.lowpass_psnr(a, b, down_N))
+    def lowpass_psnr(a, b):  # colour-balance invariant: removing a domain's cast is not lost content
+        return float(M.lowpass_psnr(a, b, down_N, match_color=True))
 
     return (lambda a, b: float(M.psnr(a, b))), (lambda a, b: float(M.ssim(a, b))), \
         (lambda a: float(M.sharpness(a))), lowpass_psnr
@@ -645,7 +701,8 @@ def _load_adapted(workdir: Path, job: dict, zoo, dev):
 #: The quality gate of `evaluate` (no ground truth): the adapted model is judged worse than the base when, on the
 #: held-out crops, one of these means drops below the base's by more than its margin (dB):
 #:   consistency_psnr  PSNR of the low-passed output against the low-passed input (area reduction by the pseudo-target
-#:                     down_N): the content is kept. The margin is wide on purpose: a good adaptation legitimately
+#:                     down_N), after matching the output's channel means to the input's (a removed colour cast is
+#:                     not lost content): the content is kept. The margin is wide on purpose: a good adaptation legitimately
 #:                     moves the input's colour and noise (bench/adaptation.py, `camera` at 128 px: -3.3 dB for a model
 #:                     1.3 dB better against the ground truth), a broken one moves the face (-15.6 dB seen);
 #:   naturalness       the prior's one-shot reconstruction PSNR of the output noised to `naturalness_t` of the way
@@ -755,7 +812,8 @@ def evaluate(
         pparams = dataclasses.replace(pparams, save_x0=False)
         generate_pseudo_targets([(it["id"], workdir / PREPARE / it["crop"]) for it in items], base_model, prior,
                                 target_dir, pparams, should_cancel=should_cancel,
-                                fingerprint_extra=f"eval|base={job.get('base')}|prior={job.get('prior')}")
+                                fingerprint_extra=f"eval|base={job.get('base')}|prior={job.get('prior')}",
+                                color_gains=color_correction(workdir, zoo=zoo)["gains"])
         targets = {it["id"]: _load_rgb(target_dir / f"{it['id']}.png") for it in items}
     lp_factor = int(pparams.down_N) if pparams is not None else int(cfg.pseudo.down_N)  # the judge's low pass
     psnr, ssim, sharp, lp_psnr = _metric_fns(lp_factor)
@@ -805,7 +863,7 @@ def evaluate(
         gate["note"] = "no prior to judge with: only consistency was checked" + (
             f" ({judge_error})" if judge_error else "")
     out = {"split": split, "count": len(items), "has_gt": has_gt, "lowpass_down_N": lp_factor,
-           "metrics": summary, "gate": gate, "grid": f"{EVAL}/grid.png",
+           "metrics": summary, "gate": gate, "color_correction": color_correction(workdir, zoo=zoo), "grid": f"{EVAL}/grid.png",
            "grid_columns": ["input", "base", "adapted"] + (["pseudo target"] if targets else []) + (["gt"] if has_gt else [])}
     _save_png(_grid(grid_rows), edir / "grid.png")
     _write_json(edir / "metrics.json", out)
@@ -951,7 +1009,7 @@ def run_adaptation(
                                            base=base, prior=prior, name=name, gt_paths=gt, progress=progress,
                                            should_cancel=should_cancel, zoo=zoo))
     tg = timed("pseudo_targets", lambda: generate_targets(workdir, 0, 1, zoo=zoo, progress=progress,
-                                                          should_cancel=should_cancel))
+                                                          should_cancel=should_cancel, hq_images=hq_images))
     ft_res = timed("finetune", lambda: finetune(workdir, zoo=zoo, hq_images=hq_images, progress=progress,
                                                 should_cancel=should_cancel))
     ev = timed("evaluate", lambda: evaluate(workdir, zoo=zoo, progress=progress, should_cancel=should_cancel))

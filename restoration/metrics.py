@@ -165,11 +165,13 @@ def sharpness(img) -> float:
     return float(lap.var())
 
 
-def lowpass_psnr(out, inp, factor: float = 4.0) -> float:
+def lowpass_psnr(out, inp, factor: float = 4.0, match_color: bool = False) -> float:
     """PSNR between the low-passed output and the low-passed input (fidelity to the input's content).
 
     Both images are reduced with area averaging (an anti-aliased low-pass) to the input's size divided
-    by ``factor``; the output may be larger than the input (for example an upscaled result).
+    by ``factor``; the output may be larger than the input (for example an upscaled result). ``match_color``
+    first scales each channel of the low-passed output to the input's channel mean, so that a global white-balance
+    change (a removed colour cast) does not count as lost content.
     """
     if factor < 1:
         raise ValueError("factor must be >= 1")
@@ -181,7 +183,12 @@ def lowpass_psnr(out, inp, factor: float = 4.0) -> float:
         y = cv2.resize(np.ascontiguousarray(x, dtype=np.float64), size, interpolation=cv2.INTER_AREA)
         return y[..., None] if y.ndim == 2 else y
 
-    return psnr(low(o), low(i))
+    lo, li = low(o), low(i)
+    if match_color:
+        mo = lo.reshape(-1, lo.shape[-1]).mean(0)
+        mi = li.reshape(-1, li.shape[-1]).mean(0)
+        lo = lo * np.where(mo > 1e-6, mi / np.maximum(mo, 1e-6), 1.0)
+    return psnr(lo, li)
 
 
 # ------------------------------------------------------------------------------ LPIPS

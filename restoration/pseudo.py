@@ -46,6 +46,8 @@ __all__ = [
     "image_seed",
     "params_fingerprint",
     "PseudoResult",
+    "mean_rgb",
+    "domain_color_gains",
 ]
 
 
@@ -60,6 +62,9 @@ class PseudoTargetParams:
     batch_size: images per batch (does not change results).
     seed: base seed; every image uses its own generator seeded from (seed, id).
     save_x0: also write `<id>.x0.png` (the restorer output).
+    color_correction: strength (0 = off, 1 = full) of the domain white balance applied to x0 before the prior: the
+        adaptation images' mean chromaticity is moved to that of clean reference faces (`domain_color_gains`), so a
+        colour cast shared by the whole domain (a sepia print, a camera's tint) is not copied into the targets.
     """
 
     start: int = 150
@@ -71,6 +76,7 @@ class PseudoTargetParams:
     batch_size: int = 8
     seed: int = 0
     save_x0: bool = True
+    color_correction: float = 1.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -79,6 +85,8 @@ class PseudoTargetParams:
             raise ValueError(f"need 0 <= constrain_until ({self.constrain_until}) <= start ({self.start})")
         if int(self.down_N) < 1 or int(self.batch_size) < 1 or int(self.fast_steps) < 1:
             raise ValueError("down_N, batch_size and fast_steps must be >= 1")
+        if not 0.0 <= float(self.color_correction) <= 1.0:
+            raise ValueError(f"color_correction must be in [0, 1], got {self.color_correction}")
         self.respacing = str(self.respacing)
 
     def to_dict(self) -> dict:
@@ -111,6 +119,42 @@ def params_fingerprint(params: PseudoTargetParams, extra: str = "") -> str:
         d.pop("fast_steps", None)
     blob = json.dumps({"params": d, "extra": extra}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def mean_rgb(images: Iterable[np.ndarray], center: float = 0.5) -> list[float] | None:
+    """Mean R, G, B in [0, 1] over the central `center` x `center` part (the face, not the background) of HxWx3
+    uint8 images; None for no images."""
+    sums, n = np.zeros(3), 0
+    for im in images:
+        h, w = im.shape[:2]
+        dy, dx = int(round(h * (1 - center) / 2)), int(round(w * (1 - center) / 2))
+        sums += im[dy:h - dy, dx:w - dx, :3].reshape(-1, 3).mean(0) / 255.0
+        n += 1
+    return None if n == 0 else [float(v) for v in sums / n]
+
+
+#: Casts smaller than this (largest per-channel gain, as |log gain|) are left alone: natural variation between
+#: datasets, not a domain's tint.
+COLOR_DEAD_ZONE = 0.03
+
+
+def domain_color_gains(domain_rgb: Sequence[float] | None, reference_rgb: Sequence[float] | None,
+                       strength: float = 1.0, dead_zone: float = COLOR_DEAD_ZONE) -> list[float] | None:
+    """Per-channel gains that move the domain's mean chromaticity to the reference's, keeping its mean brightness.
+
+    Chromaticity only: gains g_c = (ref_c / mean(ref)) / (dom_c / mean(dom)), so a domain that is darker or
+    brighter than the reference keeps its exposure (that may be its content); only its tint is corrected. `strength`
+    interpolates in log space (0: no change). None when there is nothing to correct (no statistics, strength 0, or
+    every |log g_c| below `dead_zone`).
+    """
+    if domain_rgb is None or reference_rgb is None or float(strength) <= 0:
+        return None
+    dom = np.clip(np.asarray(domain_rgb, np.float64), 1e-3, None)
+    ref = np.clip(np.asarray(reference_rgb, np.float64), 1e-3, None)
+    log_g = np.log((ref / ref.mean()) / (dom / dom.mean())) * float(strength)
+    if np.abs(log_g).max() < dead_zone:
+        return None
+    return [round(float(v), 4) for v in np.exp(log_g)]
 
 
 def image_seed(seed: int, image_id: str) -> int:
@@ -268,6 +312,7 @@ def generate_pseudo_targets(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     fingerprint_extra: str = "",
+    color_gains: Sequence[float] | None = None,
 ) -> PseudoResult:
     """Generate pseudo targets for shard `shard` = (i, n) of `inputs` [(id, low-quality image path), ...].
 
@@ -276,6 +321,8 @@ def generate_pseudo_targets(
     steps, generator)`), or None for pseudo target = x0. All images of a batch must have the same size.
     `progress("pseudo_targets", done, total)` is called after each batch (done counts skipped images too);
     `should_cancel()` is checked before each batch and raises `Cancelled` (finished images stay recorded).
+    `color_gains` (R, G, B; `domain_color_gains`) multiply x0 before the prior (with `prior=None` the target is that
+    corrected x0); `<id>.x0.png` stays the restorer's own output.
     """
     import time
 
@@ -293,7 +340,9 @@ def generate_pseudo_targets(
             raise ValueError(f"duplicate image id {image_id!r}")
         paths[str(image_id)] = Path(p)
     ids = shard_ids(paths, shard)
-    fp = params_fingerprint(params, fingerprint_extra + ("|prior=none" if prior is None else ""))
+    gains = None if color_gains is None else [round(float(v), 4) for v in color_gains]
+    fp = params_fingerprint(params, fingerprint_extra + ("|prior=none" if prior is None else "")
+                            + ("" if gains is None else f"|color={gains}"))
     done = read_manifest(out_dir, fingerprint=fp)
     todo = [i for i in ids if i not in done]
     total, skipped = len(ids), len(ids) - len(todo)
@@ -316,8 +365,9 @@ def generate_pseudo_targets(
         # x0 is quantised to 8 bits, as the reference reads the restorer's outputs back from PNG files; this also
         # removes the last-bit differences of batched vs single-image network kernels before the prior sees x0
         x0 = restore_batch(restorer, y).mul(255.0).add(0.5).floor().div(255.0)
+        x0c = x0 if gains is None else (x0 * torch.tensor(gains, device=x0.device).view(1, 3, 1, 1)).clamp(0.0, 1.0)
         if prior is None:
-            target = x0
+            target = x0c
         else:
             gens = []
             for i in batch_ids:
@@ -325,10 +375,12 @@ def generate_pseudo_targets(
                 g.manual_seed(image_seed(params.seed, i))
                 gens.append(g)
             with torch.no_grad():
-                target = _prior_targets(prior, x0, params, gens, should_cancel)
+                target = _prior_targets(prior, x0c, params, gens, should_cancel)
         for k, i in enumerate(batch_ids):
             rec = {"id": i, "target": f"{i}.png", "source": str(paths[i]), "fingerprint": fp,
                    "seed": image_seed(params.seed, i)}
+            if gains is not None:
+                rec["color_gains"] = gains
             if params.save_x0:
                 _save_png_atomic(_to_uint8(x0[k]), out_dir / f"{i}.x0.png")
                 rec["x0"] = f"{i}.x0.png"

@@ -383,6 +383,85 @@ def test_stages_worker_style_sharded(tmp_path, faces, zoo):
     assert res["steps"] == 2 and res["losses"]["gan"] == 0.0 and (wd / "finetune" / "model.safetensors").is_file()
 
 
+# ------------------------------------------------------------------------------------------------ colour correction
+def test_domain_color_gains():
+    from restoration.pseudo import domain_color_gains, mean_rgb
+
+    ref = [0.67, 0.50, 0.43]
+    sepia = np.array([1.10, 0.98, 0.78])
+    g = np.array(domain_color_gains(list(np.array(ref) * sepia), ref))
+    # the cast is undone up to brightness (chromaticity only): gains * cast is a constant
+    assert np.allclose(g * sepia / (g * sepia).mean(), 1.0, atol=1e-3)
+    assert abs(np.mean(np.array(ref) * sepia * g) - np.mean(np.array(ref) * sepia)) < 0.01  # brightness kept
+    # a darker domain with the same tint, a tiny tint, strength 0 or no statistics: nothing to correct
+    assert domain_color_gains([v * 0.6 for v in ref], ref) is None
+    assert domain_color_gains([0.68, 0.50, 0.43], ref) is None
+    assert domain_color_gains(list(np.array(ref) * sepia), ref, strength=0.0) is None
+    assert domain_color_gains(None, ref) is None
+    half = np.array(domain_color_gains(list(np.array(ref) * sepia), ref, strength=0.5))
+    assert np.allclose(half, np.sqrt(g), atol=1e-3)
+    # mean_rgb reads the centre of the crop only
+    im = np.zeros((40, 40, 3), np.uint8)
+    im[10:30, 10:30] = (255, 0, 51)
+    assert np.allclose(mean_rgb([im, im]), [1.0, 0.0, 0.2])
+    assert mean_rgb([]) is None
+    with pytest.raises(ValueError, match="color_correction"):
+        PseudoTargetParams(color_correction=1.5)
+
+
+def test_targets_undo_a_domain_cast(tmp_path, faces, zoo):
+    """A domain with a shared sepia cast: the gains (color.json) undo the cast measured on the crops against the
+    reference faces, and the targets (self-training ablation: target = corrected x0) are x0 times those gains;
+    color_correction=0 turns it off (target = x0)."""
+    from restoration import adapt
+    from restoration.pseudo import mean_rgb
+
+    cast_dir = tmp_path / "cast"
+    cast_dir.mkdir()
+    for p in sorted((faces / "gt").glob("*.png")):
+        arr = np.asarray(Image.open(p)).astype(np.float64) * np.array([1.10, 0.98, 0.78])
+        Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8)).save(cast_dir / p.name)
+    hq = sorted((faces / "gt").glob("*.png"))  # the clean faces of the same photos: the cast is all that differs
+    for strength in (1.0, 0.0):
+        wd = tmp_path / f"w{strength}"
+        cfg = _config(use_prior=False)
+        cfg.pseudo.color_correction = strength
+        adapt.prepare(wd, sorted(cast_dir.glob("*.png")), aligned=True, size=64, config=cfg, base="tiny-restorer",
+                      prior="tiny-prior", name="x")
+        res = adapt.generate_targets(wd, 0, 1, zoo=zoo, device="cpu", hq_images=hq)
+        rec = json.loads((wd / "targets" / "color.json").read_text())
+        assert rec["gains"] == res["color_gains"] and adapt.targets_status(wd)["complete"]
+        ids = sorted(p.stem for p in (wd / "targets").glob("*.x0.png"))
+        ids = [i[: -len(".x0")] for i in ids]
+        x0 = np.stack([np.asarray(Image.open(wd / "targets" / f"{i}.x0.png")) for i in ids]).astype(np.float64)
+        tg = np.stack([np.asarray(Image.open(wd / "targets" / f"{i}.png")) for i in ids]).astype(np.float64)
+        if strength == 1.0:
+            g = np.array(rec["gains"])
+            # train crops vs all references: the same photos up to the eval split, so close to the inverse cast
+            assert np.allclose(g * np.array([1.10, 0.98, 0.78]) / np.mean(g * np.array([1.10, 0.98, 0.78])), 1.0,
+                               atol=0.06)
+            assert rec["reference"].startswith("given") and rec["domain_rgb"] and rec["reference_rgb"]
+            assert np.abs(tg - np.clip(x0 * g, 0, 255)).max() <= 1.0
+        else:
+            assert rec["gains"] is None and np.array_equal(tg, x0)
+    # no HQ faces: the prior card's face_mean_rgb is the reference; without it there is no correction
+    card = zoo.get("tiny-prior")
+    zoo.register("tiny-prior-rgb", "iddpm_unet", TINY_UNET, _tiny_unet().state_dict(), kind="prior", input_size=32,
+                 value_range=(-1, 1), license="test", random_init=True,
+                 extra={**card.extra, "face_mean_rgb": {"rgb": [0.67, 0.50, 0.43]}})
+    try:
+        for prior_name, expect in (("tiny-prior-rgb", "prior card tiny-prior-rgb"), ("tiny-prior", "none found")):
+            wd = tmp_path / f"p-{prior_name}"
+            adapt.prepare(wd, sorted(cast_dir.glob("*.png")), aligned=True, size=64, config=_config(use_prior=False),
+                          base="tiny-restorer", prior=prior_name, name="x")
+            rec = adapt.generate_targets(wd, 0, 1, zoo=zoo, device="cpu", hq_images=[])
+            cc = json.loads((wd / "targets" / "color.json").read_text())
+            assert cc["reference"].startswith(expect) and (cc["gains"] is None) == (expect == "none found")
+            assert rec["color_gains"] == cc["gains"]
+    finally:
+        zoo.delete("tiny-prior-rgb")
+
+
 # ------------------------------------------------------------------------------------------------ quality gate
 class _Broken(torch.nn.Module):
     """An "adapted" restorer that wrecks its input: content shifted and noise added (what the gate must refuse)."""

@@ -231,6 +231,11 @@ def test_sharpness_and_lowpass_psnr(face):
     # a larger output (2x upscale) is compared at the input's low-pass size
     up = cv2.resize(face, (256, 256), interpolation=cv2.INTER_CUBIC)
     assert lowpass_psnr(up, face, 4) > 30
+    # match_color: a global per-channel gain (a colour cast removed or added) is not lost content; a moved face is
+    cast = np.clip(face * np.array([0.87, 0.97, 1.2]), 0, 1)
+    assert lowpass_psnr(cast, face, 4) < 30 < lowpass_psnr(cast, face, 4, match_color=True)
+    moved = np.roll(face, 8, axis=1)
+    assert lowpass_psnr(moved, face, 4, match_color=True) < 25
 
 
 def test_lpips_available_or_skip():

@@ -126,7 +126,7 @@ def run_stage(job_id: str, stage: str, shard: int, lease: Lease) -> dict:
         res = adapt.generate_targets(wd, shard, job.num_shards, zoo=zoo, **kw)
         tdir = wd / "targets"
         mf = tdir / f"manifest.shard-{shard}-of-{job.num_shards}.jsonl"
-        files = [mf, tdir / f"shard-{shard}-of-{job.num_shards}.json"]
+        files = [mf, tdir / f"shard-{shard}-of-{job.num_shards}.json", tdir / adapt.COLOR]  # colour: same in every shard
         for line in mf.read_text().splitlines() if mf.is_file() else []:
             try:
                 rec = json.loads(line)

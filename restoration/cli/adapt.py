@@ -134,6 +134,12 @@ def adapt(
                f"({res['skipped_images']} images skipped)")
     typer.echo(f"  losses: {json.dumps(res['finetune']['losses'])}")
     typer.echo(f"  discriminator real images: {res['finetune']['hq_source']}")
+    cc = ev.get("color_correction") or {}
+    if cc.get("gains"):
+        typer.echo(f"  domain colour cast removed from the targets: gains R, G, B {cc['gains']} (reference: "
+                   f"{cc['reference']}; pseudo.color_correction=0 turns it off)")
+    elif cc:
+        typer.echo("  domain colour cast: none to remove" if cc.get("strength") else "  domain colour correction: off")
     if ev.get("count"):
         m = ev["metrics"]
         cols = [c for c in ("target_psnr", "consistency_psnr", "naturalness", "sharpness", "psnr", "ssim")
