@@ -463,12 +463,12 @@ COLOR_REFERENCE_COUNT = 256
 
 def color_correction(workdir: str | Path, hq_images: Sequence | None = None, zoo=None) -> dict:
     """The domain white balance of the pseudo targets (`PseudoTargetParams.color_correction`), computed once per job
-    and kept in `targets/color.json`: {"strength", "gains" (R, G, B, or None: nothing to correct), "domain_rgb",
-    "reference_rgb", "reference"}. The domain's statistics come from its training crops, the reference from clean
-    faces: `hq_images` (paths or arrays), else the discriminator's real images (`config.hq_dir`, else the UTKFace
-    training split), else the prior card's `extra.face_mean_rgb` (the colour of the faces it was trained on); with
-    none of them there is no correction. Deterministic, so every shard computes the same."""
-    from restoration.pseudo import domain_color_gains, mean_rgb
+    and kept in `targets/color.json`: {"strength", "gains" (R, G, B, or None: nothing to correct), "domain",
+    "reference_stats" (`color_stats`), "reference"}. The domain's statistics come from its training crops, the
+    reference from clean faces: `hq_images` (paths or arrays), else the discriminator's real images (`config.hq_dir`,
+    else the UTKFace training split), else the prior card's `extra.face_color_stats` (the faces it was trained on);
+    with none of them there is no correction. Deterministic, so every shard computes the same."""
+    from restoration.pseudo import color_stats, domain_color_gains
 
     workdir = Path(workdir)
     job = read_job(workdir)
@@ -479,7 +479,7 @@ def color_correction(workdir: str | Path, hq_images: Sequence | None = None, zoo
         rec = _read_json(path)
         if rec.get("strength") == strength:
             return rec
-    rec = {"strength": strength, "gains": None, "domain_rgb": None, "reference_rgb": None, "reference": None}
+    rec = {"strength": strength, "gains": None, "domain": None, "reference_stats": None, "reference": None}
     if strength > 0:
         if hq_images is None:
             hq_images, source = _hq_images(cfg)
@@ -488,17 +488,18 @@ def color_correction(workdir: str | Path, hq_images: Sequence | None = None, zoo
         refs = list(hq_images)[:COLOR_REFERENCE_COUNT]
         if refs:
             rec["reference"] = source
-            rec["reference_rgb"] = mean_rgb(im if isinstance(im, np.ndarray) else _load_rgb(Path(im)) for im in refs)
+            rec["reference_stats"] = color_stats(im if isinstance(im, np.ndarray) else _load_rgb(Path(im)) for im in refs)
         elif job.get("prior"):
             try:
-                fm = (_zoo(zoo).get(job["prior"]).extra or {}).get("face_mean_rgb") or {}
+                fs = (_zoo(zoo).get(job["prior"]).extra or {}).get("face_color_stats") or {}
             except Exception:  # noqa: BLE001 - an unknown prior has no reference; the job fails elsewhere if it matters
-                fm = {}
-            if fm.get("rgb"):
-                rec["reference"], rec["reference_rgb"] = f"prior card {job['prior']} (face_mean_rgb)", list(fm["rgb"])
-        if rec["reference_rgb"] is not None:
-            rec["domain_rgb"] = mean_rgb(_load_rgb(workdir / PREPARE / it["crop"]) for it in _items(workdir, "train"))
-            rec["gains"] = domain_color_gains(rec["domain_rgb"], rec["reference_rgb"], strength)
+                fs = {}
+            if fs.get("face") and fs.get("surround"):
+                rec["reference"] = f"prior card {job['prior']} (face_color_stats)"
+                rec["reference_stats"] = {"face": list(fs["face"]), "surround": list(fs["surround"])}
+        if rec["reference_stats"] is not None:
+            rec["domain"] = color_stats(_load_rgb(workdir / PREPARE / it["crop"]) for it in _items(workdir, "train"))
+            rec["gains"] = domain_color_gains(rec["domain"], rec["reference_stats"], strength)
         else:
             rec["reference"] = "none found: no correction"
     _write_json(path, rec)

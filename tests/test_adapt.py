@@ -385,26 +385,37 @@ def test_stages_worker_style_sharded(tmp_path, faces, zoo):
 
 # ------------------------------------------------------------------------------------------------ colour correction
 def test_domain_color_gains():
-    from restoration.pseudo import domain_color_gains, mean_rgb
+    from restoration.pseudo import color_stats, domain_color_gains
 
-    ref = [0.67, 0.50, 0.43]
+    ref = {"face": [0.67, 0.50, 0.43], "surround": [0.57, 0.45, 0.38]}
     sepia = np.array([1.10, 0.98, 0.78])
-    g = np.array(domain_color_gains(list(np.array(ref) * sepia), ref))
-    # the cast is undone up to brightness (chromaticity only): gains * cast is a constant
-    assert np.allclose(g * sepia / (g * sepia).mean(), 1.0, atol=1e-3)
-    assert abs(np.mean(np.array(ref) * sepia * g) - np.mean(np.array(ref) * sepia)) < 0.01  # brightness kept
-    # a darker domain with the same tint, a tiny tint, strength 0 or no statistics: nothing to correct
-    assert domain_color_gains([v * 0.6 for v in ref], ref) is None
-    assert domain_color_gains([0.68, 0.50, 0.43], ref) is None
-    assert domain_color_gains(list(np.array(ref) * sepia), ref, strength=0.0) is None
+
+    def tint(stats, face=1.0, surround=1.0):
+        return {"face": list(np.array(stats["face"]) * face), "surround": list(np.array(stats["surround"]) * surround)}
+
+    g = np.array(domain_color_gains(tint(ref, sepia, sepia), ref))
+    # a cast on the whole picture is undone up to brightness (chromaticity only): gains * cast is a constant
+    assert np.allclose(g * sepia / (g * sepia).mean(), 1.0, atol=5e-3)
+    assert abs(np.log(g).sum()) < 1e-3  # geometric mean 1: the exposure is kept
+    # darker, a tiny tint, a tint of the face only (skin tone) or of the surround only (a coloured wall), strength 0
+    # or no statistics: nothing to correct
+    assert domain_color_gains(tint(ref, 0.6, 0.6), ref) is None
+    assert domain_color_gains(tint(ref, np.array([1.02, 1.0, 0.99]), np.array([1.02, 1.0, 0.99])), ref) is None
+    assert domain_color_gains(tint(ref, face=sepia), ref) is None
+    assert domain_color_gains(tint(ref, surround=sepia), ref) is None
+    assert domain_color_gains(tint(ref, sepia, sepia), ref, strength=0.0) is None
     assert domain_color_gains(None, ref) is None
-    half = np.array(domain_color_gains(list(np.array(ref) * sepia), ref, strength=0.5))
+    # face and surround disagree in size: the smaller shared part is corrected
+    weak = np.array(domain_color_gains(tint(ref, sepia, np.sqrt(sepia)), ref))
+    assert np.allclose(weak, np.sqrt(g), atol=2e-3)
+    half = np.array(domain_color_gains(tint(ref, sepia, sepia), ref, strength=0.5))
     assert np.allclose(half, np.sqrt(g), atol=1e-3)
-    # mean_rgb reads the centre of the crop only
+    # color_stats: the central half is the face, outside the central 60 % the surround
     im = np.zeros((40, 40, 3), np.uint8)
     im[10:30, 10:30] = (255, 0, 51)
-    assert np.allclose(mean_rgb([im, im]), [1.0, 0.0, 0.2])
-    assert mean_rgb([]) is None
+    st = color_stats([im, im])
+    assert np.allclose(st["face"], [1.0, 0.0, 0.2]) and np.allclose(st["surround"], 0.0)
+    assert color_stats([]) is None
     with pytest.raises(ValueError, match="color_correction"):
         PseudoTargetParams(color_correction=1.5)
 
@@ -414,7 +425,6 @@ def test_targets_undo_a_domain_cast(tmp_path, faces, zoo):
     reference faces, and the targets (self-training ablation: target = corrected x0) are x0 times those gains;
     color_correction=0 turns it off (target = x0)."""
     from restoration import adapt
-    from restoration.pseudo import mean_rgb
 
     cast_dir = tmp_path / "cast"
     cast_dir.mkdir()
@@ -440,15 +450,15 @@ def test_targets_undo_a_domain_cast(tmp_path, faces, zoo):
             # train crops vs all references: the same photos up to the eval split, so close to the inverse cast
             assert np.allclose(g * np.array([1.10, 0.98, 0.78]) / np.mean(g * np.array([1.10, 0.98, 0.78])), 1.0,
                                atol=0.06)
-            assert rec["reference"].startswith("given") and rec["domain_rgb"] and rec["reference_rgb"]
+            assert rec["reference"].startswith("given") and rec["domain"] and rec["reference_stats"]
             assert np.abs(tg - np.clip(x0 * g, 0, 255)).max() <= 1.0
         else:
             assert rec["gains"] is None and np.array_equal(tg, x0)
-    # no HQ faces: the prior card's face_mean_rgb is the reference; without it there is no correction
+    # no HQ faces: the prior card's face_color_stats are the reference; without them there is no correction
     card = zoo.get("tiny-prior")
     zoo.register("tiny-prior-rgb", "iddpm_unet", TINY_UNET, _tiny_unet().state_dict(), kind="prior", input_size=32,
                  value_range=(-1, 1), license="test", random_init=True,
-                 extra={**card.extra, "face_mean_rgb": {"rgb": [0.67, 0.50, 0.43]}})
+                 extra={**card.extra, "face_color_stats": {"face": [0.67, 0.50, 0.43], "surround": [0.57, 0.45, 0.38]}})
     try:
         for prior_name, expect in (("tiny-prior-rgb", "prior card tiny-prior-rgb"), ("tiny-prior", "none found")):
             wd = tmp_path / f"p-{prior_name}"

@@ -52,6 +52,7 @@ def adapt(
     down_n: Optional[int] = typer.Option(None, "--down-n", help="Low-pass factor N (8 or 16; default from the prior card)."),
     schedule: Optional[str] = typer.Option(None, "--schedule", help="ancestral (paper) or ddim (fast; default from the prior card: ddim for the bundled prior)."),
     fast_steps: Optional[int] = typer.Option(None, "--fast-steps", min=1, help="Network calls of the ddim schedule (default from the prior card: 15 for the bundled prior, else 25)."),
+    color_correction: Optional[float] = typer.Option(None, "--color-correction", min=0.0, max=1.0, help="Strength of the domain white balance of the pseudo targets: a colour cast shared by all images is measured against clean faces and taken out (1 = full, the default; 0 = off)."),
     eval_fraction: float = typer.Option(0.1, "--eval-fraction", min=0.0, max=0.9, help="Share of images held out for evaluation."),
     hq_dir: Optional[Path] = typer.Option(None, "--hq-dir", help="Clean HQ faces for the discriminator (default: the UTKFace training split)."),
     no_prior: bool = typer.Option(False, "--no-prior", help="Ablation: pseudo target = the base model's output (no diffusion prior)."),
@@ -89,7 +90,7 @@ def adapt(
     if workdir is not None and workdir.exists() and not workdir.is_dir():
         fail(f"--workdir {workdir}: exists and is not a folder", 2)
     pseudo = {"start": start, "constrain_until": constrain_until, "down_N": down_n, "schedule": schedule,
-              "fast_steps": fast_steps}
+              "fast_steps": fast_steps, "color_correction": color_correction}
     ft = {"steps": steps, "batch_size": batch_size, "lr": lr, "lr_min": lr_min}
     params = {"pseudo": {k: v for k, v in pseudo.items() if v is not None},
               "finetune": {k: v for k, v in ft.items() if v is not None}}
