@@ -41,6 +41,20 @@ RESTORER_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train restorer --out runs
 KEEP_EXTRA = ("finetune_defaults", "finetune_defaults_note", "pseudo_target_defaults", "pseudo_target_tuning")
 
 
+def face_color_stats() -> dict:
+    """The prior card's clean-face colour reference (`restoration.adapt.color_correction` without HQ faces)."""
+    from restoration import data
+    from restoration.adapt import _load_rgb
+    from restoration.pseudo import color_stats
+
+    names = data.load_split("train")[::4]
+    root = data.default_faces_root()
+    return {**color_stats(_load_rgb(root / n) for n in names),
+            "how": f"restoration.pseudo.color_stats of {len(names):,} of its training faces (every 4th of the "
+                   "faces-utk200 train split): the clean-face colour reference of pseudo.color_correction when no "
+                   "HQ faces are configured"}
+
+
 def native_metrics(model, card, size: int, n: int = 200) -> dict:
     """What bench/restorer_native.py prints, for the card: PSNR / SSIM on `n` test faces at native size `size`
     through the product path (`Restorer.restore_crops`), next to the bicubic baseline."""
@@ -99,7 +113,8 @@ def main() -> None:
         m = T.load_run_model(args.prior_run)
         den = T.denoise_psnr(m, gt[:100], start, seed=0)
         metrics = {"val_denoise_psnr_at_start": {"t_respaced": start, "n": 100, "psnr": round(den, 3)}}
-        extra = {"pseudo_target_defaults": {"start": start, "constrain_until": until, "down_N": n}, **note}
+        extra = {"pseudo_target_defaults": {"start": start, "constrain_until": until, "down_N": n},
+                 "face_color_stats": face_color_stats(), **note}
         if args.tune:
             extra["pseudo_target_tuning"] = json.loads(Path(args.tune).read_text())
         p = T.export(args.prior_run, dest / "faceadapt-iddpm-small", metrics=metrics, extra=extra,
