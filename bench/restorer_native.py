@@ -10,7 +10,8 @@ image upsampled bicubically instead of bilinearly).
     python bench/restorer_native.py --model restoration/zoo_defaults/faceadapt-swinir-small --model runs/restorer3
 
 `--model` takes a zoo name, a zoo folder or a training run folder (its last checkpoint's EMA weights); repeat it to
-compare models on the same faces.
+compare models on the same faces. `--flip-ensemble` adds, per model, a row for the average of its outputs on the face
+and on its mirror image (a test-time ensemble the product does not use: two network passes per face).
 """
 from __future__ import annotations
 
@@ -23,6 +24,17 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_SEED = 2_000_000
+
+
+class _FlipEnsemble(torch.nn.Module):
+    """The mean of a restorer's outputs on the face and on its mirror image (mirrored back)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return 0.5 * (self.model(x) + self.model(x.flip(-1)).flip(-1))
 
 
 def _load_restorer(spec: str, zoo_dir: str):
@@ -73,10 +85,16 @@ def main() -> None:
     ap.add_argument("--sizes", default="128", help="comma-separated native sizes (px)")
     ap.add_argument("--n", type=int, default=200, help="test faces")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--flip-ensemble", action="store_true", help="also score each model averaged with its mirror pass")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     models = [_load_restorer(m, args.zoo_dir) for m in (args.model or ["faceadapt-swinir-small"])]
+    if args.flip_ensemble:
+        from restoration.pipeline import Restorer
+
+        models += [(Restorer(_FlipEnsemble(r.model), r.card, device="cpu", batch_size=32), f"{label} + flip ensemble")
+                   for r, label in list(models)]
     names = {"input": "damaged input (bilinear up)", "bicubic": "bicubic baseline",
              **{f"restorer {i}": f"restorer {label}" for i, (_, label) in enumerate(models)}}
     print(f"torch {torch.__version__}, {args.threads} thread(s), CPU; {args.n} UTK200 test faces, standard damage "
