@@ -105,6 +105,8 @@ class RestorerTrainConfig(_TrainConfig):
     lr_schedule: str = "cosine"
     gan_weight: float = 0.005
     gan_start: int = 500  # steps of pure L1 before the GAN term is switched on
+    # Pixel loss: 'l1' (default) or 'mse' (optimises PSNR directly; for a last PSNR-oriented stage of a warm start).
+    pixel_loss: str = "l1"
     disc_lr: float = 2e-4
     disc_channels: int = 32
     degradation: dict = field(default_factory=dict)  # overrides of DegradationParams (empty: standard)
@@ -597,8 +599,13 @@ class _RestorerLoop(_Loop):
         lq, gt = lq.to(self.device), gt.to(self.device)
         out = self.model(lq)
         l1 = (out - gt).abs().mean()
-        loss = l1
-        vals = {"l1": l1.item()}
+        if cfg.pixel_loss == "mse":
+            mse = (out - gt).pow(2).mean()
+            loss = mse
+            vals = {"l1": l1.item(), "mse": mse.item()}
+        else:
+            loss = l1
+            vals = {"l1": l1.item()}
         use_gan = cfg.gan_weight > 0 and self.step >= cfg.gan_start
         if use_gan:
             self.disc.requires_grad_(False)
@@ -753,8 +760,9 @@ def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | No
         "training": {
             "recipe": ("iDDPM hybrid loss (L_simple + rescaled L_vlb, learned range), AdamW, EMA"
                        if kind == "prior" else
-                       "L1 + non-saturating GAN (small spectral-norm patch discriminator), AdamW, EMA; "
-                       "no LPIPS (no LPIPS weights available locally)"),
+                       f"{'MSE' if tcfg.get('pixel_loss') == 'mse' else 'L1'}"
+                       f"{' + non-saturating GAN (small spectral-norm patch discriminator)' if tcfg.get('gan_weight', 0) > 0 else ''}"
+                       ", AdamW, EMA; no LPIPS (no LPIPS weights available locally)"),
             "steps": s["step"], "seed": tcfg["seed"], "batch_size": tcfg["batch_size"], "lr": tcfg["lr"],
             "lr_schedule": tcfg["lr_schedule"], "ema_rate": tcfg["ema_rate"], "size": tcfg["size"],
             "images_seen": s["step"] * tcfg["batch_size"], "wall_seconds": round(s["train_seconds"], 1),

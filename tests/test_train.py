@@ -188,3 +188,28 @@ def test_restorer_trains_on_native_sizes(tmp_path, faces_root):
     ck = T.load_checkpoint(T.last_checkpoint(out))
     assert ck["config"]["native_sizes"] == [16, 32]
     assert (out / "samples_00000002.png").is_file()
+
+
+def test_restorer_mse_stage_without_gan(tmp_path, faces_root):
+    """--pixel-loss mse --gan-weight 0: the loss is the MSE, the critic is never used, the card says so."""
+    out = tmp_path / "mse"
+    cfg = T.RestorerTrainConfig(out_dir=str(out), size=16, batch_size=2, steps=2, limit=4, model=TINY_RESTORER,
+                                data_root=str(faces_root), cache_dir=None, ckpt_every=1, sample_every=0, n_grid=2,
+                                gan_weight=0.0, pixel_loss="mse", warmup_steps=1)
+    assert T.train_restorer(cfg, show_bar=False)["step"] == 2
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    steps = [r for r in rows if "loss" in r]
+    assert steps and all(r["loss"] == pytest.approx(r["mse"]) and "d" not in r and "g_adv" not in r for r in steps)
+    card = json.loads((T.export(out, tmp_path / "zoo" / "mse") / "card.json").read_text())
+    recipe = card["extra"]["training"]["recipe"]
+    assert recipe.startswith("MSE") and "GAN" not in recipe
+
+
+def test_cli_train_refuses_unknown_pixel_loss(tmp_path, faces_root):
+    from typer.testing import CliRunner
+
+    from restoration.cli import app
+
+    r = CliRunner().invoke(app, ["train", "restorer", "--out", str(tmp_path / "r"), "--pixel-loss", "l2",
+                                 "--data-root", str(faces_root), "--limit", "2", "--cache-dir", ""])
+    assert r.exit_code != 0 and "--pixel-loss" in r.output and "Traceback" not in r.output

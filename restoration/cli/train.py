@@ -155,6 +155,7 @@ def restorer(
     gan_start: Optional[int] = typer.Option(None, "--gan-start", help="Steps of pure L1 before the GAN term starts (default 500)."),
     lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="'cosine' (default, to 10% at --steps) or 'constant'."),
     model_json: Optional[str] = typer.Option(None, "--model-json", help="swinir_face constructor config as JSON (default: the small 64 px config)."),
+    pixel_loss: Optional[str] = typer.Option(None, "--pixel-loss", help="'l1' (default) or 'mse' (optimises PSNR directly; for a last stage started with --init-from)."),
     native_sizes: Optional[str] = typer.Option(None, "--native-sizes", help="Comma-separated face sizes, e.g. 64,96,128,192: each face is damaged at one of them and resized to 64 as the pipeline resizes a crop (default: damaged at 64)."),
 ):
     """Train the small swinir_face restorer on synthetic degradations (L1 + small GAN term) at 64x64."""
@@ -167,6 +168,10 @@ def restorer(
         cfg.gan_weight = gan_weight
     if gan_start is not None:
         cfg.gan_start = gan_start
+    if pixel_loss is not None:
+        if pixel_loss not in ("l1", "mse"):
+            raise typer.BadParameter(f"--pixel-loss is 'l1' or 'mse', not {pixel_loss!r}")
+        cfg.pixel_loss = pixel_loss
     _set_schedule(cfg, lr_schedule)
     if model_json:
         cfg.model = json.loads(model_json)
