@@ -33,10 +33,10 @@ VAL_SEED = 3_000_000
 PRIOR_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train prior --out runs/prior2 --init-from faceadapt-iddpm-small "
                        "--steps 4500 --seed 1 --threads 1 --lr-schedule cosine --until 13:25 --ckpt-every 500 "
                        "--sample-every 1000")
-RESTORER_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train restorer --out runs/restorer4 --init-from "
-                          "faceadapt-swinir-small --steps 4500 --seed 3 --threads 1 --batch-size 16 --lr 1e-4 "
-                          "--lr-schedule cosine --gan-start 200 --native-sizes 64,96,128,160,192 --until 09:35 "
-                          "--ckpt-every 500 --sample-every 1000")
+RESTORER_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train restorer --out runs/restorer5mse --init-from "
+                          "faceadapt-swinir-small --steps 8000 --seed 4 --threads 1 --batch-size 16 --lr 5e-5 "
+                          "--lr-schedule cosine --gan-weight 0 --pixel-loss mse --native-sizes 64,96,128,160,192 "
+                          "--until 15:40 --ckpt-every 500 --sample-every 1000  # stopped by hand after step 7000")
 # card.extra entries that are not about the training run (chosen with the adaptation bench): an export keeps them
 KEEP_EXTRA = ("finetune_defaults", "finetune_defaults_note", "pseudo_target_defaults", "pseudo_target_tuning")
 

@@ -73,8 +73,17 @@ def measure(restorers: list, size: int, n: int) -> tuple[list[dict], int]:
     rows = []
     for label, img in images:
         p, s = T._psnr_ssim(img.clamp(0, 1), gt)
-        rows.append({"label": label, "psnr": float(np.mean(p)), "ssim": float(np.mean(s))})
+        rows.append({"label": label, "psnr": float(np.mean(p)), "ssim": float(np.mean(s)), "sharpness": sharpness(img)})
+    rows.append({"label": "clean", "sharpness": sharpness(gt)})
     return rows, len(gt)
+
+
+def sharpness(img: torch.Tensor) -> float:
+    """Mean over the faces of the variance of the 3x3 Laplacian of the grey image (0-255): texture / blur, not quality."""
+    grey = (img.clamp(0, 1) * 255.0).mul(torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
+    lap = torch.nn.functional.conv2d(grey, k)
+    return float(lap.flatten(1).var(1).mean())
 
 
 def main() -> None:
@@ -105,8 +114,11 @@ def main() -> None:
         print(f"\nnative {size} px ({n} faces)")
         bic = next(r["psnr"] for r in rows if r["label"] == "bicubic")
         for r in rows:
+            if "psnr" not in r:
+                print(f"  {names.get(r['label'], r['label']):60} {'':29}  sharpness {r['sharpness']:7.1f}")
+                continue
             gain = f"  {r['psnr'] - bic:+.2f} dB vs bicubic" if r["label"].startswith("restorer") else ""
-            print(f"  {names[r['label']]:60} {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}{gain}")
+            print(f"  {names[r['label']]:60} {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}  sharpness {r['sharpness']:7.1f}{gain}")
         print(f"  ({time.time() - t0:.0f} s)")
 
 
