@@ -79,11 +79,11 @@ def measure(restorers: list, size: int, n: int) -> tuple[list[dict], int]:
 
 
 def sharpness(img: torch.Tensor) -> float:
-    """Mean over the faces of the variance of the 3x3 Laplacian of the grey image (0-255): texture / blur, not quality."""
-    grey = (img.clamp(0, 1) * 255.0).mul(torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    k = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
-    lap = torch.nn.functional.conv2d(grey, k)
-    return float(lap.flatten(1).var(1).mean())
+    """Mean over the faces of `metrics.sharpness` (variance of the luma's Laplacian, the adaptation gate's
+    no-reference measure): texture / blur, not quality."""
+    from restoration.metrics import sharpness as one
+
+    return float(np.mean([one(im.clamp(0, 1)) for im in img]))
 
 
 def main() -> None:
@@ -115,10 +115,10 @@ def main() -> None:
         bic = next(r["psnr"] for r in rows if r["label"] == "bicubic")
         for r in rows:
             if "psnr" not in r:
-                print(f"  {names.get(r['label'], r['label']):60} {'':29}  sharpness {r['sharpness']:7.1f}")
+                print(f"  {names.get(r['label'], r['label']):60} {'':29}  sharpness {r['sharpness']:.3e}")
                 continue
             gain = f"  {r['psnr'] - bic:+.2f} dB vs bicubic" if r["label"].startswith("restorer") else ""
-            print(f"  {names[r['label']]:60} {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}  sharpness {r['sharpness']:7.1f}{gain}")
+            print(f"  {names[r['label']]:60} {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}  sharpness {r['sharpness']:.3e}{gain}")
         print(f"  ({time.time() - t0:.0f} s)")
 
 

@@ -97,6 +97,9 @@ class PriorTrainConfig(_TrainConfig):
     n_samples: int = 16
 
 
+PIXEL_LOSSES = ("l1", "mse")
+
+
 @dataclass
 class RestorerTrainConfig(_TrainConfig):
     out_dir: str = "runs/restorer"
@@ -105,7 +108,8 @@ class RestorerTrainConfig(_TrainConfig):
     lr_schedule: str = "cosine"
     gan_weight: float = 0.005
     gan_start: int = 500  # steps of pure L1 before the GAN term is switched on
-    # Pixel loss: 'l1' (default) or 'mse' (optimises PSNR directly; for a last PSNR-oriented stage of a warm start).
+    # Pixel loss, one of PIXEL_LOSSES: 'l1' (default) or 'mse' (optimises PSNR directly; for a last PSNR-oriented
+    # stage of a warm start).
     pixel_loss: str = "l1"
     disc_lr: float = 2e-4
     disc_channels: int = 32
@@ -565,6 +569,8 @@ class _RestorerLoop(_Loop):
         from restoration.archs import build
 
         cfg: RestorerTrainConfig = self.cfg  # type: ignore[assignment]
+        if cfg.pixel_loss not in PIXEL_LOSSES:
+            raise ValueError(f"pixel_loss is one of {', '.join(PIXEL_LOSSES)}, not {cfg.pixel_loss!r}")
         self.model = build(self.arch, cfg.model).to(self.device).train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.disc = PatchDiscriminator(cfg.disc_channels).to(self.device).train()
@@ -599,13 +605,11 @@ class _RestorerLoop(_Loop):
         lq, gt = lq.to(self.device), gt.to(self.device)
         out = self.model(lq)
         l1 = (out - gt).abs().mean()
+        loss = l1
+        vals = {"l1": l1.item()}
         if cfg.pixel_loss == "mse":
-            mse = (out - gt).pow(2).mean()
-            loss = mse
-            vals = {"l1": l1.item(), "mse": mse.item()}
-        else:
-            loss = l1
-            vals = {"l1": l1.item()}
+            loss = (out - gt).pow(2).mean()
+            vals["mse"] = loss.item()
         use_gan = cfg.gan_weight > 0 and self.step >= cfg.gan_start
         if use_gan:
             self.disc.requires_grad_(False)

@@ -213,3 +213,8 @@ def test_cli_train_refuses_unknown_pixel_loss(tmp_path, faces_root):
     r = CliRunner().invoke(app, ["train", "restorer", "--out", str(tmp_path / "r"), "--pixel-loss", "l2",
                                  "--data-root", str(faces_root), "--limit", "2", "--cache-dir", ""])
     assert r.exit_code != 0 and "--pixel-loss" in r.output and "Traceback" not in r.output
+    # the training loop itself refuses it too (a config built in Python, not through the CLI)
+    cfg = T.RestorerTrainConfig(out_dir=str(tmp_path / "p"), size=16, batch_size=2, steps=1, limit=2,
+                                model=TINY_RESTORER, data_root=str(faces_root), cache_dir=None, pixel_loss="l2")
+    with pytest.raises(ValueError, match="pixel_loss"):
+        T.train_restorer(cfg, show_bar=False)

@@ -169,8 +169,10 @@ def restorer(
     if gan_start is not None:
         cfg.gan_start = gan_start
     if pixel_loss is not None:
-        if pixel_loss not in ("l1", "mse"):
-            raise typer.BadParameter(f"--pixel-loss is 'l1' or 'mse', not {pixel_loss!r}")
+        from restoration.train import PIXEL_LOSSES
+
+        if pixel_loss not in PIXEL_LOSSES:  # checked before any data is loaded
+            raise typer.BadParameter(f"--pixel-loss is one of {', '.join(PIXEL_LOSSES)}, not {pixel_loss!r}")
         cfg.pixel_loss = pixel_loss
     _set_schedule(cfg, lr_schedule)
     if model_json:
