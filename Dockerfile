@@ -13,6 +13,7 @@ COPY pyproject.toml README.md ./
 COPY restoration ./restoration
 COPY app ./app
 COPY worker ./worker
+COPY cli ./cli
 COPY alembic ./alembic
 COPY alembic.ini ./
 # same install as the Makefile: facexlib / facenet-pytorch pin old torch releases, their real needs are in pyproject

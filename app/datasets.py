@@ -22,14 +22,14 @@ def face_helper():
     global _helper
     with _helper_lock:
         if _helper is None:
-            from restoration.face import FaceHelper
+            from restoration.faces.helper import FaceHelper
 
             _helper = FaceHelper(size=512)
         return _helper
 
 
 def ingest(tenant_id: str, name: str, uploads: list[UploadedFile], settings: Settings) -> dict:
-    from restoration.imageio import ImageError, load_image
+    from restoration.faces.imageio import ImageError, load_image
 
     accepted, rejected = [], []
     if len(uploads) == 1 and is_zip(uploads[0].data):

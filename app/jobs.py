@@ -19,7 +19,7 @@ log = logging.getLogger("faceadapt.api")
 def validate_params(params: dict) -> dict:
     """Engine parameters: every field typed and bounded (app.params), then accepted by AdaptConfig itself."""
     from app.params import check_params, engine_params
-    from restoration.adapt import AdaptConfig
+    from restoration.adaptation.engine import AdaptConfig
 
     settings = get_settings()
     check_params(params, settings)
@@ -45,7 +45,7 @@ def check_active_jobs(session: Session, tenant_id: str) -> None:
 
 def create_job(session: Session, tenant_id: str, body: AdaptationIn) -> Job:
     from app.datasets import get_dataset
-    from restoration.zoo import ZooError, check_name
+    from restoration.models.zoo import ZooError, check_name
 
     settings = get_settings()
     ds = get_dataset(session, tenant_id, body.dataset_id)

@@ -49,7 +49,7 @@ async def read_upload(upload, settings: Settings, already: int = 0) -> bytes:
 def check_image_format(data: bytes, settings: Settings, name: str = "image") -> str:
     """The image's format from its signature, before anything decodes it: 415 `unsupported_format` for a format
     outside `image_formats` (EPS, GIF, PDF, ...), 400 `bad_image` for bytes that are no image at all."""
-    from restoration.imageio import UnsupportedFormat, allowed_formats, check_format, sniff_format
+    from restoration.faces.imageio import UnsupportedFormat, allowed_formats, check_format, sniff_format
 
     if sniff_format(data) is None:
         raise ApiError(400, "bad_image", f"cannot read {name}: not a recognised image format "
@@ -67,7 +67,7 @@ def check_pixels(data: bytes, settings: Settings, name: str = "image") -> None:
     import re
     import warnings
 
-    from restoration.imageio import INPUT_FORMATS, allowed_formats, sniff_format
+    from restoration.faces.imageio import INPUT_FORMATS, allowed_formats, sniff_format
 
     fmt = sniff_format(data)
     if fmt not in allowed_formats(settings.image_formats):
@@ -107,7 +107,7 @@ def _safe_member_name(info: zipfile.ZipInfo) -> str:
 def _image_signature(head: bytes, settings: Settings) -> bool:
     """The first bytes of a zip member name an accepted image format (nothing else is inflated)."""
     try:
-        from restoration.imageio import allowed_formats, sniff_format
+        from restoration.faces.imageio import allowed_formats, sniff_format
 
         return sniff_format(head) in allowed_formats(settings.image_formats)
     except ImportError:  # pragma: no cover - older imageio without the allow-list

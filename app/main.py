@@ -40,8 +40,8 @@ def warn_demo_model() -> None:
     if _demo_warned:
         return
     _demo_warned = True
-    from restoration.fidelity import demo_model_warning
-    from restoration.zoo import Zoo
+    from restoration.faces.fidelity import demo_model_warning
+    from restoration.models.zoo import Zoo
 
     try:
         card = Zoo().get(get_settings().default_restorer)

@@ -65,7 +65,7 @@ def sync_zoo_models(session: Session) -> None:
     """Make the public zoo models (`public_zoo_names`) public registry entries; zoo models that are no longer public
     leave the registry (unless a running job still uses one as its base)."""
     from app.models import Job
-    from restoration.zoo import Zoo
+    from restoration.models.zoo import Zoo
 
     try:
         cards = Zoo().list()
@@ -195,22 +195,22 @@ class MicroBatcher:
 @dataclass
 class Restored:
     image: np.ndarray
-    faces: list  # the restored faces (restoration.face.Face), largest first
+    faces: list  # the restored faces (restoration.faces.helper.Face), largest first
     faces_found: int  # faces detected, restored or not
     detector: str | None
 
 
 @dataclass
 class Loaded:
-    restorer: object  # restoration.pipeline.Restorer
+    restorer: object  # restoration.faces.restore.Restorer
     batcher: MicroBatcher
 
     def restore(self, img: np.ndarray, aligned: bool, only_center_face: bool, max_faces: int | None = None,
                 fidelity: float | None = None) -> Restored:
         """Restore the faces of `img`; at most the `max_faces` largest ones (the others are left as they are).
-        `fidelity` (None: auto by each face's native size, `restoration.fidelity`); every face's `extra` records
+        `fidelity` (None: auto by each face's native size, `restoration.faces.fidelity`); every face's `extra` records
         `native_size`, `mode` and `fidelity`."""
-        from restoration.fidelity import network_fidelity
+        from restoration.faces.fidelity import network_fidelity
 
         helper = self.restorer.face_helper()
         arch = self.restorer.card.arch
@@ -337,8 +337,8 @@ class ModelCache:
             item.loaded.close()
 
     def _load(self, row: ModelRow) -> Loaded:
-        from restoration.pipeline import Restorer
-        from restoration.zoo import ModelCard, Zoo
+        from restoration.faces.restore import Restorer
+        from restoration.models.zoo import ModelCard, Zoo
 
         settings = get_settings()
         t0 = time.perf_counter()
@@ -358,7 +358,7 @@ class ModelCache:
 def materialise(row: ModelRow):
     """Fetch a registry model's files from storage into this process's cache; returns a Zoo holding it as `row.id`."""
     from app.storage import get_storage
-    from restoration.zoo import Zoo
+    from restoration.models.zoo import Zoo
 
     root = get_settings().cache_path / "models"
     storage = get_storage()

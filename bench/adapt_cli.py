@@ -26,7 +26,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.adaptation import _load, _save, make_data, score  # noqa: E402
-from restoration import data, degrade  # noqa: E402
+from restoration.data import faces as data  # noqa: E402
+from restoration.degrade import damage as degrade
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
         if not dst.is_file():
             _save(data.load_face(data.default_faces_root() / n, args.size), dst)
     env = dict(os.environ, FACEADAPT_HOME=str(out / "home"), FACEADAPT_MODELS_DIR=str(out / "home" / "models"))
-    exe = [sys.executable, "-m", "restoration.cli"] if not (REPO / ".venv" / "bin" / "faceadapt").is_file() \
+    exe = [sys.executable, "-m", "cli"] if not (REPO / ".venv" / "bin" / "faceadapt").is_file() \
         else [str(REPO / ".venv" / "bin" / "faceadapt")]
     name = f"bench-{args.domain}-{int(time.time())}"
     cmd = exe + ["adapt", "--data", str(out / "data" / "train_lq"), "--aligned", "--name", name, "--hq-dir",

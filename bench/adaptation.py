@@ -4,20 +4,20 @@ The paper's synthetic experiment (Kuai et al., WACV 2025, Sec. 5.1) in miniature
 user would run `faceadapt adapt --aligned` and then `faceadapt restore --aligned`:
 
 * base restorer: the default model (`settings.default_restorer`), trained on the DEFAULT degradations only;
-* target domains (`--domains`, presets of `restoration.degrade.PRESETS` that the base never saw): `camera` (cheap
+* target domains (`--domains`, presets of `restoration.degrade.damage.PRESETS` that the base never saw): `camera` (cheap
   camera: 3-4x resolution loss, low-light colour noise, cool cast, JPEG), `scan` (scanned album print: sepia fade,
   soft optics, film grain) and `domain_shift` (strong correlated colour noise, warm cast, heavy JPEG);
 * faces at `--size` pixels (default 128, the size users send; the 64 px default models see them through the same
   resize the product uses);
 * adaptation data: N_TRAIN damaged faces of the *train* split, no ground truth (it is read only for the diagnostic
   "pseudo-target PSNR" column); evaluation: N_TEST damaged faces of the *test* split against their ground truth
-  (PSNR / SSIM at `--size`, RGB), restored through `restoration.pipeline.Restorer.restore_crops`, the product path.
+  (PSNR / SSIM at `--size`, RGB), restored through `restoration.faces.restore.Restorer.restore_crops`, the product path.
 
 Rows per domain: the damaged input; the base model; adapted with diffusion pseudo targets (the engine's defaults:
 the prior card's pseudo-target settings, the base card's fine-tuning settings); the ablation "self-training without
 the prior" (pseudo target = the base model's own output x0, same fine-tuning). Every adapted row runs through the
-engine's stage functions (`restoration.adapt.prepare / generate_targets / finetune / evaluate`) with the same
-configuration the CLI builds (`restoration.adapt.default_config`), so the figures are the defaults' figures; the
+engine's stage functions (`restoration.adaptation.engine.prepare / generate_targets / finetune / evaluate`) with the same
+configuration the CLI builds (`restoration.adaptation.engine.default_config`), so the figures are the defaults' figures; the
 quality gate's verdict (`evaluate`, no ground truth used) is printed too. Options override single settings for
 tuning.
 
@@ -46,10 +46,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from restoration import adapt, data, degrade, metrics  # noqa: E402
-from restoration.pipeline import Restorer  # noqa: E402
+from restoration.adaptation import engine as adapt  # noqa: E402
+
+from restoration.data import faces as data
+
+from restoration.degrade import damage as degrade
+
+from restoration.metrics import quality as metrics
+from restoration.faces.restore import Restorer  # noqa: E402
 from restoration.settings import get_settings  # noqa: E402
-from restoration.zoo import Zoo  # noqa: E402
+from restoration.models.zoo import Zoo  # noqa: E402
 
 METHODS = {
     "base": "base (no adaptation)",
@@ -140,7 +146,7 @@ def run_domain(domain: str, args, zoo: Zoo, hq_paths: list[Path]) -> list[dict]:
                   flush=True)
         f = cfg.finetune
         if base_card.arch == "codeformer":  # only the schedule fields apply; the rest is CodeFormer's own stage II
-            from restoration.finetune_codeformer import CodeFormerFinetuneConfig
+            from restoration.training.finetune_codeformer import CodeFormerFinetuneConfig
 
             c = CodeFormerFinetuneConfig()
             print(f"  [{m}] fine-tuning (CodeFormer code prediction): {f.steps} steps x batch {f.batch_size}, Adam lr "

@@ -1,12 +1,12 @@
 """When does the domain white balance of the pseudo targets (`pseudo.color_correction`) fire?
 
 It must take out a cast that a whole domain shares and leave clean domains alone, whoever is in them. This prints
-the gains `restoration.pseudo.domain_color_gains` computes against the engine's default reference (256 faces of the
-UTKFace train split, as `restoration.adapt.color_correction` reads them) for:
+the gains `restoration.adaptation.pseudo.domain_color_gains` computes against the engine's default reference (256 faces of the
+UTKFace train split, as `restoration.adaptation.engine.color_correction` reads them) for:
 
 * clean test faces of one UTKFace ethnicity label at a time (the file names' third field), which must give no
   correction ("-": inside the dead zone), with the largest |log gain| before the dead zone;
-* each damage preset of `restoration.degrade` applied to the test faces at 128 px (the casts the benchmark domains
+* each damage preset of `restoration.degrade.damage` applied to the test faces at 128 px (the casts the benchmark domains
   carry), next to the inverse of the preset's mean cast gains where it has one.
 
     python bench/color_correction.py            # 200 faces per group / domain
@@ -25,9 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from restoration import data, degrade  # noqa: E402
-from restoration.adapt import COLOR_REFERENCE_COUNT, _load_rgb  # noqa: E402
-from restoration.pseudo import COLOR_DEAD_ZONE, color_stats, domain_color_gains  # noqa: E402
+from restoration.data import faces as data  # noqa: E402
+
+from restoration.degrade import damage as degrade
+from restoration.adaptation.engine import COLOR_REFERENCE_COUNT, _load_rgb  # noqa: E402
+from restoration.adaptation.pseudo import COLOR_DEAD_ZONE, color_stats, domain_color_gains  # noqa: E402
 
 
 def main() -> None:

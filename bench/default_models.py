@@ -49,9 +49,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from restoration import train as T
-    from restoration.data import FacesDataset
-    from restoration.zoo import Zoo
+    from restoration.training import train as T
+    from restoration.data.faces import FacesDataset
+    from restoration.models.zoo import Zoo
 
     t_all = time.time()
     zoo = Zoo(root=args.zoo_dir, builtin_dir=None)

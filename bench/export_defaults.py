@@ -11,7 +11,7 @@
   the tuning table from `--tune` (the JSON written by bench/tune_pseudo_targets.py) and the denoising PSNR of the
   x0-prediction at the start step on 100 clean val faces.
 
-Both go through `restoration.train.export` (EMA weights of the last checkpoint).
+Both go through `restoration.training.train.export` (EMA weights of the last checkpoint).
 """
 from __future__ import annotations
 
@@ -42,15 +42,15 @@ KEEP_EXTRA = ("finetune_defaults", "finetune_defaults_note", "pseudo_target_defa
 
 
 def face_color_stats() -> dict:
-    """The prior card's clean-face colour reference (`restoration.adapt.color_correction` without HQ faces)."""
-    from restoration import data
-    from restoration.adapt import _load_rgb
-    from restoration.pseudo import color_stats
+    """The prior card's clean-face colour reference (`restoration.adaptation.engine.color_correction` without HQ faces)."""
+    from restoration.data import faces as data
+    from restoration.adaptation.engine import _load_rgb
+    from restoration.adaptation.pseudo import color_stats
 
     names = data.load_split("train")[::4]
     root = data.default_faces_root()
     return {**color_stats(_load_rgb(root / n) for n in names),
-            "how": f"restoration.pseudo.color_stats of {len(names):,} of its training faces (every 4th of the "
+            "how": f"restoration.adaptation.pseudo.color_stats of {len(names):,} of its training faces (every 4th of the "
                    "faces-utk200 train split): the clean-face colour reference of pseudo.color_correction when no "
                    "HQ faces are configured"}
 
@@ -59,7 +59,7 @@ def native_metrics(model, card, size: int, n: int = 200) -> dict:
     """What bench/restorer_native.py prints, for the card: PSNR / SSIM on `n` test faces at native size `size`
     through the product path (`Restorer.restore_crops`), next to the bicubic baseline."""
     from bench.restorer_native import TEST_SEED, measure
-    from restoration.pipeline import Restorer
+    from restoration.faces.restore import Restorer
 
     rows, count = measure([Restorer(model, card, device="cpu", batch_size=32)], size, n)
     by = {r["label"]: r for r in rows}
@@ -83,8 +83,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from restoration import train as T
-    from restoration.data import FacesDataset
+    from restoration.training import train as T
+    from restoration.data.faces import FacesDataset
 
     dest = Path(args.dest)
     cmd = "python bench/export_defaults.py " + shlex.join(sys.argv[1:])
@@ -94,7 +94,7 @@ def main() -> None:
     if args.only in (None, "prior") and not args.ptd:
         ap.error("--ptd start,constrain_until,down_N is needed to export the prior")
     if args.only in (None, "restorer"):
-        from restoration.zoo import Zoo
+        from restoration.models.zoo import Zoo
 
         m = T.load_run_model(args.restorer_run)
         r = T.evaluate_restorer(m, gt, seed=VAL_SEED)

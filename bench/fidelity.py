@@ -1,4 +1,4 @@
-"""Fidelity / native-size paste-back benchmark: picks `restoration.fidelity.DETAIL_RATIO` and the default rule.
+"""Fidelity / native-size paste-back benchmark: picks `restoration.faces.fidelity.DETAIL_RATIO` and the default rule.
 
     python bench/fidelity.py [--model faceadapt-swinir-small] [--n-sharp 32] [--n-damaged 48]
 
@@ -42,13 +42,13 @@ def lapvar(img: np.ndarray) -> float:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    from restoration import metrics as M
+    from restoration.metrics import quality as M
 
     return float(M.psnr(a.astype(np.float64) / 255.0, b.astype(np.float64) / 255.0))
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    from restoration import metrics as M
+    from restoration.metrics import quality as M
 
     return float(M.ssim(a.astype(np.float64) / 255.0, b.astype(np.float64) / 255.0))
 
@@ -68,10 +68,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("FACEADAPT_FACEXLIB_MODEL_ROOT", str(SHARED / "weights" / "facexlib"))
-    from restoration import data as D
-    from restoration.degrade import PRESETS, degrade
-    from restoration.fidelity import DETAIL_RATIO
-    from restoration.pipeline import Restorer
+    from restoration.data import faces as D
+    from restoration.degrade.damage import PRESETS, degrade
+    from restoration.faces.fidelity import DETAIL_RATIO
+    from restoration.faces.restore import Restorer
 
     t_all = time.perf_counter()
     r = Restorer.from_zoo(args.model, device="cpu")
@@ -129,7 +129,7 @@ def main() -> None:
     t0 = time.perf_counter()
     agg = {"plain": [], "default": []}
     for p in photos:
-        from restoration.imageio import load_image
+        from restoration.faces.imageio import load_image
 
         img = load_image(p)
         plain = r.restore_image(img, detector="retinaface", detail_ratio=INF)

@@ -5,7 +5,7 @@ The public CodeFormer is 512 px and 94 M parameters: far too slow for the CPU be
 script builds the same architecture at 64 px (`TINY_CODEFORMER`: an 8x8 latent, as the reference's 16x16 at 512 px
 is the image size / 32, here / 8; a 256-entry codebook of 64-d codes; CFT fusion at 16 and 32 px, i.e. from twice
 the latent size up to half the image size as the reference's 32..256 at 512 px; a 3-layer transformer; 1.74 M
-parameters) and trains it on the faces-utk200 training split (`restoration.data.FacesDataset("train", 64)`, read in
+parameters) and trains it on the faces-utk200 training split (`restoration.data.faces.FacesDataset("train", 64)`, read in
 place), seeded, on the CPU:
 
 I.   VQ autoencoder on clean faces (encoder + codebook + generator): L1 reconstruction in [-1, 1] + 0.25 x
@@ -15,9 +15,9 @@ I.   VQ autoencoder on clean faces (encoder + codebook + generator): L1 reconstr
      steps) are re-initialised from the encoder outputs of the current batch (not in the last fifth of the stage),
      so it stays used. EMA weights; the next stage starts from them.
 II.  Code prediction (encoder + transformer; codebook, generator and CFT frozen) from the *standard* degradations
-     (`restoration.degrade.DEFAULT`): 0.5 x cross-entropy against the codes of the clean face under a frozen copy
+     (`restoration.degrade.damage.DEFAULT`): 0.5 x cross-entropy against the codes of the clean face under a frozen copy
      of the stage-I encoder + 1.0 x L2 between the encoder latent and those codebook features (the losses of
-     `restoration.finetune_codeformer.code_losses`, the adaptation's own fine-tune). A fraction `--clean-frac` of
+     `restoration.training.finetune_codeformer.code_losses`, the adaptation's own fine-tune). A fraction `--clean-frac` of
      each batch is the clean face itself, so that the served encoder, which the adaptation uses to code its pseudo
      targets, still codes clean faces as stage I did (the agreement is measured and recorded).
 III. CFT fusion (only `fuse_convs_dict` learns): L1 between the output in [0, 1] and the clean face at the served
@@ -49,11 +49,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from restoration import data, metrics  # noqa: E402
-from restoration.archs import build  # noqa: E402
-from restoration.finetune_codeformer import CodeFormerFinetuneConfig, HQCodes, code_losses, trainable_parameters  # noqa: E402
-from restoration.restorer_io import run_restorer  # noqa: E402
-from restoration.zoo import Zoo  # noqa: E402
+from restoration.data import faces as data  # noqa: E402
+
+from restoration.metrics import quality as metrics
+from restoration.models.archs import build  # noqa: E402
+from restoration.training.finetune_codeformer import CodeFormerFinetuneConfig, HQCodes, code_losses, trainable_parameters  # noqa: E402
+from restoration.models.io import run_restorer  # noqa: E402
+from restoration.models.zoo import Zoo  # noqa: E402
 from bench.make_tiny_gfpgan import _degraded, _t  # noqa: E402  (standard damage; uint8/float NHWC -> NCHW)
 
 SIZE = 64
@@ -317,7 +319,7 @@ def main() -> None:
         random_init=sum(steps.values()) == 0,
         provenance=f"bench/make_tiny_codeformer.py (seed {args.seed}, steps {steps}, {args.threads} thread(s)) on the "
                    "faces-utk200 training split; stages I clean faces, II-III standard degradations "
-                   "(restoration.degrade.DEFAULT)",
+                   "(restoration.degrade.damage.DEFAULT)",
         description=f"Tiny CodeFormer-architecture restorer at {SIZE}x{SIZE} ({n_params:,} parameters, "
                     f"{TINY_CODEFORMER['codebook_size']}-entry codebook, 8x8 codes), a CPU benchmark base for the "
                     "CodeFormer adaptation row; not a substitute for the public 512 px model",

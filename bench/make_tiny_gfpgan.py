@@ -3,9 +3,9 @@
 
 The public GFPGAN v1.4 is 512 px and 86 M parameters: far too slow for the CPU benchmark, and it is not on disk.
 This script builds the same architecture at 64 px with narrow channels (`narrow=0.0625, num_style_feat=32`: 0.27 M
-parameters) and trains it the plain way on the *standard* degradations (`restoration.degrade.DEFAULT`) of the
+parameters) and trains it the plain way on the *standard* degradations (`restoration.degrade.damage.DEFAULT`) of the
 faces-utk200 training split: L1 between the model's output and the clean face, both in [0, 1] (the model itself works
-in [-1, 1]: `restoration.restorer_io.run_restorer` converts, with the arch's deterministic `inference_kwargs`),
+in [-1, 1]: `restoration.models.io.run_restorer` converts, with the arch's deterministic `inference_kwargs`),
 Adam with a cosine schedule, EMA weights. So, like `faceadapt-swinir-small`, it knows the standard damage and has
 never seen the benchmark's target domains. The card records the recipe, the measured figures on 50 test faces
 (standard degradations) and `face_template: utk200` (UTK crops, as the bundled models).
@@ -32,10 +32,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from restoration import data, degrade, metrics  # noqa: E402
-from restoration.archs import build  # noqa: E402
-from restoration.restorer_io import run_restorer  # noqa: E402
-from restoration.zoo import Zoo  # noqa: E402
+from restoration.data import faces as data  # noqa: E402
+
+from restoration.degrade import damage as degrade
+
+from restoration.metrics import quality as metrics
+from restoration.models.archs import build  # noqa: E402
+from restoration.models.io import run_restorer  # noqa: E402
+from restoration.models.zoo import Zoo  # noqa: E402
 
 TINY_GFPGAN = dict(out_size=64, num_style_feat=32, channel_multiplier=2, decoder_load_path=None, fix_decoder=False,
                    num_mlp=8, input_is_latent=True, different_w=True, narrow=0.0625, sft_half=True)
@@ -143,7 +147,7 @@ def main() -> None:
         args.name, "gfpgan_v1_4", TINY_GFPGAN, final.state_dict(), kind="restorer", input_size=SIZE,
         value_range=[-1.0, 1.0], overwrite=args.overwrite, license=LICENSE, random_init=args.steps == 0,
         provenance=f"bench/make_tiny_gfpgan.py (seed {args.seed}, {args.steps} steps, {args.threads} thread(s)) on the "
-                   "faces-utk200 training split, standard degradations (restoration.degrade.DEFAULT)",
+                   "faces-utk200 training split, standard degradations (restoration.degrade.damage.DEFAULT)",
         description=f"Tiny GFPGAN v1.4-architecture restorer at {SIZE}x{SIZE} ({n_params:,} parameters), a CPU "
                     "benchmark base for the GFPGAN adaptation row; not a substitute for the public 512 px model",
         extra={"face_template": "utk200",

@@ -13,8 +13,8 @@ import time
 
 import torch
 
-from restoration.checkpoints import SWINIR_FACE_CONFIG
-from restoration.pipeline import resolve_device
+from restoration.models.checkpoints import SWINIR_FACE_CONFIG
+from restoration.faces.restore import resolve_device
 
 
 def main() -> None:
@@ -29,12 +29,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if args.model:
-        from restoration.zoo import Zoo
+        from restoration.models.zoo import Zoo
 
         zoo = Zoo()
         size, model, label = zoo.get(args.model).input_size, zoo.load(args.model), args.model
     else:
-        from restoration.archs import build
+        from restoration.models.archs import build
 
         torch.manual_seed(0)
         size, model, label = 512, build("swinir_face", SWINIR_FACE_CONFIG), "swinir_face full config (random weights)"

@@ -1,6 +1,6 @@
 """The restorer on faces at the sizes users send: UTK200 test faces resized to a native size (128 px by default),
 damaged there with the standard pipeline scaled for that size (`degrade.py` DEFAULT, seed 2000000 + i), saved as
-uint8 like an uploaded crop, and restored through `restoration.pipeline.Restorer.restore_crops` (the product path:
+uint8 like an uploaded crop, and restored through `restoration.faces.restore.Restorer.restore_crops` (the product path:
 resize to the model size, restore, paste back by the native-size rule). PSNR / SSIM (RGB, at the native size)
 against the clean face at that size, next to the damaged input and the bicubic baseline (the same low-resolution
 image upsampled bicubically instead of bilinearly).
@@ -38,9 +38,9 @@ class _FlipEnsemble(torch.nn.Module):
 
 
 def _load_restorer(spec: str, zoo_dir: str):
-    from restoration import train as T
-    from restoration.pipeline import Restorer
-    from restoration.zoo import CARD, Zoo
+    from restoration.training import train as T
+    from restoration.faces.restore import Restorer
+    from restoration.models.zoo import CARD, Zoo
 
     zoo = Zoo(root=zoo_dir, builtin_dir=None)
     p = Path(spec)
@@ -59,8 +59,8 @@ def measure(restorers: list, size: int, n: int) -> tuple[list[dict], int]:
     """Score each `Restorer` on `n` test faces at native `size` (standard damage scaled for that size, seeds
     TEST_SEED + i, saved as uint8 crops, restored by `restore_crops`). Returns rows {label, psnr, ssim} (the damaged
     input, the bicubic baseline, then one per restorer, labelled "restorer <i>") and the number of faces."""
-    from restoration import train as T
-    from restoration.data import FacesDataset
+    from restoration.training import train as T
+    from restoration.data.faces import FacesDataset
 
     ds = FacesDataset("test", size, limit=n)
     gt = torch.stack([ds[i] for i in range(len(ds))])
@@ -81,7 +81,7 @@ def measure(restorers: list, size: int, n: int) -> tuple[list[dict], int]:
 def sharpness(img: torch.Tensor) -> float:
     """Mean over the faces of `metrics.sharpness` (variance of the luma's Laplacian, the adaptation gate's
     no-reference measure): texture / blur, not quality."""
-    from restoration.metrics import sharpness as one
+    from restoration.metrics.quality import sharpness as one
 
     return float(np.mean([one(im.clamp(0, 1)) for im in img]))
 
@@ -100,7 +100,7 @@ def main() -> None:
 
     models = [_load_restorer(m, args.zoo_dir) for m in (args.model or ["faceadapt-swinir-small"])]
     if args.flip_ensemble:
-        from restoration.pipeline import Restorer
+        from restoration.faces.restore import Restorer
 
         models += [(Restorer(_FlipEnsemble(r.model), r.card, device="cpu", batch_size=32), f"{label} + flip ensemble")
                    for r, label in list(models)]

@@ -22,30 +22,30 @@ import torch
 
 
 def _load_prior(args):
-    from restoration import train as T
+    from restoration.training import train as T
 
     if args.run:
         m = T.load_run_model(args.run)
         return m, f"{args.run} (EMA, step {m.step})"
-    from restoration.zoo import Zoo
+    from restoration.models.zoo import Zoo
 
     p = Path(args.zoo)
     return Zoo(root=p.parent, builtin_dir=None).load(p.name), str(p)
 
 
 def _load_restorer(spec: str):
-    from restoration import train as T
+    from restoration.training import train as T
 
     p = Path(spec)
     if (p / "card.json").is_file():
-        from restoration.zoo import Zoo
+        from restoration.models.zoo import Zoo
 
         return Zoo(root=p.parent, builtin_dir=None).load(p.name)
     return T.load_run_model(p)
 
 
 def pseudo_targets(prior, x0_01: torch.Tensor, start: int, until: int, down_n: int, seed: int, batch: int = 16):
-    from restoration import diffusion as dm
+    from restoration.diffusion import gaussian as dm
 
     diff = dm.create_gaussian_diffusion(timestep_respacing="250")
     lp = dm.LowPass(tuple(x0_01.shape[-2:]), down_n)
@@ -77,8 +77,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from restoration import train as T
-    from restoration.data import FacesDataset
+    from restoration.training import train as T
+    from restoration.data.faces import FacesDataset
 
     prior, prior_label = _load_prior(args)
     ds = FacesDataset(args.split, 64, limit=args.n)

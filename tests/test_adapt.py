@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from restoration.adapt import AdaptConfig, run_adaptation, targets_status
-from restoration.errors import Cancelled
-from restoration.finetune import FinetuneConfig, finetune, load_checkpoint
-from restoration.pseudo import PseudoTargetParams, generate_pseudo_targets, read_manifest
-from restoration.zoo import Zoo
+from restoration.adaptation.engine import AdaptConfig, run_adaptation, targets_status
+from restoration.runtime import Cancelled
+from restoration.training.finetune import FinetuneConfig, finetune, load_checkpoint
+from restoration.adaptation.pseudo import PseudoTargetParams, generate_pseudo_targets, read_manifest
+from restoration.models.zoo import Zoo
 
 REPO = Path(__file__).resolve().parents[1]
 N_IMAGES = 6
@@ -39,14 +39,14 @@ FAST_PSEUDO = dict(start=4, respacing="10", constrain_until=2, down_N=8, schedul
 
 # ------------------------------------------------------------------------------------------------ fixtures
 def _tiny_restorer(seed: int = 0):
-    from restoration.archs import build
+    from restoration.models.archs import build
 
     torch.manual_seed(seed)
     return build("swinir_face", TINY_SWINIR).eval()
 
 
 def _tiny_unet(seed: int = 1):
-    from restoration.archs import build
+    from restoration.models.archs import build
 
     torch.manual_seed(seed)
     return build("iddpm_unet", TINY_UNET).eval()
@@ -66,7 +66,7 @@ def zoo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prior(zoo):
-    from restoration.adapt import load_prior
+    from restoration.adaptation.engine import load_prior
 
     return load_prior(zoo, "tiny-prior", torch.device("cpu"), respacing="10")
 
@@ -152,7 +152,7 @@ FT_CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     torch.set_num_threads(1)
     from test_adapt import _ft_setup
-    from restoration.finetune import finetune
+    from restoration.training.finetune import finetune
     model, pairs, hq, cfg = _ft_setup()
     def progress(stage, step, total):
         print("step", step, flush=True)
@@ -303,7 +303,7 @@ def test_run_adaptation_cancel_and_resume(tmp_path, faces, zoo):
 def test_cli_adapt(tmp_path, faces, zoo, monkeypatch):
     from typer.testing import CliRunner
 
-    from restoration.cli import app
+    from cli import app
     from restoration.settings import get_settings
 
     monkeypatch.setenv("FACEADAPT_HOME", str(tmp_path / "home"))
@@ -341,8 +341,8 @@ def test_cancel_during_diffusion_sampling(tmp_path, faces, prior):
 def test_prepare_detects_and_aligns(tmp_path, shared_dir, facexlib_root):
     """Whole photos: faces are detected (RetinaFace from the shared weights) and aligned; a photo without a face is
     recorded as skipped; the data fingerprint does not depend on the file order."""
-    from restoration.adapt import prepare
-    from restoration.face import FaceHelper
+    from restoration.adaptation.engine import prepare
+    from restoration.faces.helper import FaceHelper
 
     whole = shared_dir / "data" / "realworld" / "whole"
     src = [whole / "04.jpg", whole / "05.jpg"]
@@ -364,7 +364,7 @@ def test_prepare_detects_and_aligns(tmp_path, shared_dir, facexlib_root):
 
 def test_stages_worker_style_sharded(tmp_path, faces, zoo):
     """The worker's order: prepare, targets shard by shard (finetune refuses until all are done), finetune."""
-    from restoration import adapt
+    from restoration.adaptation import engine as adapt
 
     wd = tmp_path / "w"
     cfg = _config(use_prior=False)
@@ -385,7 +385,7 @@ def test_stages_worker_style_sharded(tmp_path, faces, zoo):
 
 # ------------------------------------------------------------------------------------------------ colour correction
 def test_domain_color_gains():
-    from restoration.pseudo import color_stats, domain_color_gains
+    from restoration.adaptation.pseudo import color_stats, domain_color_gains
 
     ref = {"face": [0.67, 0.50, 0.43], "surround": [0.57, 0.45, 0.38]}
     sepia = np.array([1.10, 0.98, 0.78])
@@ -424,7 +424,7 @@ def test_targets_undo_a_domain_cast(tmp_path, faces, zoo):
     """A domain with a shared sepia cast: the gains (color.json) undo the cast measured on the crops against the
     reference faces, and the targets (self-training ablation: target = corrected x0) are x0 times those gains;
     color_correction=0 turns it off (target = x0)."""
-    from restoration import adapt
+    from restoration.adaptation import engine as adapt
 
     cast_dir = tmp_path / "cast"
     cast_dir.mkdir()
@@ -489,7 +489,7 @@ class _Smooth(torch.nn.Module):
 
 
 def test_quality_gate_refuses_a_worse_model(tmp_path, faces, zoo):
-    from restoration import adapt
+    from restoration.adaptation import engine as adapt
 
     wd = tmp_path / "w"
     kw = dict(base="tiny-restorer", prior="tiny-prior", name="gated", workdir=wd, zoo=zoo,
@@ -519,8 +519,8 @@ def test_cli_adapt_reports_a_refused_model(tmp_path, faces, zoo, monkeypatch):
     """The CLI prints the before/after table and the gate verdict; a refused model is one error line, exit 1."""
     from typer.testing import CliRunner
 
-    from restoration import adapt
-    from restoration.cli import app
+    from restoration.adaptation import engine as adapt
+    from cli import app
     from restoration.settings import get_settings
 
     monkeypatch.setenv("FACEADAPT_HOME", str(tmp_path / "home"))
@@ -548,7 +548,7 @@ def test_cli_adapt_reports_a_refused_model(tmp_path, faces, zoo, monkeypatch):
 
 def test_default_config_layers(zoo):
     """AdaptConfig defaults < prior card pseudo-target defaults < base card finetune_defaults < given parameters."""
-    from restoration import adapt
+    from restoration.adaptation import engine as adapt
 
     zoo.register("tiny-restorer-tuned", "swinir_face", TINY_SWINIR, _tiny_restorer().state_dict(), kind="restorer",
                  input_size=64, value_range=(0, 1), license="test", random_init=True,

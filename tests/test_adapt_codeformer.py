@@ -9,11 +9,11 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from restoration.adapt import AdaptConfig, run_adaptation
-from restoration.archs import build
-from restoration.finetune import FinetuneConfig
-from restoration.pseudo import PseudoTargetParams
-from restoration.zoo import Zoo
+from restoration.adaptation.engine import AdaptConfig, run_adaptation
+from restoration.models.archs import build
+from restoration.training.finetune import FinetuneConfig
+from restoration.adaptation.pseudo import PseudoTargetParams
+from restoration.models.zoo import Zoo
 
 TINY_CF = dict(dim_embd=64, n_head=4, n_layers=2, codebook_size=64, latent_size=64, connect_list=["16", "32"],
                img_size=64, nf=32, ch_mult=[1, 1, 2, 2], res_blocks=1, attn_resolutions=[8], emb_dim=32)
@@ -86,7 +86,7 @@ def test_adapt_codeformer_end_to_end(tmp_path, faces, zoo):
     assert any(not torch.equal(adapted[k], base[k]) for k in base if k.startswith("encoder."))
     assert any(not torch.equal(adapted[k], base[k]) for k in base if k.startswith("ft_layers."))
 
-    from restoration.pipeline import Restorer
+    from restoration.faces.restore import Restorer
 
     restorer = Restorer.from_zoo("cf-adapted", zoo=zoo, device="cpu")
     crop = np.asarray(Image.open(faces / "lq" / "face0.png").convert("RGB"))

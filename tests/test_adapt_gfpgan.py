@@ -1,7 +1,7 @@
 """GFPGAN (gfpgan_v1_4) adaptation end to end (issue 11 item 3): L1 + GAN (+ perceptual) fine-tuning exactly as for
 SwinIR, through `restorer_io.run_restorer` (the [0, 1] <-> [-1, 1] conversion, element 0 of the tuple, the arch's
 deterministic `inference_kwargs`), on a tiny out_size-64 GFPGAN in a temporary zoo, with the bundled
-faceadapt-iddpm-small prior at 64 px and a handful of UTK faces damaged with `restoration.degrade`."""
+faceadapt-iddpm-small prior at 64 px and a handful of UTK faces damaged with `restoration.degrade.damage`."""
 from __future__ import annotations
 
 import json
@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from restoration import degrade
-from restoration.adapt import AdaptConfig, evaluate, run_adaptation
-from restoration.archs import build
-from restoration.finetune import FinetuneConfig, finetune
-from restoration.pipeline import Restorer, to_uint8
-from restoration.pseudo import PseudoTargetParams, restore_batch
-from restoration.restorer_io import run_restorer
-from restoration.zoo import Zoo
+from restoration.degrade import damage as degrade
+from restoration.adaptation.engine import AdaptConfig, evaluate, run_adaptation
+from restoration.models.archs import build
+from restoration.training.finetune import FinetuneConfig, finetune
+from restoration.faces.restore import Restorer, to_uint8
+from restoration.adaptation.pseudo import PseudoTargetParams, restore_batch
+from restoration.models.io import run_restorer
+from restoration.models.zoo import Zoo
 
 TINY = dict(out_size=64, num_style_feat=32, channel_multiplier=2, decoder_load_path=None, fix_decoder=False,
             num_mlp=8, input_is_latent=True, different_w=True, narrow=0.0625, sft_half=True)
@@ -49,7 +49,7 @@ def zoo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory, shared_dir):
-    """N_IMAGES 64x64 UTK faces damaged with restoration.degrade (lq/) and their ground truth (gt/)."""
+    """N_IMAGES 64x64 UTK faces damaged with restoration.degrade.damage (lq/) and their ground truth (gt/)."""
     root = shared_dir / "data" / "faces-utk200"
     names = sorted(p.name for p in root.iterdir())[:N_IMAGES]
     d = tmp_path_factory.mktemp("faces")
@@ -180,7 +180,7 @@ def test_run_adaptation_gfpgan_end_to_end(tmp_path, faces, zoo):
 def test_cli_adapt_gfpgan(tmp_path, faces, zoo, monkeypatch):
     from typer.testing import CliRunner
 
-    from restoration.cli import app
+    from cli import app
     from restoration.settings import get_settings
 
     monkeypatch.setenv("FACEADAPT_HOME", str(tmp_path / "home"))

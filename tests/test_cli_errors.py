@@ -48,7 +48,7 @@ def cli(args: list[str], env: dict, cwd: Path):
     variables of `env`."""
     from types import SimpleNamespace
 
-    from restoration.cli import app
+    from cli import app
 
     overrides = {k: None for k in os.environ if k.startswith("FACEADAPT_")}
     overrides.update({k: v for k, v in env.items() if k.startswith("FACEADAPT_")})
@@ -126,8 +126,8 @@ def test_adapt_checks_everything_before_any_stage(tmp_path, env, data_dir):
                                        "FACEADAPT_FACEXLIB_MODEL_ROOT": str(tmp_path / "none")}, tmp_path)
     assert_one_line_error(r, 1, "FACEADAPT_DETECTOR", "detection_mobilenet0.25_Final.pth")
     # an existing model without --overwrite
-    from restoration.archs import build
-    from restoration.zoo import Zoo
+    from restoration.models.archs import build
+    from restoration.models.zoo import Zoo
 
     cfg = dict(img_size=8, patch_size=1, in_chans=3, embed_dim=16, depths=[1], num_heads=[2], window_size=8,
                mlp_ratio=2, sf=8, img_range=1.0, upsampler="nearest+conv", resi_connection="1conv", unshuffle=True,
@@ -160,7 +160,7 @@ def test_other_commands_one_line(tmp_path, env):
 
 def test_restore_summary_reports_each_face(tmp_path, monkeypatch, facexlib_root, shared_dir):
     """summary.json: per face native_size / mode / fidelity; the bundled demo model is warned about once."""
-    from restoration.cli import app
+    from cli import app
 
     monkeypatch.setenv("FACEADAPT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FACEADAPT_FACEXLIB_MODEL_ROOT", str(facexlib_root))

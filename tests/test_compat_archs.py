@@ -17,7 +17,7 @@ import torch
 from compat_recipe import checksum, load_recipe, recipe_tensor
 from safetensors.torch import load_file
 
-from restoration.archs import ARCHS, build
+from restoration.models.archs import ARCHS, build
 
 ARCH_NAMES = ["swinir_face", "iddpm_unet"]
 # Full-size forwards that are too heavy for the shared CI CPUs run only with FACEADAPT_SLOW_TESTS=1.

@@ -22,9 +22,9 @@ import torch
 from compat_recipe import checksum, load_recipe, recipe_state_dict
 from safetensors.torch import load_file
 
-from restoration.archs import ARCHS, build
-from restoration.archs.codeformer import CodeFormer
-from restoration.checkpoints import CODEFORMER_CONFIG, KNOWN_CHECKPOINTS, CheckpointError
+from restoration.models.archs import ARCHS, build
+from restoration.models.archs.codeformer import CodeFormer
+from restoration.models.checkpoints import CODEFORMER_CONFIG, KNOWN_CHECKPOINTS, CheckpointError
 
 ARCH = "codeformer"
 ATOL = 1e-4
@@ -229,9 +229,9 @@ def test_import_params_ema_checkpoint(tmp_path, monkeypatch):
     """A basicsr-style {'params_ema', 'params'} torch.save file imports strictly, taking params_ema (CLI too)."""
     from typer.testing import CliRunner
 
-    from restoration.cli import app
+    from cli import app
     from restoration.settings import get_settings
-    from restoration.zoo import Zoo
+    from restoration.models.zoo import Zoo
 
     ema, raw = _tiny().state_dict(), _tiny(img_size=64).state_dict()
     raw = {k: v + 1 for k, v in raw.items()}
@@ -290,8 +290,8 @@ def _tiny_card(zoo, name="cf-tiny"):
 
 def test_restorer_fidelity_weight(tmp_path):
     """Restorer: [0,1] in/out, CodeFormer called in [-1,1] with w (default 0.5, the reference's) and adain=True."""
-    from restoration.pipeline import Restorer
-    from restoration.zoo import Zoo
+    from restoration.faces.restore import Restorer
+    from restoration.models.zoo import Zoo
 
     zoo = Zoo(tmp_path / "zoo", builtin_dir=None)
     _tiny_card(zoo)
@@ -312,7 +312,7 @@ def test_restorer_fidelity_weight(tmp_path):
     with pytest.raises(ValueError, match="fidelity"):
         Restorer.from_zoo("cf-tiny", zoo=zoo, device="cpu", fidelity=1.5)
     # the pseudo-target / evaluation path: range from the class attribute, the reference inference call (w=0.5, adain)
-    from restoration.pseudo import restore_batch
+    from restoration.adaptation.pseudo import restore_batch
 
     assert torch.allclose(restore_batch(model, x), expected(0.5), atol=1e-5)
 
@@ -323,9 +323,9 @@ def test_cli_restore_aligned(tmp_path, monkeypatch, shared_dir):
     from PIL import Image
     from typer.testing import CliRunner
 
-    from restoration.cli import app
+    from cli import app
     from restoration.settings import get_settings
-    from restoration.zoo import Zoo
+    from restoration.models.zoo import Zoo
 
     monkeypatch.setenv("FACEADAPT_HOME", str(tmp_path / "home"))
     get_settings.cache_clear()

@@ -17,9 +17,9 @@ import torch
 from compat_recipe import checksum, load_recipe, recipe_tensor
 from safetensors.torch import load_file
 
-from restoration.archs import ARCHS, build
-from restoration.archs.gfpgan import GFPGANv1Clean
-from restoration.checkpoints import KNOWN_CHECKPOINTS
+from restoration.models.archs import ARCHS, build
+from restoration.models.archs.gfpgan import GFPGANv1Clean
+from restoration.models.checkpoints import KNOWN_CHECKPOINTS
 
 ARCH = "gfpgan_v1_4"
 ATOL = 1e-5

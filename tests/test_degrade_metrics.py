@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.signal import convolve2d
 
-from restoration.degrade import (
+from restoration.degrade.damage import (
     DEFAULT,
     DOMAIN_SHIFT,
     DegradationParams,
@@ -19,8 +19,8 @@ from restoration.degrade import (
     gaussian_kernel,
     sample_degradation,
 )
-from restoration.imageio import load_image
-from restoration.metrics import LPIPS, LPIPSUnavailable, lowpass_psnr, lpips_available, psnr, sharpness, ssim
+from restoration.faces.imageio import load_image
+from restoration.metrics.quality import LPIPS, LPIPSUnavailable, lowpass_psnr, lpips_available, psnr, sharpness, ssim
 
 NO_DEGRADATION = DegradationParams(blur_prob=0.0, downsample_prob=0.0, noise_prob=0.0, jpeg_prob=0.0)
 
@@ -152,7 +152,7 @@ def test_degrade_batch(face):
 
 # ------------------------------------------------------------------------------ metrics
 def _ssim_reference(a: np.ndarray, b: np.ndarray) -> float:
-    """A plain 2-D 'valid' convolution SSIM, written independently of restoration.metrics."""
+    """A plain 2-D 'valid' convolution SSIM, written independently of restoration.metrics.quality."""
     ax = np.arange(11) - 5
     w = np.exp(-(ax[:, None] ** 2 + ax[None, :] ** 2) / (2 * 1.5**2))
     w /= w.sum()

@@ -1,4 +1,4 @@
-"""restoration.diffusion against the compat fixtures in shared/compat/iddpm_diffusion_math (README E).
+"""restoration.diffusion.gaussian against the compat fixtures in shared/compat/iddpm_diffusion_math (README E).
 
 The reference values were produced by DT-BFR's own code; README E states they are reproducible
 bit-exactly, so the tolerances here are tight (0 for float64 schedule arrays, <= 1e-6 for float32
@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from restoration import diffusion as dm
+from restoration.diffusion import gaussian as dm
 
 # float32 tensor fixtures: README E reports bit-exact re-derivations; allow a hair for BLAS/threads
 ATOL32 = 1e-6
@@ -389,7 +389,7 @@ def test_diffusers_ddpm_scheduler_cross_check(diffusion, pmv, meta, T):
     log variance at t=0 differs by ~37 (log(1e-20) instead of the clipped posterior variance; unused
     since no noise is added at t=0), it draws no noise at t=0 (the reference does), and a full
     150-step mini_loop run through it (same RNG order) ends 1.5e-5 away from the fixture. Close, but
-    not the bit-exact reference process: that is why restoration.diffusion has its own sampler.
+    not the bit-exact reference process: that is why restoration.diffusion.gaussian has its own sampler.
     """
     from diffusers import DDPMScheduler
 
@@ -491,7 +491,7 @@ def test_ddim_constrained_sample(mini):
 # ------------------------------------------------------------------------------------------------
 def test_iddpm_prior_with_callable_model(mini, meta):
     """IDDPMPrior over any callable: ancestral pseudo targets reproduce mini_loop's sample_01."""
-    from restoration.prior import IDDPMPrior
+    from restoration.diffusion.prior import IDDPMPrior
 
     prior = IDDPMPrior(_fake_model, image_size=64)
     assert prior.device == torch.device("cpu")
@@ -515,8 +515,8 @@ def test_iddpm_prior_with_callable_model(mini, meta):
 
 def test_iddpm_prior_with_iddpm_unet(compat_dir):
     """Wiring to our iddpm_unet (golden_small config, random init): runs, right shapes and range."""
-    from restoration.archs import build
-    from restoration.prior import IDDPMPrior
+    from restoration.models.archs import build
+    from restoration.diffusion.prior import IDDPMPrior
 
     cfg_file = compat_dir / "iddpm_unet" / "golden_small" / "config.json"
     if not cfg_file.is_file():
@@ -530,9 +530,9 @@ def test_iddpm_prior_with_iddpm_unet(compat_dir):
 
 
 def test_iddpm_prior_from_zoo(compat_dir, tmp_path):
-    from restoration.archs import build
-    from restoration.prior import IDDPMPrior
-    from restoration.zoo import Zoo
+    from restoration.models.archs import build
+    from restoration.diffusion.prior import IDDPMPrior
+    from restoration.models.zoo import Zoo
 
     cfg = json.loads((compat_dir / "iddpm_unet" / "golden_small" / "config.json").read_text())["constructor_kwargs"]
     zoo = Zoo(root=tmp_path, builtin_dir=None)
@@ -555,7 +555,7 @@ def _tiny_unet(out_channels: int):
 
 @pytest.mark.parametrize("out_channels", [6, 3])
 def test_diffusers_prior_roundtrip(tmp_path, out_channels):
-    from restoration.prior import DiffusersPrior
+    from restoration.diffusion.prior import DiffusersPrior
 
     unet = _tiny_unet(out_channels).eval()
     unet.save_pretrained(str(tmp_path))
@@ -581,7 +581,7 @@ def test_diffusers_prior_roundtrip(tmp_path, out_channels):
 def test_diffusers_prior_reads_scheduler_config(tmp_path):
     from diffusers import DDPMScheduler
 
-    from restoration.prior import DiffusersPrior
+    from restoration.diffusion.prior import DiffusersPrior
 
     _tiny_unet(3).save_pretrained(str(tmp_path / "unet"))
     DDPMScheduler(num_train_timesteps=500, beta_start=0.0002, beta_end=0.03, variance_type="fixed_large").save_pretrained(

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from restoration.face import FFHQ_TEMPLATE_512, Face, FaceError, FaceHelper, similarity_transform, template
-from restoration.imageio import load_image
+from restoration.faces.helper import FFHQ_TEMPLATE_512, Face, FaceError, FaceHelper, similarity_transform, template
+from restoration.faces.imageio import load_image
 
 #: faces per photo (both RetinaFace mobilenet0.25 and MTCNN find exactly these on the shared photos;
 #: 03.jpg also shows the back of a head, which is rightly not a face)
@@ -173,7 +173,7 @@ def test_paste_changes_only_face_regions(helper, detections, name):
 def test_paste_identity_restorer_is_nearly_lossless(helper, detections):
     img, faces = detections[PHOTO]
     out, _ = helper.process(img, lambda crops: crops)
-    from restoration.metrics import psnr
+    from restoration.metrics.quality import psnr
 
     # the face went through a warp to 256 and back (a resampling loss where the face is larger
     # than the crop): close to the input, never a visible seam or shift
@@ -334,7 +334,7 @@ def test_mtcnn_matches_retinaface_on_a_photo(detections, whole_dir):
 
 
 def test_image_bytes_io_roundtrip_through_helper(helper, detections):
-    from restoration.imageio import encode_image
+    from restoration.faces.imageio import encode_image
 
     img, faces = detections["04.jpg"]
     again = load_image(io.BytesIO(encode_image(img, "png")).getvalue())

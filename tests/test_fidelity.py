@@ -1,4 +1,4 @@
-"""Fidelity and native-size aware paste-back (restoration.fidelity) with the bundled restorer, and the alignment
+"""Fidelity and native-size aware paste-back (restoration.faces.fidelity) with the bundled restorer, and the alignment
 template of the bundled models (UTKFace framing)."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from restoration import metrics as M
-from restoration.face import FaceHelper, template_for_card
-from restoration.fidelity import DETAIL_RATIO, check_fidelity, decide
-from restoration.pipeline import Restorer, to_tensor, to_uint8
+from restoration.metrics import quality as M
+from restoration.faces.helper import FaceHelper, template_for_card
+from restoration.faces.fidelity import DETAIL_RATIO, check_fidelity, decide
+from restoration.faces.restore import Restorer, to_tensor, to_uint8
 
 MODEL = "faceadapt-swinir-small"
 
@@ -115,7 +115,7 @@ def test_detail_preserving_paste_in_a_photo(restorer, shared_dir):
 def test_aligning_utk_faces_keeps_their_framing(restorer, facexlib_root, shared_dir, detector):
     """The bundled models were trained on UTKFace crops; detecting and aligning such a face (as `adapt` without
     --aligned does) must give a crop framed like the input, not the face in a quarter of the crop (FFHQ template)."""
-    from restoration import data as D
+    from restoration.data import faces as D
 
     assert template_for_card(restorer.card) == "utk200"
     root = D.default_faces_root()
@@ -193,9 +193,9 @@ def test_codeformer_takes_the_fidelity_as_its_w(tmp_path, facexlib_root, shared_
     """For CodeFormer f goes to the network as w (no pixel blend; auto = the reference's 0.5); f = 1 keeps the face."""
     import torch
 
-    from restoration.archs import build
+    from restoration.models.archs import build
     from restoration.settings import get_settings
-    from restoration.zoo import Zoo
+    from restoration.models.zoo import Zoo
 
     monkeypatch.setenv("FACEADAPT_FACEXLIB_MODEL_ROOT", str(facexlib_root))
     get_settings.cache_clear()

@@ -1,4 +1,4 @@
-"""CodeFormer fine-tuning (restoration/finetune_codeformer.py) on a tiny structure-preserving CodeFormer, 64 px."""
+"""CodeFormer fine-tuning (restoration/training/finetune_codeformer.py) on a tiny structure-preserving CodeFormer, 64 px."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from restoration.archs import build
-from restoration.errors import Cancelled
-from restoration.finetune_codeformer import (
+from restoration.models.archs import build
+from restoration.runtime import Cancelled
+from restoration.training.finetune_codeformer import (
     TRAINABLE, CodeFormerFinetuneConfig, HQCodes, code_losses, finetune_codeformer,
 )
 
@@ -95,7 +95,7 @@ def test_resume_is_exact(pairs, tmp_path):
 
 
 def test_config_and_errors(pairs, tmp_path):
-    from restoration.finetune import FinetuneConfig
+    from restoration.training.finetune import FinetuneConfig
 
     cfg = CodeFormerFinetuneConfig.from_finetune(FinetuneConfig(steps=7, batch_size=3, seed=5, lr=2e-5))
     assert (cfg.steps, cfg.batch_size, cfg.seed, cfg.lr, cfg.ema_decay, cfg.entropy, cfg.feat) == (

@@ -1,7 +1,7 @@
 """GFPGAN (gfpgan_v1_4) through the zoo, `faceadapt models import` and `faceadapt restore --aligned`, on a tiny config.
 
 GFPGAN works in [-1, 1] and returns a tuple; the pipeline converts [0, 1] <-> the card's value_range in one place
-(`restoration.restorer_io.run_restorer`). The tiny model here is random-init with the noise strengths set to zero, so
+(`restoration.models.io.run_restorer`). The tiny model here is random-init with the noise strengths set to zero, so
 its output does not depend on the random noise maps and can be compared with a direct call.
 """
 from __future__ import annotations
@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from restoration.archs import build
-from restoration.pipeline import Restorer, to_tensor, to_uint8
-from restoration.pseudo import restore_batch
-from restoration.restorer_io import run_restorer
+from restoration.models.archs import build
+from restoration.faces.restore import Restorer, to_tensor, to_uint8
+from restoration.adaptation.pseudo import restore_batch
+from restoration.models.io import run_restorer
 from restoration.settings import get_settings
-from restoration.zoo import Zoo
+from restoration.models.zoo import Zoo
 
 TINY = dict(out_size=64, num_style_feat=32, channel_multiplier=2, decoder_load_path=None, fix_decoder=False,
             num_mlp=8, input_is_latent=True, different_w=True, narrow=0.0625, sft_half=True)
@@ -41,7 +41,7 @@ def reference(model: torch.nn.Module, x01: torch.Tensor) -> torch.Tensor:
 
 
 def run(args):
-    from restoration.cli import app
+    from cli import app
 
     return CliRunner().invoke(app, args)
 

@@ -1,4 +1,4 @@
-"""restoration.imageio: decoding every kind of input to HxWx3 uint8 RGB, errors, limits, encoding."""
+"""restoration.faces.imageio: decoding every kind of input to HxWx3 uint8 RGB, errors, limits, encoding."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from restoration.imageio import ImageError, encode_image, load_image, save_image
+from restoration.faces.imageio import ImageError, encode_image, load_image, save_image
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +179,7 @@ def test_format_allow_list_is_checked_before_any_decoder(monkeypatch):
     file claiming to be one format cannot be handed to another decoder."""
     from PIL import EpsImagePlugin
 
-    from restoration.imageio import UnsupportedFormat, sniff_format
+    from restoration.faces.imageio import UnsupportedFormat, sniff_format
 
     def no_ghostscript(*a, **k):
         raise AssertionError("Ghostscript was called")

@@ -8,9 +8,9 @@ import pytest
 
 from app.errors import ApiError
 from app.params import FINETUNE, PSEUDO, TOP, check_params, engine_params
-from restoration.adapt import AdaptConfig
-from restoration.finetune import FinetuneConfig
-from restoration.pseudo import PseudoTargetParams
+from restoration.adaptation.engine import AdaptConfig
+from restoration.training.finetune import FinetuneConfig
+from restoration.adaptation.pseudo import PseudoTargetParams
 from restoration.settings import Settings
 
 

@@ -8,9 +8,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from restoration.archs import build
+from restoration.models.archs import build
 from restoration.settings import get_settings
-from restoration.zoo import Zoo
+from restoration.models.zoo import Zoo
 
 CFG = dict(img_size=8, patch_size=1, in_chans=3, embed_dim=16, depths=[1], num_heads=[2], window_size=8,
            mlp_ratio=2, sf=8, img_range=1.0, upsampler="nearest+conv", resi_connection="1conv",
@@ -29,7 +29,7 @@ def home(tmp_path, monkeypatch, facexlib_root):
 
 
 def run(args):
-    from restoration.cli import app
+    from cli import app
 
     return CliRunner().invoke(app, args)
 

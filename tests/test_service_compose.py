@@ -31,7 +31,7 @@ def _dockerfile_cmd(path: Path) -> list[str]:
 def test_compose_services_builds_and_commands_exist():
     import typer.main
 
-    from restoration.cli import app as cli_app
+    from cli import app as cli_app
 
     compose = _compose()
     services = compose["services"]

@@ -54,7 +54,7 @@ def ensure_default_models(home: Path, env: dict) -> None:
     """Register random-init 64x64 stand-ins for the default models when the zoo does not ship them (yet)."""
     code = r'''
 import sys, torch
-from restoration.zoo import Zoo, instantiate
+from restoration.models.zoo import Zoo, instantiate
 from restoration.settings import get_settings
 s = get_settings(); zoo = Zoo()
 names = {c.name for c in zoo.list()}

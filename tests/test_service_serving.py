@@ -26,7 +26,7 @@ def register_standins(env: dict, names: list[str]) -> None:
     """Random-init 64x64 restorers in the stack's zoo (FACEADAPT_MODELS_DIR); the next API start publishes them."""
     code = r'''
 import sys, torch
-from restoration.zoo import Zoo, instantiate
+from restoration.models.zoo import Zoo, instantiate
 zoo = Zoo(); have = {c.name for c in zoo.list()}
 cfg = dict(img_size=64, patch_size=1, in_chans=3, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=8,
            mlp_ratio=2, sf=8, img_range=1.0, upsampler="nearest+conv", resi_connection="1conv", unshuffle=True,

@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from restoration import data as D
-from restoration import train as T
+from restoration.data import faces as D
+from restoration.training import train as T
 
 TINY_PRIOR = dict(T.PRIOR_MODEL_SMALL, image_size=16, model_channels=32, channel_mult=[1, 2],
                   num_res_blocks=[1, 1], attention_resolutions=[8])
@@ -68,7 +68,7 @@ def test_prior_trains_resumes_and_exports(tmp_path, faces_root):
     dest = T.export(out, tmp_path / "zoo" / "tiny-prior", extra={"pseudo_target_defaults": {"start": 40,
                                                                                              "constrain_until": 10,
                                                                                              "down_N": 4}})
-    from restoration.zoo import Zoo
+    from restoration.models.zoo import Zoo
 
     zoo = Zoo(root=tmp_path / "zoo", builtin_dir=None)
     card = zoo.get("tiny-prior")
@@ -91,7 +91,7 @@ def test_restorer_trains_resumes_and_exports(tmp_path, faces_root):
     ck = T.load_checkpoint(T.last_checkpoint(out))
     assert ck["step"] == 3 and "disc" in ck["extra"]
     T.export(out, tmp_path / "zoo" / "tiny-restorer", metrics={"val_psnr": 1.0})
-    from restoration.zoo import Zoo
+    from restoration.models.zoo import Zoo
 
     zoo = Zoo(root=tmp_path / "zoo", builtin_dir=None)
     assert zoo.get("tiny-restorer").extra["metrics"] == {"val_psnr": 1.0}
@@ -111,7 +111,7 @@ def test_resume_refuses_other_model(tmp_path, faces_root):
 
 
 def test_warm_start_from_an_exported_model(tmp_path, faces_root):
-    from restoration.zoo import Zoo
+    from restoration.models.zoo import Zoo
 
     base = dict(size=16, batch_size=2, limit=4, model=TINY_RESTORER, data_root=str(faces_root), cache_dir=None,
                 sample_every=0, gan_start=100, warmup_steps=1)
@@ -144,7 +144,7 @@ def test_warm_start_from_an_exported_model(tmp_path, faces_root):
 def test_cli_train_refuses_unknown_init_model(tmp_path, faces_root):
     from typer.testing import CliRunner
 
-    from restoration.cli import app
+    from cli import app
 
     r = CliRunner().invoke(app, ["train", "restorer", "--out", str(tmp_path / "r"), "--init-from", "no-such-model",
                                  "--data-root", str(faces_root), "--limit", "2", "--cache-dir", ""])
@@ -154,7 +154,7 @@ def test_cli_train_refuses_unknown_init_model(tmp_path, faces_root):
 def test_cli_train_help():
     from typer.testing import CliRunner
 
-    from restoration.cli import app
+    from cli import app
 
     r = CliRunner().invoke(app, ["train", "--help"])
     assert r.exit_code == 0 and "prior" in r.output and "restorer" in r.output
@@ -166,7 +166,7 @@ def test_native_size_damage_matches_the_pipeline_resize():
     """--native-sizes: a face damaged at its native size, then resized to the model size exactly as a crop is."""
     import numpy as np
 
-    from restoration.pipeline import to_tensor
+    from restoration.faces.restore import to_tensor
 
     gt = torch.rand(3, 3, 48, 48)
     rng = np.random.default_rng(0)
@@ -208,7 +208,7 @@ def test_restorer_mse_stage_without_gan(tmp_path, faces_root):
 def test_cli_train_refuses_unknown_pixel_loss(tmp_path, faces_root):
     from typer.testing import CliRunner
 
-    from restoration.cli import app
+    from cli import app
 
     r = CliRunner().invoke(app, ["train", "restorer", "--out", str(tmp_path / "r"), "--pixel-loss", "l2",
                                  "--data-root", str(faces_root), "--limit", "2", "--cache-dir", ""])

@@ -10,9 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from restoration.archs import build
-from restoration.checkpoints import KNOWN_CHECKPOINTS, CheckpointError, read_pth
-from restoration.zoo import Zoo, ZooError
+from restoration.models.archs import build
+from restoration.models.checkpoints import KNOWN_CHECKPOINTS, CheckpointError, read_pth
+from restoration.models.zoo import Zoo, ZooError
 
 SMALL_SWINIR = dict(img_size=8, patch_size=1, in_chans=3, embed_dim=16, depths=[1], num_heads=[2], window_size=8,
                     mlp_ratio=2, sf=8, img_range=1.0, upsampler="nearest+conv", resi_connection="1conv",
@@ -163,7 +163,7 @@ def test_pull_unknown_name(zoo):
 
 
 def test_cli_models(tmp_path, monkeypatch):
-    from restoration.cli import app
+    from cli import app
     from restoration.settings import get_settings
 
     monkeypatch.setenv("FACEADAPT_HOME", str(tmp_path))

@@ -1,4 +1,4 @@
-"""The stage bodies: materialise what a stage needs in the job's work dir, call `restoration.adapt`, upload results.
+"""The stage bodies: materialise what a stage needs in the job's work dir, call `restoration.adaptation.engine`, upload results.
 
 The work dir (`settings.work_path/<job id>`) is a cache: everything a finished step produced is also in the blob
 storage (content keys in `job_steps.result["blobs"]`), so a worker on another host rebuilds the inputs of its stage
@@ -21,7 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from app.models import Dataset, Job, JobStep, ModelRow
 from app.params import engine_params
 from app.storage import get_storage
-from restoration.errors import Cancelled
+from restoration.runtime import Cancelled
 from restoration.settings import get_settings
 from worker.steps import Lease, session, workdir
 
@@ -60,7 +60,7 @@ def restore_blobs(job_id: str, wd: Path) -> int:
 
 def _place_model(row: ModelRow, zoo_root: Path) -> str:
     """Make model `row` loadable from the job zoo; returns its name there."""
-    from restoration.zoo import Zoo
+    from restoration.models.zoo import Zoo
 
     dest = zoo_root / row.name
     if (dest / "card.json").is_file():
@@ -84,7 +84,7 @@ def _place_model(row: ModelRow, zoo_root: Path) -> str:
 
 def job_zoo(job: Job, wd: Path):
     """A zoo rooted in the work dir, holding the job's base restorer and prior (the adapted model lands there too)."""
-    from restoration.zoo import Zoo
+    from restoration.models.zoo import Zoo
 
     root = wd / "zoo"
     root.mkdir(parents=True, exist_ok=True)
@@ -100,7 +100,7 @@ def job_zoo(job: Job, wd: Path):
 
 
 def run_stage(job_id: str, stage: str, shard: int, lease: Lease) -> dict:
-    from restoration import adapt
+    from restoration.adaptation import engine as adapt
 
     wd = workdir(job_id)
     wd.mkdir(parents=True, exist_ok=True)
@@ -172,7 +172,7 @@ def fetch_inputs(job: Job, folder: Path) -> list[Path]:
 
 def register(job: Job, wd: Path, zoo, lease: Lease) -> dict:
     """Register the adapted model exactly once: the models.job_id unique constraint decides between racing workers."""
-    from restoration import adapt
+    from restoration.adaptation import engine as adapt
 
     with session() as s:
         existing = s.scalar(select(ModelRow).where(ModelRow.job_id == job.id))

@@ -1,11 +1,11 @@
-"""A job's steps: claim (lease), run a `restoration.adapt` stage, record progress and events, advance.
+"""A job's steps: claim (lease), run a `restoration.adaptation.engine` stage, record progress and events, advance.
 
 Steps: prepare -> targets[0..n-1] (in parallel: a Celery group, joined here in the database) -> finetune -> evaluate
 -> register. A step is claimed under a row lock: a step already done, or held by a live worker (fresh heartbeat), is
 left alone, so duplicate deliveries are harmless; a step whose worker stopped sending heartbeats is taken over and
 the engine resumes it (finished images are skipped, fine-tuning continues from its last checkpoint). `attempts`
 bounds redelivery. Finished steps upload their outputs to the blob storage (content keys recorded in the step), so a
-worker with an empty work dir can rebuild what it needs. No ML here: the stage functions come from restoration.adapt.
+worker with an empty work dir can rebuild what it needs. No ML here: the stage functions come from restoration.adaptation.engine.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from app.db import session_factory
 from app.models import Job, JobEvent, JobStep, utcnow
-from restoration.errors import Cancelled
+from restoration.runtime import Cancelled
 from restoration.settings import get_settings
 
 log = logging.getLogger("faceadapt.worker")

@@ -33,7 +33,7 @@ def _checks() -> dict[str, str]:
             checks[name] = f"error: {type(exc).__name__}: {exc}"[:300]
 
     def default_model():
-        from restoration.zoo import Zoo
+        from restoration.models.zoo import Zoo
 
         with session_factory()() as s:
             row = resolve_model(s, "", get_settings().default_restorer)

@@ -13,7 +13,7 @@ from app.errors import ApiError
 from app.limits import check_image_format, check_pixels, read_upload
 from app.schemas import ErrorBody, RestoreJSON
 from app.serving import get_cache, resolve_model
-from restoration.fidelity import mode_counts
+from restoration.faces.fidelity import mode_counts
 from restoration.settings import get_settings
 
 router = APIRouter(tags=["restore"])
@@ -56,7 +56,7 @@ async def restore(
     row = await run_in_threadpool(lookup)
 
     def work():
-        from restoration.imageio import ImageError, encode_image, load_image
+        from restoration.faces.imageio import ImageError, encode_image, load_image
 
         try:
             img = load_image(data, max_pixels=settings.max_image_pixels)

@@ -8,7 +8,7 @@ from typing import List, Optional
 
 import typer
 
-from restoration.cli.app import app
+from cli.app import app
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -55,12 +55,12 @@ def restore(
     """Restore faces: detect, align, restore and paste back (or restore aligned crops directly)."""
     from tqdm import tqdm
 
-    from restoration.cli.checks import check_detector, check_device, check_outdir
-    from restoration.cli.errors import fail
-    from restoration.fidelity import DETAIL_RATIO, demo_model_warning, mode_counts
-    from restoration.imageio import ImageError, load_image, save_image
-    from restoration.pipeline import Restorer
-    from restoration.zoo import ZooError
+    from cli.checks import check_detector, check_device, check_outdir
+    from cli.errors import fail
+    from restoration.faces.fidelity import DETAIL_RATIO, demo_model_warning, mode_counts
+    from restoration.faces.imageio import ImageError, load_image, save_image
+    from restoration.faces.restore import Restorer
+    from restoration.models.zoo import ZooError
 
     # everything is checked before any work starts
     files = collect_inputs(inputs)

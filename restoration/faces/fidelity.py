@@ -44,7 +44,7 @@ def network_fidelity(arch: str | None) -> tuple[bool, float | None]:
     CodeFormer's ``w``, default 0.5 as in the reference inference script), else (False, None)."""
     if not arch:
         return False, None
-    from restoration.pipeline import NETWORK_FIDELITY
+    from restoration.faces.restore import NETWORK_FIDELITY
 
     spec = NETWORK_FIDELITY.get(arch)
     return (True, float(spec[1])) if spec is not None else (False, None)

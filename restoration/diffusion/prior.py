@@ -1,6 +1,6 @@
 """Diffusion priors for pseudo-target generation: a network wired to a :class:`GaussianDiffusion`.
 
-All diffusion math lives in :mod:`restoration.diffusion`; this module only adapts models to the
+All diffusion math lives in :mod:`restoration.diffusion.gaussian`; this module only adapts models to the
 ``model(x in [-1, 1], original_timesteps int64) -> eps [+ learned-range v]`` convention used there
 and converts images between [0, 1] (the rest of FaceAdapt) and [-1, 1] (the prior).
 
@@ -31,7 +31,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from restoration import diffusion as dm
+from restoration.diffusion import gaussian as dm
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -43,7 +43,7 @@ SCHEDULES = ("ancestral", "ddim")
 class Prior:
     """A diffusion prior: ``model_fn`` (network in the iDDPM calling convention) + ``diffusion``.
 
-    Subclasses set ``self.diffusion`` (a respaced :class:`~restoration.diffusion.GaussianDiffusion`),
+    Subclasses set ``self.diffusion`` (a respaced :class:`~restoration.diffusion.gaussian.GaussianDiffusion`),
     ``self.image_size`` and implement :meth:`model_fn` and :attr:`device`.
     """
 
@@ -149,7 +149,7 @@ class Prior:
 
 
 class IDDPMPrior(Prior):
-    """Our ``iddpm_unet`` (``restoration.archs.build("iddpm_unet", cfg)``) with the DT-BFR process.
+    """Our ``iddpm_unet`` (``restoration.models.archs.build("iddpm_unet", cfg)``) with the DT-BFR process.
 
     Args:
         unet: any module ``unet(x, original_timesteps) -> [B, 6, H, W]`` (eps, learned-range v);
@@ -190,7 +190,7 @@ class IDDPMPrior(Prior):
         ``noise_schedule``, ``learn_sigma``, ``respacing``); ``respacing`` overrides the sampler's
         timestep respacing (e.g. the pseudo-target parameter).
         """
-        from restoration.zoo import Zoo
+        from restoration.models.zoo import Zoo
 
         zoo = zoo or Zoo()
         card = zoo.get(name)

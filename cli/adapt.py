@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from restoration.cli.app import app
+from cli.app import app
 
 
 class _Bars:
@@ -63,14 +63,14 @@ def adapt(
     """Adapt a restorer to your images: pseudo targets from a diffusion prior, then fine-tuning; registers NAME."""
     import dataclasses
 
-    from restoration.adapt import default_config, run_adaptation
-    from restoration.errors import Cancelled
+    from restoration.adaptation.engine import default_config, run_adaptation
+    from restoration.runtime import Cancelled
     from restoration.settings import get_settings
-    from restoration.zoo import Zoo, ZooError
+    from restoration.models.zoo import Zoo, ZooError
 
-    from restoration.cli.checks import (check_detector, check_device, check_image_folder, check_new_model_name,
+    from cli.checks import (check_detector, check_device, check_image_folder, check_new_model_name,
                                         check_zoo_model)
-    from restoration.cli.errors import fail
+    from cli.errors import fail
 
     settings = get_settings()
     base = base or settings.default_restorer

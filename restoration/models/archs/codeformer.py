@@ -259,9 +259,9 @@ class FuseSFT(nn.Module):
 class CodeFormer(nn.Module):
     """CodeFormer with the reference constructor keywords (plus keyword-only VQGAN sizes for small variants)."""
 
-    value_range = (-1.0, 1.0)  # input and output image range (restoration.restorer_io reads it without a card)
+    value_range = (-1.0, 1.0)  # input and output image range (restoration.models.io reads it without a card)
     default_fidelity = 0.5  # `w` of the reference inference script (inference_codeformer.py --w 0.5)
-    # the reference inference call (restoration.restorer_io.run_restorer uses it; the bare forward keeps w=0, no adain)
+    # the reference inference call (restoration.models.io.run_restorer uses it; the bare forward keeps w=0, no adain)
     inference_kwargs = {"w": 0.5, "adain": True}
 
     def __init__(
@@ -319,7 +319,7 @@ class CodeFormer(nn.Module):
 
     def _load_vqgan(self, path: str | Path) -> None:
         """Pre-trained VQGAN weights (``params_ema``) into encoder/quantize/generator, strictly."""
-        from restoration.checkpoints import load_strict, read_pth
+        from restoration.models.checkpoints import load_strict, read_pth
 
         vq = nn.Module()
         vq.encoder, vq.quantize, vq.generator = self.encoder, self.quantize, self.generator

@@ -13,7 +13,7 @@ takes the codes from its stage-I VQGAN encoder, a separate file, ``vqgan_code102
 ``hq_encoder`` when you have it). Defaults: Adam lr 1e-4, betas (0.9, 0.99), no weight decay, EMA 0.995 of the
 weights (no warm-up), entropy weight 0.5, feature weight 1.0, random horizontal flips (same for input and target).
 
-Like `restoration.finetune.finetune`: batches sampled with replacement from a private generator seeded by ``seed``,
+Like `restoration.training.finetune.finetune`: batches sampled with replacement from a private generator seeded by ``seed``,
 gradient accumulation, ``ckpt_dir/last.pt`` (model, EMA, optimizer, step, history, RNG states) every
 ``ckpt_every`` steps and at the end, written atomically; a run resumes from it. ``progress("finetune", step,
 steps)`` after every step; ``should_cancel()`` before every step (checkpoint, then `Cancelled`).
@@ -32,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from restoration.configs import strict_from_dict
-from restoration.errors import Cancelled
-from restoration.finetune import (
+from restoration.runtime import Cancelled
+from restoration.training.finetune import (
     CKPT_NAME, FinetuneResult, _atomic_save, _resolve_device, _rng_state, _set_rng_state, _stack,
     after_step, load_checkpoint, sample_pairs,
 )
@@ -82,7 +82,7 @@ class CodeFormerFinetuneConfig:
 
     @classmethod
     def from_finetune(cls, fcfg, **overrides) -> "CodeFormerFinetuneConfig":
-        """The schedule fields of a `restoration.finetune.FinetuneConfig` (steps, batch size, accumulation, flips,
+        """The schedule fields of a `restoration.training.finetune.FinetuneConfig` (steps, batch size, accumulation, flips,
         checkpoint/log cadence, seed, device); the optimiser, EMA and loss weights stay CodeFormer's."""
         shared = ("steps", "batch_size", "grad_accum", "flip", "ckpt_every", "log_every", "seed", "device")
         return cls(**{k: getattr(fcfg, k) for k in shared}, **overrides)
@@ -140,7 +140,7 @@ def finetune_codeformer(
 ) -> FinetuneResult:
     """Fine-tune a CodeFormer in place on ``pairs`` [(lq, pseudo_target), ...] (paths or HxWx3 uint8 arrays).
 
-    ``hq_images`` is accepted for the signature of `restoration.finetune.finetune` and not used (no GAN term in
+    ``hq_images`` is accepted for the signature of `restoration.training.finetune.finetune` and not used (no GAN term in
     this stage). Returns a `FinetuneResult` (``ema``: the EMA weights, the ones to use).
     """
     del hq_images

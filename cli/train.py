@@ -11,7 +11,7 @@ from typing import Optional
 
 import typer
 
-from restoration.cli.app import app
+from cli.app import app
 
 train_app = typer.Typer(
     help=("Train the small default models on the UTK200 faces (64x64): the diffusion prior (iddpm_unet) and the "
@@ -23,7 +23,7 @@ app.add_typer(train_app, name="train")
 
 
 def _fail(msg: str, code: int = 1):
-    from restoration.cli.errors import fail
+    from cli.errors import fail
 
     fail(msg, code)
 
@@ -54,7 +54,7 @@ def _deadline(until: Optional[str], max_minutes: Optional[float]) -> Optional[fl
 
 def _common(cfg, out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every, data_root, cache_dir,
             limit, until, max_minutes, init_from=None):
-    from restoration.cli.checks import check_device
+    from cli.checks import check_device
 
     if out.exists() and not out.is_dir():
         _fail(f"--out {out}: exists and is not a folder; give a run folder", 2)
@@ -106,8 +106,8 @@ def _set_schedule(cfg, lr_schedule: Optional[str]) -> None:
 
 
 def _run(fn, cfg, resume: bool) -> None:
-    from restoration.train import TrainSetupError
-    from restoration.zoo import ModelNotFound
+    from restoration.training.train import TrainSetupError
+    from restoration.models.zoo import ModelNotFound
 
     try:
         _report(fn(cfg, resume=resume))
@@ -116,7 +116,7 @@ def _run(fn, cfg, resume: bool) -> None:
 
 
 def _check_fresh(out: Path, resume: bool) -> None:
-    from restoration.train import last_checkpoint
+    from restoration.training.train import last_checkpoint
 
     if not resume and last_checkpoint(out) is not None:
         _fail(f"{out} already holds checkpoints; pass --resume or choose another --out")
@@ -133,7 +133,7 @@ def prior(
     model_json: Optional[str] = typer.Option(None, "--model-json", help="iddpm_unet constructor config as JSON (default: the small 64 px config)."),
 ):
     """Train the small iddpm_unet diffusion prior (iDDPM hybrid loss, AdamW, EMA) at 64x64."""
-    from restoration.train import PriorTrainConfig, train_prior
+    from restoration.training.train import PriorTrainConfig, train_prior
 
     _check_fresh(out, resume)
     cfg = _common(PriorTrainConfig(), out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every,
@@ -159,7 +159,7 @@ def restorer(
     native_sizes: Optional[str] = typer.Option(None, "--native-sizes", help="Comma-separated face sizes, e.g. 64,96,128,192: each face is damaged at one of them and resized to 64 as the pipeline resizes a crop (default: damaged at 64)."),
 ):
     """Train the small swinir_face restorer on synthetic degradations (L1 + small GAN term) at 64x64."""
-    from restoration.train import RestorerTrainConfig, train_restorer
+    from restoration.training.train import RestorerTrainConfig, train_restorer
 
     _check_fresh(out, resume)
     cfg = _common(RestorerTrainConfig(), out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every,
@@ -169,7 +169,7 @@ def restorer(
     if gan_start is not None:
         cfg.gan_start = gan_start
     if pixel_loss is not None:
-        from restoration.train import PIXEL_LOSSES
+        from restoration.training.train import PIXEL_LOSSES
 
         if pixel_loss not in PIXEL_LOSSES:  # checked before any data is loaded
             raise typer.BadParameter(f"--pixel-loss is one of {', '.join(PIXEL_LOSSES)}, not {pixel_loss!r}")
@@ -194,7 +194,7 @@ def export_cmd(
     extra_json: Optional[Path] = typer.Option(None, "--extra-json", help="JSON file merged into card.extra (e.g. pseudo_target_defaults, metrics)."),
 ):
     """Export the EMA weights of a run's last checkpoint as a zoo folder (model.safetensors, config.json, card.json)."""
-    from restoration.train import export
+    from restoration.training.train import export
 
     extra = json.loads(extra_json.read_text()) if extra_json else None
     metrics = extra.pop("metrics", None) if extra else None

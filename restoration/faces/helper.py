@@ -264,7 +264,7 @@ class FaceHelper:
         self.mask_border = float(mask_border)
         self.mask_blur = float(mask_blur)
         if detector is None or model_root is None:
-            from .settings import get_settings
+            from restoration.settings import get_settings
 
             settings = get_settings()
             detector = detector or settings.detector
@@ -536,13 +536,13 @@ class FaceHelper:
         and resized back, and the returned face list holds one face covering the whole input. With no
         face found the image comes back unchanged (a copy) with an empty list.
 
-        ``fidelity`` (None: auto), ``detail_ratio`` (None: :data:`restoration.fidelity.DETAIL_RATIO`) and the
+        ``fidelity`` (None: auto), ``detail_ratio`` (None: :data:`restoration.faces.fidelity.DETAIL_RATIO`) and the
         restorer's ``arch`` decide per face between a plain restoration, a detail-preserving paste and leaving the
-        face as it is (:mod:`restoration.fidelity`); each returned face's ``extra`` holds ``native_size``, ``mode``
+        face as it is (:mod:`restoration.faces.fidelity`); each returned face's ``extra`` holds ``native_size``, ``mode``
         and ``fidelity``. For archs that take the fidelity themselves (CodeFormer) ``restore_fn`` is called as
         ``restore_fn(crops, fidelity=w)``.
         """
-        from restoration.fidelity import blend_aligned, decide
+        from restoration.faces.fidelity import blend_aligned, decide
 
         img = _check_image(img)
         if aligned:
@@ -575,7 +575,7 @@ class FaceHelper:
         """Align the given (already detected) faces, restore them with ``restore_fn`` and paste them back.
         With no face the image comes back unchanged (a copy). ``fidelity``, ``detail_ratio``, ``arch``: as in
         :meth:`process`; each face's ``extra`` gets ``native_size``, ``mode`` and ``fidelity``."""
-        from restoration.fidelity import affine_native_size, decide
+        from restoration.faces.fidelity import affine_native_size, decide
 
         img = _check_image(img)
         if not faces:

@@ -1,7 +1,7 @@
 """The root `faceadapt` typer application; command modules register themselves on it."""
 import typer
 
-from restoration.cli.errors import OneLineErrors
+from cli.errors import OneLineErrors
 
 app = typer.Typer(
     name="faceadapt",

@@ -21,7 +21,7 @@ Structure:
 Input and output: ``B x 3 x out_size x out_size`` RGB in **[-1, 1]**; ``forward`` returns ``(image, out_rgbs)``
 where ``image`` is about [-1, 1] (not clamped) and ``out_rgbs`` the intermediate RGB images (empty unless
 ``return_rgb``). The zoo card records ``value_range=[-1, 1]``; the pipeline converts from and to [0, 1]
-(``restoration.restorer_io``). ``value_range`` is also a class attribute, used when no card is at hand.
+(``restoration.models.io``). ``value_range`` is also a class attribute, used when no card is at hand.
 ``inference_kwargs`` (class attribute, ``randomize_noise=False, return_rgb=False``) is what FaceAdapt passes on
 every call through ``restorer_io.run_restorer`` (restore, pseudo targets, evaluation, fine-tuning): deterministic.
 
@@ -328,7 +328,7 @@ class GFPGANv1Clean(nn.Module):
     different_w=True, narrow=1, sft_half=True``. Input/output in [-1, 1]; returns ``(image, out_rgbs)``."""
 
     value_range = (-1.0, 1.0)
-    # FaceAdapt's call (restoration.restorer_io.run_restorer: restoring, pseudo targets, evaluation, fine-tuning):
+    # FaceAdapt's call (restoration.models.io.run_restorer: restoring, pseudo targets, evaluation, fine-tuning):
     # the stored ``noises.noiseN`` maps instead of fresh noise per call, so the same face always gives the same
     # output (GFPGANer draws new noise each call; the bare forward keeps that default), no intermediate RGBs
     inference_kwargs = {"randomize_noise": False, "return_rgb": False}

@@ -7,14 +7,14 @@ from typing import Optional
 
 import typer
 
-from restoration.cli.app import app
+from cli.app import app
 
 models_app = typer.Typer(help="Manage the model zoo (bundled defaults + FACEADAPT_HOME/models).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 
 def _zoo():
-    from restoration.zoo import Zoo
+    from restoration.models.zoo import Zoo
 
     return Zoo()
 
@@ -27,7 +27,7 @@ def _fail(msg: str, code: int = 1):
 @models_app.command("list")
 def list_models(as_json: bool = typer.Option(False, "--json", help="Print the model cards as JSON.")):
     """List every model in the zoo, and the public checkpoints `pull` can fetch."""
-    from restoration.checkpoints import KNOWN_CHECKPOINTS
+    from restoration.models.checkpoints import KNOWN_CHECKPOINTS
 
     cards = _zoo().list()
     if as_json:
@@ -50,7 +50,7 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="Print the mo
 @models_app.command("show")
 def show(name: str = typer.Argument(..., help="Model name.")):
     """Print a model's card and config as JSON."""
-    from restoration.zoo import ZooError
+    from restoration.models.zoo import ZooError
 
     zoo = _zoo()
     try:
@@ -69,7 +69,7 @@ def pull(
     """Download a known public checkpoint, check it, convert it to safetensors and register it."""
     from tqdm import tqdm
 
-    from restoration.zoo import ZooError
+    from restoration.models.zoo import ZooError
 
     bar = tqdm(unit="B", unit_scale=True, desc=f"pull {name}")
 
@@ -90,7 +90,7 @@ def pull(
 @models_app.command("import")
 def import_model(
     path: Path = typer.Argument(..., help="A local .pth (read with weights_only=True) or .safetensors file."),
-    arch: str = typer.Option(..., "--arch", help="Architecture: a restoration.archs.ARCHS name (swinir_face, iddpm_unet, gfpgan_v1_4, codeformer)."),
+    arch: str = typer.Option(..., "--arch", help="Architecture: a restoration.models.archs.ARCHS name (swinir_face, iddpm_unet, gfpgan_v1_4, codeformer)."),
     name: str = typer.Option(..., "--name", help="Name for the new zoo model."),
     config: Optional[Path] = typer.Option(
         None, help="JSON file with the constructor config (default: the arch's public full config)."
@@ -99,8 +99,8 @@ def import_model(
     input_size: Optional[int] = typer.Option(None, help="Square input size in pixels (default: from the arch)."),
 ):
     """Convert a local checkpoint into a zoo model (strict key and shape check)."""
-    from restoration.checkpoints import CheckpointError
-    from restoration.zoo import ZooError
+    from restoration.models.checkpoints import CheckpointError
+    from restoration.models.zoo import ZooError
 
     cfg = json.loads(config.read_text()) if config else None
     try:
@@ -113,7 +113,7 @@ def import_model(
 @models_app.command("delete")
 def delete(name: str = typer.Argument(..., help="Model name.")):
     """Delete a local model (bundled models cannot be deleted)."""
-    from restoration.zoo import ZooError
+    from restoration.models.zoo import ZooError
 
     try:
         _zoo().delete(name)

@@ -11,7 +11,7 @@
 work dir (`job.json` holds base, prior, name and the `AdaptConfig`), is safe to re-run and resumes where it stopped:
 prepare is skipped when its manifest matches, pseudo targets skip finished images, fine-tuning resumes from its last
 checkpoint. Progress callbacks are `progress(stage, done, total)`; `should_cancel()` is checked between batches and
-raises `restoration.errors.Cancelled`.
+raises `restoration.runtime.Cancelled`.
 
 Work dir layout:
 
@@ -41,9 +41,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from restoration.configs import strict_from_dict
-from restoration.errors import Cancelled
-from restoration.finetune import FinetuneConfig
-from restoration.pseudo import PseudoTargetParams, read_manifest, params_fingerprint
+from restoration.runtime import Cancelled
+from restoration.training.finetune import FinetuneConfig
+from restoration.adaptation.pseudo import PseudoTargetParams, read_manifest, params_fingerprint
 
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
@@ -73,7 +73,7 @@ class AdaptConfig:
     size: crop side (None: the base model card's input_size).
     use_prior: False gives the "self-training without the prior" ablation (pseudo target = x0).
     hq_dir: clean high-quality faces for the discriminator's real images (None: the UTKFace training split of
-        `restoration.data` when present, else no GAN term); hq_count: how many of them to use at most.
+        `restoration.data.faces` when present, else no GAN term); hq_count: how many of them to use at most.
     max_faces: faces kept per source image when detecting (largest first).
     quality_gate: `register` refuses an adapted model that `evaluate` judged worse than the base on the held-out
         images (see `GATE`); False registers it anyway (the verdict is still recorded in the card).
@@ -222,7 +222,7 @@ def _safe_id(stem: str) -> str:
 
 
 def _load_rgb(path: Path) -> np.ndarray:
-    from restoration.imageio import load_image
+    from restoration.faces.imageio import load_image
 
     return load_image(str(path))
 
@@ -237,17 +237,17 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
 
 
 def _resize(arr: np.ndarray, size: int) -> np.ndarray:
-    """An aligned crop at the model's size, resized exactly as `restoration.pipeline.to_tensor` resizes it when the
+    """An aligned crop at the model's size, resized exactly as `restoration.faces.restore.to_tensor` resizes it when the
     adapted model serves it (so that fine-tuning sees the inputs it will be served)."""
     if arr.shape[:2] == (size, size):
         return arr
-    from restoration.pipeline import to_tensor, to_uint8
+    from restoration.faces.restore import to_tensor, to_uint8
 
     return to_uint8(to_tensor([arr], size))[0]
 
 
 def _device(device: str | None, job_cfg: AdaptConfig | None = None):
-    from restoration.pipeline import resolve_device
+    from restoration.faces.restore import resolve_device
 
     return resolve_device(device or (job_cfg.device if job_cfg else None))
 
@@ -255,22 +255,22 @@ def _device(device: str | None, job_cfg: AdaptConfig | None = None):
 def _zoo(zoo):
     if zoo is not None:
         return zoo
-    from restoration.zoo import Zoo
+    from restoration.models.zoo import Zoo
 
     return Zoo()
 
 
 def load_prior(zoo, name: str, device, respacing: str | None = None):
-    """A `restoration.prior.IDDPMPrior` for the zoo prior `name`; `respacing` (the pseudo-target parameter)
+    """A `restoration.diffusion.prior.IDDPMPrior` for the zoo prior `name`; `respacing` (the pseudo-target parameter)
     overrides the sampler respacing of the card's `extra.diffusion`."""
-    from restoration.prior import IDDPMPrior
+    from restoration.diffusion.prior import IDDPMPrior
 
     return IDDPMPrior.from_zoo(name, zoo=_zoo(zoo), device=device, respacing=respacing)
 
 
 def _base_face_template(zoo, base: str | None) -> str:
     """The alignment template of the base restorer's card ('ffhq' when it cannot be read)."""
-    from restoration.face import template_for_card
+    from restoration.faces.helper import template_for_card
 
     if not base:
         return "ffhq"
@@ -281,7 +281,7 @@ def _base_face_template(zoo, base: str | None) -> str:
 
 
 def _is_codeformer(model) -> bool:
-    from restoration.archs.codeformer import CodeFormer
+    from restoration.models.archs.codeformer import CodeFormer
 
     return isinstance(model, CodeFormer)
 
@@ -289,7 +289,7 @@ def _is_codeformer(model) -> bool:
 def _base_value_range(zoo, job: dict) -> list[float] | None:
     """The base restorer card's value_range (the range the model works in; the adapted model keeps it), None when the
     base is not in the zoo (`restorer_io.run_restorer` then uses the arch's own `value_range` attribute)."""
-    from restoration.zoo import ModelNotFound
+    from restoration.models.zoo import ModelNotFound
 
     try:
         return [float(v) for v in _zoo(zoo).get(job["base"]).value_range]
@@ -324,7 +324,7 @@ def prepare(
     """Crop the faces of `image_paths` into `workdir/prepare` and split off the held-out eval part.
 
     aligned=True: each image is one aligned face crop (resized to `size`); else faces are detected and aligned
-    with `helper` (a `restoration.face.FaceHelper(size)`, created when None with the alignment template of the
+    with `helper` (a `restoration.faces.helper.FaceHelper(size)`, created when None with the alignment template of the
     `base` model's card, read from `zoo`: the framing the restorer was trained on), at most `config.max_faces` per
     image.
     `gt_paths` (aligned only): ground truth per image, a list parallel to `image_paths` or a dict path -> gt path;
@@ -382,7 +382,7 @@ def prepare(
     eval_set = {str(p) for p in order[:k_eval]}
 
     if not aligned and helper is None:
-        from restoration.face import FaceHelper
+        from restoration.faces.helper import FaceHelper
 
         helper = FaceHelper(size, face_template=face_template)
     if not aligned and getattr(helper, "size", size) != size:
@@ -468,7 +468,7 @@ def color_correction(workdir: str | Path, hq_images: Sequence | None = None, zoo
     reference from clean faces: `hq_images` (paths or arrays), else the discriminator's real images (`config.hq_dir`,
     else the UTKFace training split), else the prior card's `extra.face_color_stats` (the faces it was trained on);
     with none of them there is no correction. Deterministic, so every shard computes the same."""
-    from restoration.pseudo import color_stats, domain_color_gains
+    from restoration.adaptation.pseudo import color_stats, domain_color_gains
 
     workdir = Path(workdir)
     job = read_job(workdir)
@@ -533,7 +533,7 @@ def generate_targets(
     reference faces of `color_correction`. Returns {"shard", "num_shards", "total", "generated", "skipped",
     "seconds", "color_gains"}.
     """
-    from restoration.pseudo import generate_pseudo_targets
+    from restoration.adaptation.pseudo import generate_pseudo_targets
 
     workdir = Path(workdir)
     job = read_job(workdir)
@@ -583,7 +583,7 @@ def _hq_images(cfg: AdaptConfig, exclude_sha: set[str] | None = None) -> tuple[l
         random.Random(cfg.seed).shuffle(files)
         return files[:n], f"{cfg.hq_dir} ({min(n, len(files))} images)"
     try:
-        from restoration import data as data_mod
+        from restoration.data import faces as data_mod
 
         root = data_mod.default_faces_root()
         names = data_mod.load_split("train")
@@ -614,7 +614,7 @@ def finetune(
     """
     from safetensors.torch import save_file
 
-    from restoration import finetune as ft
+    from restoration.training import finetune as ft
 
     workdir = Path(workdir)
     job = read_job(workdir)
@@ -642,8 +642,8 @@ def finetune(
     extra_result = {}
     if _is_codeformer(restorer):
         # CodeFormer (the paper's second model): encoder + transformer learn the target's codes; the schedule fields
-        # of `cfg.finetune` apply, the optimiser / EMA / loss weights are CodeFormer's (restoration.finetune_codeformer)
-        from restoration.finetune_codeformer import CodeFormerFinetuneConfig, finetune_codeformer
+        # of `cfg.finetune` apply, the optimiser / EMA / loss weights are CodeFormer's (restoration.training.finetune_codeformer)
+        from restoration.training.finetune_codeformer import CodeFormerFinetuneConfig, finetune_codeformer
 
         ccfg = CodeFormerFinetuneConfig.from_finetune(fcfg)
         res = finetune_codeformer(restorer, pairs, (), ccfg, fdir / "ckpt", progress=progress,
@@ -668,8 +668,8 @@ def finetune(
 # stage 4: evaluation
 # ------------------------------------------------------------------------------------------------
 def _metric_fns(down_N: int):
-    """(psnr, ssim, sharpness, lowpass_psnr) on float HxWx3 arrays in [0,1] from restoration.metrics."""
-    from restoration import metrics as M
+    """(psnr, ssim, sharpness, lowpass_psnr) on float HxWx3 arrays in [0,1] from restoration.metrics.quality."""
+    from restoration.metrics import quality as M
 
     def lowpass_psnr(a, b):  # colour-balance invariant: removing a domain's cast is not lost content
         return float(M.lowpass_psnr(a, b, down_N, match_color=True))
@@ -692,7 +692,7 @@ def _grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
 def _load_adapted(workdir: Path, job: dict, zoo, dev):
     from safetensors.torch import load_file
 
-    from restoration.zoo import instantiate
+    from restoration.models.zoo import instantiate
 
     c = _zoo(zoo).config(job["base"])
     sd = load_file(str(workdir / FINETUNE / "model.safetensors"))
@@ -774,8 +774,8 @@ def evaluate(
     """
     import torch
 
-    from restoration.pipeline import to_uint8
-    from restoration.pseudo import generate_pseudo_targets, restore_batch
+    from restoration.faces.restore import to_uint8
+    from restoration.adaptation.pseudo import generate_pseudo_targets, restore_batch
 
     workdir = Path(workdir)
     job = read_job(workdir)
@@ -893,7 +893,7 @@ def register(workdir: str | Path, zoo=None, name: str | None = None, overwrite: 
         raise ValueError("no model name given")
     cfg: AdaptConfig = job["config"]
     base_card = zoo.get(job["base"])
-    from restoration.face import template_for_card
+    from restoration.faces.helper import template_for_card
     base_cfg = zoo.config(job["base"])
     man = _manifest(workdir)
     ft_res = _read_json(workdir / FINETUNE / "result.json")
@@ -982,7 +982,7 @@ def run_adaptation(
         if pcard.kind != "prior":
             raise ValueError(f"{prior} is a {pcard.kind}, not a prior")
     if register_model and not overwrite:
-        from restoration.zoo import ModelNotFound
+        from restoration.models.zoo import ModelNotFound
 
         try:
             zoo.get(name)

@@ -5,11 +5,11 @@ One loop, read top to bottom:
     loss_G = l1 * |G(y) - target|_1 + lpips * LPIPS(G(y), target) + gan * BCE(D(G(y)), real)
     loss_D = BCE(D(x_hq), real) + BCE(D(G(y).detach()), fake)
 
-* G is any restorer built by `restoration.archs.build`, called through `restoration.restorer_io.run_restorer`
+* G is any restorer built by `restoration.models.archs.build`, called through `restoration.models.io.run_restorer`
   (Bx3xHxW in [0,1] -> same, whatever the model's own value range; tuple outputs give element 0); D is a U-Net discriminator
   with spectral norm (`UNetDiscriminatorSN`, per-pixel logits). D's REAL images are clean high-quality faces,
   never the pseudo targets: pseudo targets only supervise G through the L1/LPIPS terms.
-* LPIPS needs its weights on disk (`restoration.metrics.lpips_available()`); without them the perceptual term is
+* LPIPS needs its weights on disk (`restoration.metrics.quality.lpips_available()`); without them the perceptual term is
   replaced by `perceptual_fallback` ('gradient': L1 between image gradients; 'ssim': 1 - SSIM; 'none') with the
   same weight. What was used is recorded in `FinetuneResult.losses` and in every checkpoint.
 * AdamW, cosine decay lr -> lr_min over `steps` optimizer steps (per-step LambdaLR), gradient accumulation,
@@ -37,9 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from restoration.configs import strict_from_dict
-from restoration import rng
-from restoration.errors import Cancelled
-from restoration.restorer_io import run_restorer
+from restoration.training import rng
+from restoration.runtime import Cancelled
+from restoration.models.io import run_restorer
 
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
@@ -224,7 +224,7 @@ def _make_perceptual(cfg: FinetuneConfig, device: torch.device) -> tuple[Callabl
     if cfg.lpips <= 0:
         return None, "none (weight 0)"
     try:
-        from restoration import metrics
+        from restoration.metrics import quality as metrics
 
         ok, why = metrics.lpips_available()
         if ok:
@@ -328,7 +328,7 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune `model` in place on `pairs` [(lq, pseudo_target), ...] (paths or HxWx3 uint8 arrays).
 
-    `model` is called through `restoration.restorer_io.run_restorer` (with gradients): images in [0, 1] are mapped
+    `model` is called through `restoration.models.io.run_restorer` (with gradients): images in [0, 1] are mapped
     to `value_range` (the zoo card's; None: the arch's `value_range` attribute, else [0, 1]) and back, element 0 of a
     tuple output is taken and the arch's `inference_kwargs` are passed (GFPGAN: the stored noise maps), so every
     restorer family trains on the call it is served with; losses and D always see [0, 1] images.

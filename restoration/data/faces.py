@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-SPLIT_DIR = Path(__file__).resolve().parent / "data"
+SPLIT_DIR = Path(__file__).resolve().parent
 SPLIT_PREFIX = "utk200"
 SPLITS = ("train", "val", "test")
 SPLIT_SEED = 20240601
@@ -33,7 +33,7 @@ def default_faces_root() -> Path:
     if os.environ.get("FACEADAPT_UTK200"):
         return Path(os.environ["FACEADAPT_UTK200"]).expanduser()
     shared = os.environ.get("FACEADAPT_SHARED")
-    base = Path(shared).expanduser() if shared else Path(__file__).resolve().parents[2] / "shared"
+    base = Path(shared).expanduser() if shared else Path(__file__).resolve().parents[3] / "shared"
     return base / "data" / DATA_NAME
 
 
@@ -81,7 +81,7 @@ def write_split(root: str | Path | None = None, seed: int = SPLIT_SEED, split_di
 def load_split(split: str, split_dir: str | Path | None = None) -> list[str]:
     p = split_path(split, split_dir)
     if not p.is_file():
-        raise FileNotFoundError(f"split file missing: {p} (run `python -m restoration.data` to generate it)")
+        raise FileNotFoundError(f"split file missing: {p} (run `python -m restoration.data.faces` to generate it)")
     return [line.strip() for line in p.read_text().splitlines() if line.strip()]
 
 

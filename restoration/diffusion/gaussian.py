@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from restoration.errors import Cancelled
+from restoration.runtime import Cancelled
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ProgressFn = Callable[[str, int, int], None]

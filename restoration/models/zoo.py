@@ -20,10 +20,10 @@ from typing import Callable
 
 import torch
 
-from restoration.checkpoints import KNOWN_CHECKPOINTS, CheckpointError, KnownCheckpoint, load_strict, read_pth
+from restoration.models.checkpoints import KNOWN_CHECKPOINTS, CheckpointError, KnownCheckpoint, load_strict, read_pth
 from restoration.settings import get_settings
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "zoo_defaults"
+BUILTIN_DIR = Path(__file__).resolve().parents[1] / "zoo_defaults"
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "card.json"
 
@@ -85,7 +85,7 @@ def check_name(name: str) -> str:
 
 def instantiate(arch: str, config: dict, state_dict: dict[str, torch.Tensor] | None = None, name: str = "model"):
     """Build `arch` with `config` and load `state_dict` strictly (if given). Returns the module in eval mode."""
-    from restoration.archs import build
+    from restoration.models.archs import build
 
     model = build(arch, config)
     if state_dict is not None:

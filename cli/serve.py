@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from restoration.cli.app import app
+from cli.app import app
 
 keys_app = typer.Typer(help="API keys of the HTTP service.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -36,7 +36,7 @@ def is_loopback(host: str) -> bool:
 
 def check_port(host: str, port: int) -> None:
     """Exit with one line when `host:port` cannot be listened on (in use, no such address), before anything starts."""
-    from restoration.cli.errors import fail
+    from cli.errors import fail
 
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -76,7 +76,7 @@ def serve(
                     "(and create keys with `faceadapt keys create --tenant NAME`) or bind 127.0.0.1",
                     err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
-    from restoration.cli.checks import check_detector, check_device
+    from cli.checks import check_detector, check_device
 
     check_device(None)  # FACEADAPT_DEVICE / FACEADAPT_DETECTOR, before anything starts
     check_detector(None)

@@ -9,7 +9,7 @@
   states, data order position, accumulated wall time), `log.jsonl` (one line per log interval) and sample grids
   `samples_XXXXXXXX.png`. Re-running with the same out dir continues from the last checkpoint.
 * `export(run_dir, dest)`: writes the EMA weights as a zoo folder (`model.safetensors`, `config.json`, `card.json`,
-  see docs/ARCHITECTURE.md) through `restoration.zoo.Zoo.register`.
+  see docs/ARCHITECTURE.md) through `restoration.models.zoo.Zoo.register`.
 
 Progress callbacks follow the project convention `progress(stage, done, total)`.
 """
@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from restoration import rng
+from restoration.training import rng
 
 ProgressFn = Callable[[str, int, int], None]
 
@@ -79,7 +79,7 @@ class _TrainConfig:
     log_every: int = 50
     threads: int = 1
     device: str = "cpu"
-    data_root: str | None = None  # default: restoration.data.default_faces_root()
+    data_root: str | None = None  # default: restoration.data.faces.default_faces_root()
     split: str = "train"
     cache_dir: str | None = "runs/cache"
     limit: int | None = None  # only the first N images of the split (tests)
@@ -253,7 +253,7 @@ def _batch_images(images: np.ndarray, idx: torch.Tensor, gen: torch.Generator, f
 
 
 def _load_train_images(cfg: _TrainConfig, progress: ProgressFn | None, size: int) -> tuple[np.ndarray, list[str]]:
-    from restoration.data import FacesDataset
+    from restoration.data.faces import FacesDataset
 
     ds = FacesDataset(cfg.split, size, root=cfg.data_root, flip=False, cache_dir=cfg.cache_dir, limit=cfg.limit,
                       progress=progress)
@@ -261,10 +261,10 @@ def _load_train_images(cfg: _TrainConfig, progress: ProgressFn | None, size: int
 
 
 def _psnr_ssim(out01: torch.Tensor, gt01: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-image PSNR / SSIM ([0,1] tensors NCHW), with restoration.metrics when present."""
+    """Per-image PSNR / SSIM ([0,1] tensors NCHW), with restoration.metrics.quality when present."""
     out01, gt01 = out01.clamp(0, 1).float(), gt01.clamp(0, 1).float()
     try:
-        from restoration import metrics as M
+        from restoration.metrics import quality as M
 
         ps = [float(M.psnr(out01[i:i + 1], gt01[i:i + 1])) for i in range(len(out01))]
         ss = [float(M.ssim(out01[i:i + 1], gt01[i:i + 1])) for i in range(len(out01))]
@@ -308,7 +308,7 @@ def load_init(init_from: str, arch: str, model_cfg: dict) -> tuple[dict, dict]:
     Returns (state_dict, lineage) where lineage records the source (name, sha256) and its own training totals
     (steps, images seen, wall seconds, including the source's own warm starts).
     """
-    from restoration.zoo import CARD, Zoo
+    from restoration.models.zoo import CARD, Zoo
 
     p = Path(init_from)
     zoo, name = (Zoo(root=p.parent, builtin_dir=None), p.name) if (p / CARD).is_file() else (Zoo(), init_from)
@@ -382,7 +382,7 @@ class _Loop:
             self.log.write(event="resume", step=self.step, checkpoint=ck.name)
         else:
             if cfg.init_from:
-                from restoration.checkpoints import load_strict
+                from restoration.models.checkpoints import load_strict
 
                 sd, self.init = load_init(cfg.init_from, self.arch, cfg.model)
                 load_strict(self.model, sd, name=cfg.init_from)
@@ -479,8 +479,8 @@ class _PriorLoop(_Loop):
     arch = "iddpm_unet"
 
     def build(self) -> None:
-        from restoration.archs import build
-        from restoration.diffusion import create_gaussian_diffusion
+        from restoration.models.archs import build
+        from restoration.diffusion.gaussian import create_gaussian_diffusion
 
         cfg: PriorTrainConfig = self.cfg  # type: ignore[assignment]
         d = cfg.diffusion
@@ -530,8 +530,8 @@ class PatchDiscriminator(nn.Module):
 
 
 def degrade_batch(x01: torch.Tensor, params, rng: np.random.Generator) -> torch.Tensor:
-    """Apply restoration.degrade.degrade to each image of an NCHW [0,1] batch (numpy, float32)."""
-    from restoration.degrade import degrade
+    """Apply restoration.degrade.damage.degrade to each image of an NCHW [0,1] batch (numpy, float32)."""
+    from restoration.degrade.damage import degrade
 
     arr = x01.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32)
     out = np.stack([np.asarray(degrade(a, params, rng), dtype=np.float32) for a in arr])
@@ -543,7 +543,7 @@ def degrade_native_batch(gt_hi: torch.Tensor, params, rng: np.random.Generator, 
     """(lq, gt) at `size` for faces seen at native sizes drawn from `sizes`: each clean face (NCHW, loaded at least
     as large as the largest size) is resized to its native size, damaged there (`degrade` scales the damage for
     that size), and resized to `size` like a crop in the pipeline; the target is the clean face resized to `size`."""
-    from restoration.pipeline import resize_for_model
+    from restoration.faces.restore import resize_for_model
 
     def resize(x: torch.Tensor, s: int) -> torch.Tensor:
         return resize_for_model(x, s).clamp(0, 1)
@@ -556,7 +556,7 @@ def degrade_native_batch(gt_hi: torch.Tensor, params, rng: np.random.Generator, 
 
 
 def degradation_params(overrides: dict | None = None):
-    from restoration.degrade import DegradationParams
+    from restoration.degrade.damage import DegradationParams
 
     return DegradationParams(**(overrides or {}))
 
@@ -566,7 +566,7 @@ class _RestorerLoop(_Loop):
     arch = "swinir_face"
 
     def build(self) -> None:
-        from restoration.archs import build
+        from restoration.models.archs import build
 
         cfg: RestorerTrainConfig = self.cfg  # type: ignore[assignment]
         if cfg.pixel_loss not in PIXEL_LOSSES:
@@ -635,7 +635,7 @@ class _RestorerLoop(_Loop):
 
     def _grid_data(self):
         if self._grid_batch is None:
-            from restoration.data import FacesDataset
+            from restoration.data.faces import FacesDataset
 
             cfg: RestorerTrainConfig = self.cfg  # type: ignore[assignment]
             try:
@@ -673,7 +673,7 @@ def train_restorer(cfg: RestorerTrainConfig, progress: ProgressFn | None = None,
 # sampling / evaluation helpers (also used by bench/default_models.py)
 # --------------------------------------------------------------------------------------------------------------------
 def make_diffusion(respacing: str | None = "250", diffusion: dict | None = None):
-    from restoration.diffusion import create_gaussian_diffusion
+    from restoration.diffusion.gaussian import create_gaussian_diffusion
 
     d = dict(DIFFUSION_DEFAULT, **(diffusion or {}))
     return create_gaussian_diffusion(steps=d["steps"], learn_sigma=d["learn_sigma"], noise_schedule=d["noise_schedule"],
@@ -750,8 +750,8 @@ def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | No
     The card records the data (UTKFace subset, terms), the split files and their sha256, steps, seed, wall time,
     the training config and `metrics`; `extra` is merged into `card.extra` (e.g. `pseudo_target_defaults`).
     """
-    from restoration import data as D
-    from restoration.zoo import Zoo
+    from restoration.data import faces as D
+    from restoration.models.zoo import Zoo
 
     ck = Path(checkpoint) if checkpoint else last_checkpoint(run_dir)
     if ck is None:
@@ -800,7 +800,7 @@ def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | No
         card_extra["diffusion"] = dict(tcfg.get("diffusion") or DIFFUSION_DEFAULT)
         card_extra["pseudo_target_defaults"] = dict(PSEUDO_TARGET_DEFAULTS_REFERENCE)
     else:
-        card_extra["degradation"] = tcfg.get("degradation") or "restoration.degrade.DegradationParams() (standard)"
+        card_extra["degradation"] = tcfg.get("degradation") or "restoration.degrade.damage.DegradationParams() (standard)"
         card_extra["lpips"] = "not used: no LPIPS weights on disk"
     for k, v in (extra or {}).items():
         card_extra[k] = v
@@ -816,7 +816,7 @@ def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | No
     zoo.register(
         dest.name, arch, tcfg["model"], s["ema"], kind=kind, input_size=int(tcfg["size"]),
         value_range=[-1.0, 1.0] if kind == "prior" else [0.0, 1.0], overwrite=True,
-        license=LICENSE_TEXT, provenance=(f"FaceAdapt `faceadapt train {kind}` (restoration/train.py), EMA weights of "
+        license=LICENSE_TEXT, provenance=(f"FaceAdapt `faceadapt train {kind}` (restoration/training/train.py), EMA weights of "
                                           f"{ck.name}; data: UTKFace subset faces-utk200 (non-commercial research terms)"),
         description=desc, random_init=False, extra=card_extra,
     )
@@ -825,7 +825,7 @@ def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | No
 
 def load_run_model(run_dir: str | Path, which: str = "ema", checkpoint: str | Path | None = None) -> nn.Module:
     """The EMA (or raw) model of a run's last checkpoint, in eval mode (for evaluation before export)."""
-    from restoration.archs import build
+    from restoration.models.archs import build
 
     ck = Path(checkpoint) if checkpoint else last_checkpoint(run_dir)
     if ck is None:
@@ -844,7 +844,7 @@ def degrade_pair(gt01: torch.Tensor, params=None, seed: int = 0) -> tuple[torch.
     pipeline's interpolation, bilinear by default): the restorer's input; `lq_bicubic` is the same low-resolution
     image upsampled with bicubic interpolation instead (the classic baseline).
     """
-    from restoration.degrade import apply_degradation, sample_degradation
+    from restoration.degrade.damage import apply_degradation, sample_degradation
 
     params = params if params is not None else degradation_params()
     lq, lqb = [], []

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from restoration.restorer_io import run_restorer
+from restoration.models.io import run_restorer
 from restoration.settings import get_settings
-from restoration.zoo import ModelCard, Zoo
+from restoration.models.zoo import ModelCard, Zoo
 
 #: archs whose forward takes a fidelity weight: arch -> (keyword arguments for a weight w, default w).
 #: CodeFormer: ``model(x, w=w, adain=True)`` as in the reference inference_codeformer.py (``--w 0.5``).
@@ -56,7 +56,7 @@ def to_uint8(batch: torch.Tensor) -> list[np.ndarray]:
 @dataclass
 class RestoreResult:
     image: np.ndarray
-    faces: list = field(default_factory=list)  # restoration.face.Face
+    faces: list = field(default_factory=list)  # restoration.faces.helper.Face
     detector: str | None = None
     model: str = ""
 
@@ -118,14 +118,14 @@ class Restorer:
                       return_info: bool = False):
         """Restore uint8 RGB aligned crops; each comes back at its own size.
 
-        Native-size aware (`restoration.fidelity`): a crop's native size is its side. ``fidelity`` f in [0, 1]
+        Native-size aware (`restoration.faces.fidelity`): a crop's native size is its side. ``fidelity`` f in [0, 1]
         (None: the Restorer's, else auto): crops up to ``detail_ratio`` x the model size (None: DETAIL_RATIO) get
         ``(1 - f) * upsampled restoration + f * crop``, larger ones the detail-preserving ``crop + (1 - f) *
         upsample(restoration - crop at model size)``, f = 1 returns the crop as it is. For NETWORK_FIDELITY archs
         (CodeFormer) f is the network's ``w`` instead of a pixel blend. Crops at the model size with f 0 / auto are
         the plain network output. ``return_info``: returns ``(crops, infos)``, infos the per-crop dicts
         ``{native_size, mode, fidelity}``."""
-        from restoration.fidelity import blend_aligned, decide
+        from restoration.faces.fidelity import blend_aligned, decide
 
         crops = [np.asarray(c) for c in crops]
         f = fidelity if fidelity is not None else self.fidelity
@@ -148,7 +148,7 @@ class Restorer:
         return outs
 
     def face_helper(self, detector: str | None = None):
-        from restoration.face import FaceHelper, template_for_card
+        from restoration.faces.helper import FaceHelper, template_for_card
 
         key = detector or get_settings().detector
         if key not in self._helpers:

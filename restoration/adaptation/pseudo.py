@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from restoration.configs import strict_from_dict
-from restoration.errors import Cancelled
+from restoration.runtime import Cancelled
 
 ProgressFn = Callable[[str, int, int], None]
 CancelFn = Callable[[], bool]
@@ -267,11 +267,11 @@ def restore_batch(restorer, x, value_range=None):
     """Apply the restorer (an nn.Module, or any callable) to Bx3xHxW in [0,1], clamp the result to [0,1].
 
     The model runs in `value_range` (a card's), else in its class's `value_range` (GFPGAN: [-1, 1]), else in
-    [0, 1]; a tuple output gives its element 0 (`restoration.restorer_io.run_restorer`).
+    [0, 1]; a tuple output gives its element 0 (`restoration.models.io.run_restorer`).
     """
     import torch
 
-    from restoration.restorer_io import run_restorer
+    from restoration.models.io import run_restorer
 
     with torch.no_grad():
         out = run_restorer(restorer, x, value_range)
@@ -285,7 +285,7 @@ _LIST_GENERATORS: dict[type, bool] = {}
 def _prior_targets(prior, x0, params: PseudoTargetParams, generators: list, should_cancel: CancelFn | None = None):
     """Pseudo targets for a batch; every image gets its own generator.
 
-    `restoration.prior.Prior.pseudo_targets` accepts a list of generators (one per image) and is called once per
+    `restoration.diffusion.prior.Prior.pseudo_targets` accepts a list of generators (one per image) and is called once per
     batch; a prior that does not (TypeError) is called once per image with that image's generator, so that results
     never depend on the batch composition. `should_cancel` is passed on (checked every diffusion step) and the
     sampler's `SamplingCancelled` becomes `Cancelled`.
@@ -297,7 +297,7 @@ def _prior_targets(prior, x0, params: PseudoTargetParams, generators: list, shou
     if should_cancel is not None:
         kwargs["should_cancel"] = should_cancel
     try:
-        from restoration.diffusion import SamplingCancelled
+        from restoration.diffusion.gaussian import SamplingCancelled
     except ImportError:  # pragma: no cover
         SamplingCancelled = Cancelled  # noqa: N806
     cls = type(prior)
@@ -333,7 +333,7 @@ def generate_pseudo_targets(
     """Generate pseudo targets for shard `shard` = (i, n) of `inputs` [(id, low-quality image path), ...].
 
     `restorer`: nn.Module (or callable) mapping Bx3xHxW in [0,1] to the restored image; its device is used.
-    `prior`: a `restoration.prior.Prior` (with `pseudo_targets(x0_in_01, start, constrain_until, down_N, schedule,
+    `prior`: a `restoration.diffusion.prior.Prior` (with `pseudo_targets(x0_in_01, start, constrain_until, down_N, schedule,
     steps, generator)`), or None for pseudo target = x0. All images of a batch must have the same size.
     `progress("pseudo_targets", done, total)` is called after each batch (done counts skipped images too);
     `should_cancel()` is checked before each batch and raises `Cancelled` (finished images stay recorded).

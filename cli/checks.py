@@ -1,6 +1,6 @@
 """Checks the CLI commands run before any work starts: device, detector, output folder, zoo names, data folders.
 
-Each returns the checked value or exits with one line on stderr (:func:`restoration.cli.errors.fail`): code 2 for
+Each returns the checked value or exits with one line on stderr (:func:`cli.errors.fail`): code 2 for
 a bad option value (usage), 1 for the environment (no CUDA, missing weights, an existing model).
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from restoration.cli.errors import fail
+from cli.errors import fail
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N, auto"
 DETECTOR_CHOICES = ("auto", "retinaface", "mtcnn")
@@ -38,7 +38,7 @@ def check_device(device: str | None, option: str = "--device") -> str:
 def check_detector(detector: str | None, option: str = "--detector", need_weights: bool = True) -> str:
     """'auto', 'retinaface' (its weights must be on disk, unless not `need_weights`) or 'mtcnn' (None:
     FACEADAPT_DETECTOR)."""
-    from restoration.face import RETINAFACE_WEIGHTS
+    from restoration.faces.helper import RETINAFACE_WEIGHTS
     from restoration.settings import get_settings
 
     settings = get_settings()
@@ -77,7 +77,7 @@ def check_outdir(outdir: Path, option: str = "-o") -> Path:
 
 def check_new_model_name(zoo, name: str, overwrite: bool = False, option: str = "--name") -> str:
     """A valid zoo name that is free (or `overwrite`, and not a bundled model)."""
-    from restoration.zoo import ModelNotFound, ZooError, check_name
+    from restoration.models.zoo import ModelNotFound, ZooError, check_name
 
     try:
         check_name(name)
@@ -99,7 +99,7 @@ def check_new_model_name(zoo, name: str, overwrite: bool = False, option: str = 
 
 def check_zoo_model(zoo, name: str, kind: str, option: str) -> object:
     """The card of an existing zoo model of `kind` ('restorer' or 'prior')."""
-    from restoration.zoo import ZooError
+    from restoration.models.zoo import ZooError
 
     try:
         card = zoo.get(name)
@@ -112,7 +112,7 @@ def check_zoo_model(zoo, name: str, kind: str, option: str) -> object:
 
 def check_image_folder(folder: Path, option: str) -> list[Path]:
     """A folder holding at least one image (directly in it); returns the images."""
-    from restoration.adapt import list_images
+    from restoration.adaptation.engine import list_images
 
     if not folder.exists():
         fail(f"{option} {folder}: no such folder", 2)

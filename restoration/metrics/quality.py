@@ -211,7 +211,7 @@ def _lin_candidates(net: str) -> list[Path]:
     if spec is not None and spec.origin:
         out.append(Path(spec.origin).parent / "weights" / "v0.1" / f"{net}.pth")
     try:
-        from .settings import get_settings
+        from restoration.settings import get_settings
 
         out.append(get_settings().home_dir / "lpips" / f"{net}.pth")
     except Exception:  # settings must never break a metric
