@@ -31,7 +31,6 @@ setting starts that stage afresh).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import random

@@ -14,7 +14,7 @@ import time
 import torch
 
 from restoration.models.checkpoints import SWINIR_FACE_CONFIG
-from restoration.faces.restore import resolve_device
+from restoration.runtime import resolve_device
 
 
 def main() -> None:

@@ -61,7 +61,6 @@ def adapt(
     no_quality_gate: bool = typer.Option(False, "--no-quality-gate", help="Register the adapted model even when the held-out evaluation judges it worse than the base."),
 ):
     """Adapt a restorer to your images: pseudo targets from a diffusion prior, then fine-tuning; registers NAME."""
-    import dataclasses
 
     from restoration.adaptation.engine import default_config, run_adaptation
     from restoration.runtime import Cancelled

@@ -36,17 +36,15 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from restoration.configs import strict_from_dict
-from restoration.runtime import Cancelled
+from restoration.runtime import Cancelled, CancelFn, ProgressFn, check_cancel, resolve_device
 from restoration.training.finetune import FinetuneConfig
 from restoration.adaptation.pseudo import PseudoTargetParams, read_manifest, params_fingerprint
 
-ProgressFn = Callable[[str, int, int], None]
-CancelFn = Callable[[], bool]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 JOB, PREPARE, TARGETS, FINETUNE, EVAL = "job.json", "prepare", "targets", "finetune", "eval"
@@ -247,8 +245,6 @@ def _resize(arr: np.ndarray, size: int) -> np.ndarray:
 
 
 def _device(device: str | None, job_cfg: AdaptConfig | None = None):
-    from restoration.faces.restore import resolve_device
-
     return resolve_device(device or (job_cfg.device if job_cfg else None))
 
 
@@ -295,11 +291,6 @@ def _base_value_range(zoo, job: dict) -> list[float] | None:
         return [float(v) for v in _zoo(zoo).get(job["base"]).value_range]
     except ModelNotFound:
         return None
-
-
-def _check_cancel(should_cancel: CancelFn | None, what: str) -> None:
-    if should_cancel is not None and should_cancel():
-        raise Cancelled(what)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -390,7 +381,7 @@ def prepare(
 
     items, skipped, used_ids = [], [], set()
     for n, p in enumerate(paths):
-        _check_cancel(should_cancel, f"prepare cancelled after {n}/{len(paths)} images")
+        check_cancel(should_cancel, f"prepare cancelled after {n}/{len(paths)} images")
         base_id = _safe_id(p.stem)
         split = "eval" if str(p) in eval_set else "train"
         try:
@@ -822,7 +813,7 @@ def evaluate(
     per_model = {"input": [], "base": [], "adapted": []}
     grid_rows = []
     for b in range(0, len(items), batch_size):
-        _check_cancel(should_cancel, f"evaluation cancelled after {b}/{len(items)} images")
+        check_cancel(should_cancel, f"evaluation cancelled after {b}/{len(items)} images")
         chunk = items[b:b + batch_size]
         imgs = [_load_rgb(workdir / PREPARE / it["crop"]) for it in chunk]
         x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255.0).to(dev)
@@ -1016,7 +1007,7 @@ def run_adaptation(
     ev = timed("evaluate", lambda: evaluate(workdir, zoo=zoo, progress=progress, should_cancel=should_cancel))
     card, refused = None, None
     if register_model:
-        _check_cancel(should_cancel, "cancelled before registering")
+        check_cancel(should_cancel, "cancelled before registering")
         try:
             card = timed("register", lambda: register(workdir, zoo=zoo, name=name, overwrite=overwrite))
         except QualityGateFailed as exc:

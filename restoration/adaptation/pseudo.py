@@ -24,15 +24,13 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from restoration.configs import strict_from_dict
-from restoration.runtime import Cancelled
+from restoration.runtime import Cancelled, CancelFn, ProgressFn
 
-ProgressFn = Callable[[str, int, int], None]
-CancelFn = Callable[[], bool]
 
 SCHEDULES = ("ancestral", "ddim")
 MANIFEST_GLOB = "manifest.shard-*.jsonl"

@@ -26,10 +26,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from restoration.runtime import Cancelled
+from restoration.runtime import Cancelled, ProgressFn
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-ProgressFn = Callable[[str, int, int], None]
 
 __all__ = [
     "linear_beta_schedule",

@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from restoration.diffusion import gaussian as dm
+from restoration.runtime import ProgressFn
 
-ProgressFn = Callable[[str, int, int], None]
 
 __all__ = ["Prior", "IDDPMPrior", "DiffusersPrior", "SCHEDULES"]
 

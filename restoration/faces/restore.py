@@ -14,21 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from restoration.models.io import run_restorer
+from restoration.runtime import resolve_device
 from restoration.settings import get_settings
 from restoration.models.zoo import ModelCard, Zoo
 
 #: archs whose forward takes a fidelity weight: arch -> (keyword arguments for a weight w, default w).
 #: CodeFormer: ``model(x, w=w, adain=True)`` as in the reference inference_codeformer.py (``--w 0.5``).
 NETWORK_FIDELITY = {"codeformer": (lambda w: {"w": w, "adain": True}, 0.5)}
-
-
-def resolve_device(device: str | None = None) -> torch.device:
-    device = device or get_settings().device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was asked for, but no CUDA device is available")
-    return torch.device(device)
 
 
 def resize_for_model(x: torch.Tensor, size: int) -> torch.Tensor:

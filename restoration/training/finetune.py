@@ -38,11 +38,9 @@ import torch.nn.functional as F
 
 from restoration.configs import strict_from_dict
 from restoration.training import rng
-from restoration.runtime import Cancelled
+from restoration.runtime import Cancelled, CancelFn, ProgressFn, resolve_device
 from restoration.models.io import run_restorer
 
-ProgressFn = Callable[[str, int, int], None]
-CancelFn = Callable[[], bool]
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "UNetDiscriminatorSN", "finetune", "load_checkpoint", "Cancelled"]
 
@@ -153,12 +151,6 @@ class UNetDiscriminatorSN(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # small helpers
 # ------------------------------------------------------------------------------------------------
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _load_uint8(item, size: int | None) -> np.ndarray:
     """A path or an HxWx3 uint8 array (or CHW float tensor in [0,1]) -> HxWx3 uint8, resized to `size`."""
     from PIL import Image
@@ -342,7 +334,7 @@ def finetune(
 
     cfg = cfg or FinetuneConfig()
     t0 = time.perf_counter()
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if len(pairs) == 0:

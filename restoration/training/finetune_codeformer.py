@@ -25,21 +25,19 @@ import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from restoration.configs import strict_from_dict
-from restoration.runtime import Cancelled
+from restoration.runtime import Cancelled, CancelFn, ProgressFn, resolve_device
 from restoration.training.finetune import (
-    CKPT_NAME, FinetuneResult, _atomic_save, _resolve_device, _rng_state, _set_rng_state, _stack,
+    CKPT_NAME, FinetuneResult, _atomic_save, _rng_state, _set_rng_state, _stack,
     after_step, load_checkpoint, sample_pairs,
 )
 
-ProgressFn = Callable[[str, int, int], None]
-CancelFn = Callable[[], bool]
 
 __all__ = ["CodeFormerFinetuneConfig", "TRAINABLE", "trainable_parameters", "HQCodes", "code_losses",
            "finetune_codeformer", "Cancelled"]
@@ -146,7 +144,7 @@ def finetune_codeformer(
     del hq_images
     cfg = cfg or CodeFormerFinetuneConfig()
     t0 = time.perf_counter()
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     ckpt_dir = Path(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     if len(pairs) == 0:

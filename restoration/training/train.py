@@ -25,7 +25,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -33,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from restoration.training import rng
+from restoration.runtime import ProgressFn
 
-ProgressFn = Callable[[str, int, int], None]
 
 # --------------------------------------------------------------------------------------------------------------------
 # default small configurations (reference constructor keywords)
