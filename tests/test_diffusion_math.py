@@ -1,4 +1,5 @@
-"""restoration.diffusion.gaussian against the compat fixtures in shared/compat/iddpm_diffusion_math (README E).
+"""restoration.diffusion (gaussian, resample, samplers) against the compat fixtures in
+shared/compat/iddpm_diffusion_math (README E).
 
 The reference values were produced by DT-BFR's own code; README E states they are reproducible
 bit-exactly, so the tolerances here are tight (0 for float64 schedule arrays, <= 1e-6 for float32
@@ -15,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from restoration.diffusion import gaussian as dm
+from restoration.diffusion import resample, samplers
 
 # float32 tensor fixtures: README E reports bit-exact re-derivations; allow a hair for BLAS/threads
 ATOL32 = 1e-6
@@ -259,7 +261,7 @@ FILTER_CASES = [(64, 2), (64, 4), (64, 8), (64, 16), (512, 8), (512, 16)]
 @pytest.mark.parametrize("S,N", FILTER_CASES)
 def test_lowpass_internals(filt, meta, S, N):
     """Tap tables: same index table (exact) and float32 weights, dims processed in the recorded order."""
-    lp = dm.LowPass((1, 3, S, S), N)
+    lp = resample.LowPass((1, 3, S, S), N)
     rec = meta["filter"][f"S{S}_N{N}"]
     assert [m.dim for m in lp.down] == rec["down"]["sorted_dims"] == [3, 2]
     assert [m.dim for m in lp.up] == rec["up"]["sorted_dims"] == [2, 3]
@@ -274,7 +276,7 @@ def test_lowpass_internals(filt, meta, S, N):
 
 @pytest.mark.parametrize("N", [2, 4, 8, 16])
 def test_lowpass_64(filt, N):
-    lp = dm.LowPass((64, 64), N)
+    lp = resample.LowPass((64, 64), N)
     x = filt["x64"]
     assert _maxdiff(lp.downsample(x), filt[f"x64_N{N}_down"]) <= ATOL32
     assert _maxdiff(lp(x), filt[f"x64_N{N}_up_down"]) <= ATOL32
@@ -282,14 +284,14 @@ def test_lowpass_64(filt, N):
 
 def test_lowpass_512_N8(filt):
     x = filt["x512_u8"].to(torch.float32) / 128 - 1
-    lp = dm.LowPass((1, 3, 512, 512), 8)
+    lp = resample.LowPass((1, 3, 512, 512), 8)
     assert _maxdiff(lp.downsample(x), filt["x512_N8_down"]) <= ATOL32
     assert _maxdiff(lp(x), filt["x512_N8_up_down"]) <= ATOL32
 
 
 def test_lowpass_512_N16(filt, meta):
     x = filt["x512_u8"].to(torch.float32) / 128 - 1
-    lp = dm.LowPass((1, 3, 512, 512), 16)
+    lp = resample.LowPass((1, 3, 512, 512), 16)
     assert _maxdiff(lp.downsample(x), filt["x512_N16_down"]) <= ATOL32
     y = lp(x)
     ck, st = meta["filter"]["x512_N16_up_down_checksum"], meta["filter"]["x512_N16_up_down_stats"]
@@ -304,7 +306,7 @@ def test_lowpass_512_N16(filt, meta):
 
 
 def test_lowpass_batch_and_errors():
-    lp = dm.LowPass((32, 32), 8)
+    lp = resample.LowPass((32, 32), 8)
     x = torch.randn(3, 4, 32, 32)
     y = lp(x)
     for k in range(3):
@@ -313,7 +315,7 @@ def test_lowpass_batch_and_errors():
     c = torch.full((1, 3, 32, 32), 0.3)
     assert torch.allclose(lp(c), c, atol=1e-6)
     with pytest.raises(ValueError):
-        dm.LowPass((30, 32), 8)
+        resample.LowPass((30, 32), 8)
     with pytest.raises(ValueError):
         lp(torch.randn(1, 3, 64, 64))
 
@@ -326,8 +328,9 @@ def test_consistency_step(diffusion, filt):
     assert t == 120
     q = diffusion.q_sample(filt["step_ref_img"], t - 1, noise=filt["step_q_noise"])
     assert _maxdiff(q, filt["step_q_sample_ref_t_minus_1"]) <= ATOL32
-    lp = dm.LowPass((64, 64), 8)
-    out = dm.consistency_step(diffusion, filt["step_img"], filt["step_ref_img"], t, lp, noise=filt["step_q_noise"])
+    lp = resample.LowPass((64, 64), 8)
+    out = samplers.consistency_step(diffusion, filt["step_img"], filt["step_ref_img"], t, lp,
+                                    noise=filt["step_q_noise"])
     assert _maxdiff(out, filt["step_out"]) <= ATOL32
 
 
@@ -349,11 +352,11 @@ def test_mini_loop_start_point(diffusion, mini, meta):
 
 def test_mini_loop_default_generator(diffusion, mini, meta):
     cfg = meta["mini_loop"]
-    lp = dm.LowPass((cfg["image_size"], cfg["image_size"]), cfg["down_N"])
+    lp = resample.LowPass((cfg["image_size"], cfg["image_size"]), cfg["down_N"])
     steps = []
     torch.manual_seed(cfg["torch_manual_seed"])
-    out = dm.constrained_sample(_fake_model, mini["ref_img"], cfg["start_timesteps"], cfg["reg_end_timesteps"], lp,
-                                progress=lambda s, d, n: steps.append((s, d, n)), diffusion=diffusion)
+    out = samplers.constrained_sample(_fake_model, mini["ref_img"], cfg["start_timesteps"], cfg["reg_end_timesteps"],
+                                      lp, progress=lambda s, d, n: steps.append((s, d, n)), diffusion=diffusion)
     assert _maxdiff(out, mini["sample"]) <= ATOL32
     assert _maxdiff((out * 0.5 + 0.5).clamp(0, 1), mini["sample_01"]) <= ATOL32
     assert steps[-1] == ("diffusion", 150, 150) and len(steps) == 150
@@ -363,7 +366,7 @@ def test_mini_loop_explicit_generator(mini, meta):
     """A torch.Generator seeded like the default one gives the same stream (default diffusion, int N)."""
     cfg = meta["mini_loop"]
     g = torch.Generator().manual_seed(cfg["torch_manual_seed"])
-    out = dm.constrained_sample(_fake_model, mini["ref_img"], 150, 90, cfg["down_N"], generator=g)
+    out = samplers.constrained_sample(_fake_model, mini["ref_img"], 150, 90, cfg["down_N"], generator=g)
     assert _maxdiff(out, mini["sample"]) <= ATOL32
 
 
@@ -371,13 +374,13 @@ def test_constrained_sample_batch_with_per_image_generators(mini):
     """One generator per image: each result equals the single-image run, whatever the batch."""
     x = torch.cat([mini["ref_img"], mini["ref_img"].flip(-1)])[:, :, :32, :32].contiguous()
     gens = lambda: [torch.Generator().manual_seed(s) for s in (11, 12)]  # noqa: E731
-    both = dm.constrained_sample(_fake_model, x, 20, 10, 4, generator=gens())
+    both = samplers.constrained_sample(_fake_model, x, 20, 10, 4, generator=gens())
     g = gens()
-    one = dm.constrained_sample(_fake_model, x[1:], 20, 10, 4, generator=g[1])
+    one = samplers.constrained_sample(_fake_model, x[1:], 20, 10, 4, generator=g[1])
     assert torch.equal(both[1:], one)
     assert not torch.equal(both[0], both[1])
-    with pytest.raises(dm.SamplingCancelled):
-        dm.constrained_sample(_fake_model, x, 20, 10, 4, generator=gens(), should_cancel=lambda: True)
+    with pytest.raises(samplers.SamplingCancelled):
+        samplers.constrained_sample(_fake_model, x, 20, 10, 4, generator=gens(), should_cancel=lambda: True)
 
 
 @pytest.mark.parametrize("T", [149, 90, 0])
@@ -389,7 +392,7 @@ def test_diffusers_ddpm_scheduler_cross_check(diffusion, pmv, meta, T):
     log variance at t=0 differs by ~37 (log(1e-20) instead of the clipped posterior variance; unused
     since no noise is added at t=0), it draws no noise at t=0 (the reference does), and a full
     150-step mini_loop run through it (same RNG order) ends 1.5e-5 away from the fixture. Close, but
-    not the bit-exact reference process: that is why restoration.diffusion.gaussian has its own sampler.
+    not the bit-exact reference process: that is why restoration.diffusion has its own process and samplers.
     """
     from diffusers import DDPMScheduler
 
@@ -408,9 +411,9 @@ def test_diffusers_ddpm_scheduler_cross_check(diffusion, pmv, meta, T):
 # fast schedule (DDIM)
 # ------------------------------------------------------------------------------------------------
 def test_ddim_timesteps():
-    grid = dm.ddim_timesteps(602, 25)
+    grid = samplers.ddim_timesteps(602, 25)
     assert len(grid) == 25 and grid[0] == 602 and grid[-1] == 0 and grid == sorted(grid, reverse=True)
-    assert dm.ddim_timesteps(3, 10) == [3, 2, 1, 0]
+    assert samplers.ddim_timesteps(3, 10) == [3, 2, 1, 0]
 
 
 def test_ddim_step_matches_diffusers_ddim():
@@ -428,7 +431,8 @@ def test_ddim_step_matches_diffusers_ddim():
     t, t_prev = 400, 360
     for eta in (0.0, 1.0):
         ref = sch.step(eps, t, x, eta=eta, variance_noise=noise, use_clipped_model_output=True).prev_sample
-        mine = dm.ddim_step(x, eps, sch.alphas_cumprod[t], sch.alphas_cumprod[t_prev], eta=eta, noise=noise)["sample"]
+        mine = samplers.ddim_step(x, eps, sch.alphas_cumprod[t], sch.alphas_cumprod[t_prev], eta=eta,
+                                  noise=noise)["sample"]
         assert _maxdiff(mine, ref) <= 1e-5
 
 
@@ -442,20 +446,20 @@ def test_ddim_oracle_recovers_x0():
         a = torch.tensor(abar[ts.cpu().numpy()], dtype=torch.float32).view(-1, 1, 1, 1)
         return torch.cat([(x - a.sqrt() * x0) / (1 - a).sqrt(), torch.zeros_like(x)], 1)
 
-    out = dm.constrained_sample_ddim(oracle, x0, 150, 90, None, steps=10, eta=0.0, generator=g)
+    out = samplers.constrained_sample_ddim(oracle, x0, 150, 90, None, steps=10, eta=0.0, generator=g)
     assert _maxdiff(out, x0) <= 1e-4
 
 
 def test_ddim_constrained_sample(mini):
     x0 = torch.cat([mini["ref_img"], mini["ref_img"].flip(-1)])[:, :, 16:48, 16:48].contiguous()
-    lp = dm.LowPass((32, 32), 4)
+    lp = resample.LowPass((32, 32), 4)
     calls = []
 
     def model(x, ts):
         calls.append(int(ts[0]))
         return _fake_model(x, ts)
 
-    run = lambda eta, **kw: dm.constrained_sample_ddim(  # noqa: E731
+    run = lambda eta, **kw: samplers.constrained_sample_ddim(  # noqa: E731
         model, x0, 150, 90, lp, steps=10, eta=eta, generator=torch.Generator().manual_seed(5), **kw)
     a = run(0.0)
     assert len(calls) == 10 and calls[0] == 602 and calls[-1] == 0
@@ -470,7 +474,7 @@ def test_ddim_constrained_sample(mini):
     # knows x0's high frequencies, trusts the low frequencies of its input and hallucinates a
     # low-frequency shift (+0.3) at high noise (t >= 361); unconstrained sampling keeps the shift.
     abar = dm.create_gaussian_diffusion().base_alphas_cumprod
-    x0, lp = mini["ref_img"] * 0.8, dm.LowPass((64, 64), 8)
+    x0, lp = mini["ref_img"] * 0.8, resample.LowPass((64, 64), 8)
 
     def drifting(x, ts):
         ab = torch.tensor(abar[ts.numpy()], dtype=torch.float32).view(-1, 1, 1, 1)
@@ -479,8 +483,8 @@ def test_ddim_constrained_sample(mini):
 
     errs = {}
     for name, filt in (("constrained", lp), ("free", None)):
-        out = dm.constrained_sample_ddim(drifting, x0, 150, 90, filt, steps=25, eta=0.0,
-                                         generator=torch.Generator().manual_seed(5))
+        out = samplers.constrained_sample_ddim(drifting, x0, 150, 90, filt, steps=25, eta=0.0,
+                                               generator=torch.Generator().manual_seed(5))
         errs[name] = (lp(out) - lp(x0)).abs().mean().item()
     # measured when written: constrained 0.052, free 0.257
     assert errs["constrained"] < 0.15 and errs["constrained"] < 0.5 * errs["free"], errs

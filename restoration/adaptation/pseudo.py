@@ -295,7 +295,7 @@ def _prior_targets(prior, x0, params: PseudoTargetParams, generators: list, shou
     if should_cancel is not None:
         kwargs["should_cancel"] = should_cancel
     try:
-        from restoration.diffusion.gaussian import SamplingCancelled
+        from restoration.diffusion.samplers import SamplingCancelled
     except ImportError:  # pragma: no cover
         SamplingCancelled = Cancelled  # noqa: N806
     cls = type(prior)

@@ -1,4 +1,5 @@
-"""All diffusion math of FaceAdapt (our own implementation, guided-diffusion / iDDPM semantics).
+"""The Gaussian diffusion process of FaceAdapt: beta schedules, respacing and `GaussianDiffusion` (q_sample, the
+posterior, p_mean_variance, p_sample, training losses); our own implementation, guided-diffusion / iDDPM semantics.
 
 The process reproduced here is the one DT-BFR (Kuai et al., WACV 2025) and DifFace use for their
 FFHQ-512 prior: 1000 training steps, linear beta schedule, epsilon prediction, learned-range
@@ -15,7 +16,8 @@ Numerical conventions (they matter at the 1e-7 level and are checked against
   (0..num_timesteps-1); the network receives ``timestep_map[t]`` (original 0..999).
 
 Why not diffusers' schedulers for the reference process: see the note above
-:class:`GaussianDiffusion` (measured, not assumed).
+:class:`GaussianDiffusion` (measured, not assumed). The samplers built on this process (DT-BFR's constrained
+sampling, DDIM) are in :mod:`restoration.diffusion.samplers`, the low-pass filter in :mod:`restoration.diffusion.resample`.
 """
 from __future__ import annotations
 
@@ -24,13 +26,13 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn as nn
 
-from restoration.runtime import Cancelled, ProgressFn
+from restoration.runtime import ProgressFn
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 __all__ = [
+    "ModelFn",
     "linear_beta_schedule",
     "get_named_beta_schedule",
     "space_timesteps",
@@ -38,14 +40,7 @@ __all__ = [
     "create_gaussian_diffusion",
     "normal_kl",
     "discretized_gaussian_log_likelihood",
-    "SamplingCancelled",
-    "LowPass",
-    "resize_weights",
-    "consistency_step",
-    "constrained_sample",
-    "ddim_timesteps",
-    "ddim_step",
-    "constrained_sample_ddim",
+    "noise_like",
 ]
 
 
@@ -154,11 +149,7 @@ def _mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
-class SamplingCancelled(Cancelled):
-    """Raised by the samplers when their ``should_cancel()`` callback returns True."""
-
-
-def _randn(like: torch.Tensor, generator) -> torch.Tensor:
+def noise_like(like: torch.Tensor, generator) -> torch.Tensor:
     """Standard normal noise shaped like ``like`` from a noise source:
 
     * ``None``: torch's default generator, exactly as ``torch.randn_like`` (same values and RNG
@@ -295,7 +286,7 @@ class GaussianDiffusion:
         """Sample x_t ~ q(x_t | x_0) = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise (respaced ``t``)."""
         t = self._t(t, x_start.shape[0], x_start.device)
         if noise is None:
-            noise = _randn(x_start, generator)
+            noise = noise_like(x_start, generator)
         n = x_start.ndim
         return _at(self.sqrt_alphas_cumprod, t, n) * x_start + _at(self.sqrt_one_minus_alphas_cumprod, t, n) * noise
 
@@ -377,7 +368,7 @@ class GaussianDiffusion:
         t = self._t(t, x.shape[0], x.device)
         out = self.p_mean_variance(model, x, t, clip_denoised=clip_denoised)
         if noise is None:
-            noise = _randn(x, generator)
+            noise = noise_like(x, generator)
         nonzero = (t != 0).float().reshape((-1,) + (1,) * (x.ndim - 1))
         sample = out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
@@ -385,7 +376,7 @@ class GaussianDiffusion:
     def p_sample_loop(self, model: ModelFn, shape, noise: torch.Tensor | None = None, clip_denoised: bool = True,
                       generator=None, device=None, progress: ProgressFn | None = None):
         """Plain unconditional ancestral sampling over all respaced steps (for smoke tests / demos)."""
-        img = noise if noise is not None else _randn(torch.empty(shape, device=device), generator)
+        img = noise if noise is not None else noise_like(torch.empty(shape, device=device), generator)
         for i in reversed(range(self.num_timesteps)):
             img = self.p_sample(model, img, i, clip_denoised=clip_denoised, generator=generator)["sample"]
             if progress is not None:
@@ -469,323 +460,3 @@ def create_gaussian_diffusion(
     use = space_timesteps(steps, timestep_respacing) if timestep_respacing else None
     return GaussianDiffusion(betas, use, learn_sigma=learn_sigma, sigma_small=sigma_small,
                              rescale_learned_sigmas=rescale_learned_sigmas, use_kl=use_kl)
-
-
-# ---------------------------------------------------------------------------------------------
-# low-pass filter phi_N: bicubic antialiased down-sampling by N followed by bicubic up-sampling
-# ---------------------------------------------------------------------------------------------
-def _cubic(x: np.ndarray) -> np.ndarray:
-    """Keys' cubic convolution kernel with a = -0.5 (support [-2, 2]), float64."""
-    ax = np.abs(x)
-    ax2, ax3 = ax * ax, ax * ax * ax
-    near = (1.5 * ax3 - 2.5 * ax2 + 1.0) * (ax <= 1)
-    far = (-0.5 * ax3 + 2.5 * ax2 - 4.0 * ax + 2.0) * ((ax > 1) & (ax <= 2))
-    return near + far
-
-
-def resize_weights(in_len: int, scale: float, antialias: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Tap table of a 1-D cubic resize of ``in_len`` samples by ``scale``.
-
-    Returns ``(index, weights)``, both shaped [taps, out_len]: output sample ``j`` is
-    ``sum_k weights[k, j] * x[index[k, j]]``. ``out_len = ceil(in_len * scale)``.
-
-    Semantics (the reference ``Resizer`` of DT-BFR / ILVR, re-derived here):
-
-    * pixel centres are aligned ("half-pixel"): output pixel j (1-based) sits at input coordinate
-      ``(j - (out_len - in_len*scale)/2) / scale + (1 - 1/scale)/2``;
-    * when ``antialias`` (used when down-scaling) the kernel is stretched by ``1/scale`` and
-      scaled by ``scale``, i.e. it becomes a low-pass filter of the output rate;
-    * each output row of weights is normalised to sum to 1;
-    * out-of-range inputs are mirrored with the edge sample repeated (``... 1 0 | 0 1 ... n-1 | n-1 n-2 ...``);
-    * tap columns whose weights are zero for every output are dropped.
-    Computed in float64; callers cast the weights to float32.
-    """
-    out_len = int(math.ceil(in_len * scale))
-    if antialias:
-        width = 4.0 / scale
-
-        def kernel(u):
-            return scale * _cubic(scale * u)
-    else:
-        width = 4.0
-        kernel = _cubic
-    j = np.arange(1, out_len + 1, dtype=np.float64)
-    centre = (j - (out_len - in_len * scale) / 2) / scale + 0.5 * (1 - 1 / scale)
-    first = np.floor(centre - width / 2)
-    ntaps = int(math.ceil(width)) + 2
-    # 0-based input index of every tap (small ints, exact in float64)
-    idx = (first[:, None] + np.arange(ntaps) - 1).astype(np.int64)
-    w = kernel(centre[:, None] - idx - 1)
-    total = w.sum(axis=1)
-    total[total == 0] = 1.0
-    w = w / total[:, None]
-    mirror = np.concatenate([np.arange(in_len), np.arange(in_len - 1, -1, -1)])
-    idx = mirror[np.mod(idx, len(mirror))]
-    keep = np.any(w != 0, axis=0)
-    return idx[:, keep].T.copy(), w[:, keep].T.copy()
-
-
-class _Resize1D(nn.Module):
-    """One separable pass of the cubic resizer along ``dim`` (2 = height, 3 = width of NCHW)."""
-
-    def __init__(self, dim: int, in_len: int, scale: float, antialias: bool):
-        super().__init__()
-        self.dim = dim
-        index, weights = resize_weights(in_len, scale, antialias)
-        self.in_len = in_len
-        self.out_len = index.shape[1]
-        self.register_buffer("index", torch.from_numpy(index), persistent=False)
-        # [taps, out, 1, 1, 1]: broadcasts against the gathered [taps, out, <other 3 dims>] tensor
-        w = torch.from_numpy(weights).to(torch.float32)
-        self.register_buffer("weights", w.reshape(w.shape + (1, 1, 1)), persistent=False)
-
-    def _one(self, x: torch.Tensor) -> torch.Tensor:
-        # Move the resized dim to the front, gather all taps at once ([taps, out, ...]), weight and
-        # reduce over the taps axis. This exact sequence (gather, multiply, sum over dim 0) is what
-        # makes the result bit-identical to the reference; a matmul would differ at ~1e-7.
-        y = x.transpose(self.dim, 0)
-        y = (y[self.index] * self.weights.to(y.dtype)).sum(dim=0)
-        return y.transpose(self.dim, 0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[self.dim] != self.in_len:
-            raise ValueError(f"expected size {self.in_len} along dim {self.dim}, got {tuple(x.shape)}")
-        if x.shape[0] == 1:
-            return self._one(x)
-        # Per image: torch's CPU sum picks its reduction order from the tensor layout, so a batched
-        # call differs from single-image calls at the 1e-7 level. Looping keeps every image
-        # bit-identical to the (batch-1) reference, whatever the batch composition.
-        return torch.cat([self._one(x[k:k + 1]) for k in range(x.shape[0])], 0)
-
-
-class LowPass(nn.Module):
-    """phi_N(x) = up_N(down_N(x)): DT-BFR's low-frequency projector for NCHW images.
-
-    ``down`` is an antialiased bicubic resize by 1/N, ``up`` a bicubic resize by N (no
-    antialiasing when enlarging). Both are separable; as in the reference, ``down`` processes the
-    width first and then the height (the reference orders dims with ``np.argsort`` of the scale
-    vector, which gives [3, 2] for [1, 1, 1/N, 1/N]), and ``up`` the height first ([2, 3]). The
-    order changes results at the 1e-7 level only but is kept for bit-exactness.
-
-    Args:
-        shape: the image shape the filter is built for: (H, W) or (B, C, H, W) (only H, W matter;
-            any batch size / channel count works at call time). H and W must be multiples of N.
-        N: the down-scaling factor (DT-BFR uses 16 for SwinIR targets, 8 for general targets).
-    """
-
-    def __init__(self, shape: Sequence[int], N: int):
-        super().__init__()
-        h, w = int(shape[-2]), int(shape[-1])
-        N = int(N)
-        if N < 1 or h % N or w % N:
-            raise ValueError(f"LowPass: H and W ({h}x{w}) must be multiples of N={N}")
-        self.N, self.size = N, (h, w)
-        down_scale, up_scale = 1.0 / N, float(N)
-        if N == 1:
-            self.down = nn.Sequential()
-            self.up = nn.Sequential()
-        else:
-            self.down = nn.Sequential(_Resize1D(3, w, down_scale, True), _Resize1D(2, h, down_scale, True))
-            self.up = nn.Sequential(_Resize1D(2, h // N, up_scale, False), _Resize1D(3, w // N, up_scale, False))
-
-    def downsample(self, x: torch.Tensor) -> torch.Tensor:
-        """down_N(x): [B, C, H, W] -> [B, C, H/N, W/N]."""
-        return self.down(x)
-
-    def upsample(self, x: torch.Tensor) -> torch.Tensor:
-        """up_N(x): [B, C, H/N, W/N] -> [B, C, H, W]."""
-        return self.up(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
-
-    def extra_repr(self) -> str:
-        return f"size={self.size}, N={self.N}"
-
-
-def _as_lowpass(lowpass: "LowPass | int | None", x: torch.Tensor) -> LowPass | None:
-    if lowpass is None or isinstance(lowpass, nn.Module):
-        return lowpass.to(x.device) if lowpass is not None else None
-    return LowPass(x.shape, int(lowpass)).to(x.device)
-
-
-def consistency_step(diffusion: "GaussianDiffusion", img: torch.Tensor, ref: torch.Tensor, t: int,
-                     lowpass: LowPass, noise: torch.Tensor | None = None,
-                     generator=None) -> torch.Tensor:
-    """DT-BFR's low-frequency replacement after the reverse step at respaced ``t`` (img is x_{t-1}):
-    ``img - phi(img) + phi(q_sample(ref, t - 1))``.
-
-    For ``t = 0`` the target level is the clean image (the reference would index the schedule at
-    -1, i.e. wrap around to the *noisiest* step; DT-BFR never reaches this since it stops at 90).
-    """
-    if t - 1 >= 0:
-        target = diffusion.q_sample(ref, t - 1, noise=noise, generator=generator)
-    else:
-        target = ref
-    return img - lowpass(img) + lowpass(target)
-
-
-# ---------------------------------------------------------------------------------------------
-# DT-BFR constrained sampling (ancestral, the reference procedure)
-# ---------------------------------------------------------------------------------------------
-_DEFAULT_DIFFUSION: "GaussianDiffusion | None" = None
-
-
-def _default_diffusion() -> GaussianDiffusion:
-    global _DEFAULT_DIFFUSION
-    if _DEFAULT_DIFFUSION is None:
-        _DEFAULT_DIFFUSION = create_gaussian_diffusion()
-    return _DEFAULT_DIFFUSION
-
-
-def constrained_sample(model: ModelFn, x0: torch.Tensor, start: int = 150, constrain_until: int = 90,
-                       lowpass: "LowPass | int | None" = 16, generator=None,
-                       progress: ProgressFn | None = None, *, diffusion: GaussianDiffusion | None = None,
-                       clip_denoised: bool = True, should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:
-    """DT-BFR pseudo-target sampler (``sample_func_ir_aligned`` + ``p_sample_loop`` with the filter).
-
-    1. ``x = q_sample(x0, start)`` (respaced index ``start``; quirk kept from the reference: the
-       loop below starts one step lower, at ``start - 1``);
-    2. for ``t = start-1 .. 0``: ``x = p_sample(x, t)``; if ``t >= constrain_until``:
-       ``x = x - phi(x) + phi(q_sample(x0, t - 1))`` with fresh noise.
-
-    Args:
-        model: ``model(x, original_timesteps) -> [B, 6, H, W]``.
-        x0: the (restored) images in [-1, 1], [B, C, H, W]; a batch is processed in one go.
-        start, constrain_until: respaced indices (DT-BFR: 150 and 90 of 250).
-        lowpass: a :class:`LowPass`, an int N (built for x0's size) or None (no constraint).
-        generator: noise source. ``None`` uses torch's default generator with exactly the
-            reference draw order (seed it with ``torch.manual_seed`` to reproduce DT-BFR on CPU);
-            a ``torch.Generator`` gives a reproducible stream independent of global state; a list of
-            generators (one per image) makes each image's result independent of batching.
-        progress: ``progress("diffusion", done, total)`` after every step.
-        diffusion: the respaced process (default: DT-BFR's 250-step one).
-        should_cancel: checked before every step; if it returns True :class:`SamplingCancelled`
-            is raised.
-
-    Returns the final sample in [-1, 1] (not clamped; map with ``(x*0.5+0.5).clamp(0, 1)``).
-    """
-    diffusion = diffusion or _default_diffusion()
-    if not 0 < start < diffusion.num_timesteps:
-        raise ValueError(f"start must be in 1..{diffusion.num_timesteps - 1}, got {start}")
-    lp = _as_lowpass(lowpass, x0)
-    x = diffusion.q_sample(x0, start, generator=generator)
-    total = start
-    for done, t in enumerate(range(start - 1, -1, -1), start=1):
-        if should_cancel is not None and should_cancel():
-            raise SamplingCancelled("sampling cancelled")
-        x = diffusion.p_sample(model, x, t, clip_denoised=clip_denoised, generator=generator)["sample"]
-        if lp is not None and t >= constrain_until:
-            x = consistency_step(diffusion, x, x0, t, lp, generator=generator)
-        if progress is not None:
-            progress("diffusion", done, total)
-    return x
-
-
-# ---------------------------------------------------------------------------------------------
-# fast schedule: DDIM over the same noise window
-# ---------------------------------------------------------------------------------------------
-# Why not diffusers.DDIMScheduler (checked in diffusers 0.42.1): its previous timestep is always
-# `t - num_train_timesteps // num_inference_steps` and set_timesteps() takes no custom list, so it
-# cannot run a partial window such as 602 -> 0 in 25 evenly spaced steps (img2img pipelines only
-# slice its fixed grid); it also keeps alphas_cumprod in float32 (cumprod in float32), while the
-# rest of this module uses the float64 schedule of the reference. The update itself is a few lines.
-def ddim_timesteps(t_start: int, steps: int) -> list[int]:
-    """``steps`` original timesteps evenly spaced from ``t_start`` down to 0 (inclusive, distinct)."""
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
-    ts = np.round(np.linspace(t_start, 0, min(steps, t_start + 1))).astype(np.int64)
-    return sorted(set(int(t) for t in ts), reverse=True)
-
-
-def ddim_step(x: torch.Tensor, eps: torch.Tensor, abar_t: torch.Tensor | float, abar_prev: torch.Tensor | float,
-              eta: float = 0.0, noise: torch.Tensor | None = None, clip_denoised: bool = True) -> dict:
-    """One DDIM update from noise level ``abar_t`` to ``abar_prev`` (Song et al. 2021).
-
-    ``x0_hat = (x - sqrt(1-a) eps) / sqrt(a)``, optionally clamped to [-1, 1] with eps re-derived
-    from the clamped x0 (as guided-diffusion's ``ddim_sample`` and diffusers' DDIM do), then
-    ``x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma noise`` with
-    ``sigma = eta sqrt((1-a_prev)/(1-a)) sqrt(1 - a/a_prev)``. ``noise`` is required when the
-    resulting sigma is non-zero. Returns ``sample`` and ``pred_xstart``.
-    """
-    a = torch.as_tensor(abar_t, dtype=x.dtype, device=x.device)
-    a_prev = torch.as_tensor(abar_prev, dtype=x.dtype, device=x.device)
-    x0_hat = (x - torch.sqrt(1 - a) * eps) / torch.sqrt(a)
-    if clip_denoised:
-        x0_hat = x0_hat.clamp(-1, 1)
-        eps = (x - torch.sqrt(a) * x0_hat) / torch.sqrt(1 - a)
-    sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
-    sample = torch.sqrt(a_prev) * x0_hat + torch.sqrt((1 - a_prev - sigma ** 2).clamp(min=0)) * eps
-    if eta > 0 and float(sigma) > 0:
-        if noise is None:
-            raise ValueError("ddim_step: noise is required when eta > 0")
-        sample = sample + sigma * noise
-    return {"sample": sample, "pred_xstart": x0_hat}
-
-
-def constrained_sample_ddim(model: ModelFn, x0: torch.Tensor, start: int = 150, constrain_until: int = 90,
-                            lowpass: "LowPass | int | None" = 16, steps: int = 25, eta: float = 0.0,
-                            generator=None, progress: ProgressFn | None = None, *,
-                            diffusion: GaussianDiffusion | None = None, clip_denoised: bool = True,
-                            constraint_noise: str = "fresh",
-                            should_cancel: Callable[[], bool] | None = None) -> torch.Tensor:
-    """DDIM version of :func:`constrained_sample` with ``steps`` network evaluations.
-
-    The noise window is the reference one, in original timesteps: ``x0`` is noised to
-    ``T = timestep_map[start]`` (the level of ``q_sample(x0, start)``) and DDIM steps run through
-    ``ddim_timesteps(T, steps)`` (evenly spaced, ending with t = 0 and a final jump to abar = 1,
-    i.e. the clipped x0 prediction, like the reference's last ancestral step). Every step that
-    starts at an original timestep ``>= timestep_map[constrain_until]`` is followed by the same
-    low-frequency replacement, with the target ``q_sample(x0)`` at the level just reached.
-
-    DDIM update (Song et al.; clipped pred_x0, eps re-derived from the clipped x0 like
-    guided-diffusion's ``ddim_sample``)::
-
-        sigma = eta * sqrt((1 - a_prev) / (1 - a)) * sqrt(1 - a / a_prev)
-        x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z
-
-    ``eta=0`` is deterministic given the noise drawn for the start point and for the constraint
-    targets (both from ``generator``). ``constraint_noise='initial'`` reuses the start noise for
-    the constraint targets (the exact DDIM trajectory of x0 itself) instead of fresh noise.
-    Only the eps channels of the model output are used (the learned variance is not needed).
-    """
-    diffusion = diffusion or _default_diffusion()
-    if constraint_noise not in ("fresh", "initial"):
-        raise ValueError("constraint_noise must be 'fresh' or 'initial'")
-    lp = _as_lowpass(lowpass, x0)
-    abar_all = diffusion.base_alphas_cumprod
-    t_top = int(diffusion.timestep_map[start])
-    t_limit = int(diffusion.timestep_map[constrain_until])
-    grid = ddim_timesteps(t_top, steps)
-    b, c = x0.shape[0], x0.shape[1]
-
-    def abar(t: int | None) -> torch.Tensor:
-        # float64 schedule scalar cast to float32, like the ancestral path
-        v = 1.0 if t is None else abar_all[t]
-        return torch.tensor(v, dtype=torch.float64).to(device=x0.device, dtype=x0.dtype)
-
-    def q_at(t: int | None, noise: torch.Tensor) -> torch.Tensor:
-        if t is None:
-            return x0
-        a = np.float64(abar_all[t])
-        return (torch.tensor(np.sqrt(a), dtype=x0.dtype, device=x0.device) * x0
-                + torch.tensor(np.sqrt(1.0 - a), dtype=x0.dtype, device=x0.device) * noise)
-
-    init_noise = _randn(x0, generator)
-    x = q_at(t_top, init_noise)
-    for i, t in enumerate(grid):
-        if should_cancel is not None and should_cancel():
-            raise SamplingCancelled("sampling cancelled")
-        t_prev = grid[i + 1] if i + 1 < len(grid) else None
-        ts = torch.full((b,), t, dtype=torch.long, device=x0.device)
-        eps = model(x, ts)[:, :c]
-        noise = _randn(x, generator) if (eta > 0 and t_prev is not None) else None
-        x = ddim_step(x, eps, abar(t), abar(t_prev), eta=eta, noise=noise, clip_denoised=clip_denoised)["sample"]
-        if lp is not None and t >= t_limit:
-            noise = init_noise if constraint_noise == "initial" else (
-                None if t_prev is None else _randn(x0, generator))
-            target = q_at(t_prev, noise)
-            x = x - lp(x) + lp(target)
-        if progress is not None:
-            progress("diffusion", i + 1, len(grid))
-    return x

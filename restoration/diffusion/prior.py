@@ -1,6 +1,7 @@
 """Diffusion priors for pseudo-target generation: a network wired to a :class:`GaussianDiffusion`.
 
-All diffusion math lives in :mod:`restoration.diffusion.gaussian`; this module only adapts models to the
+The diffusion process lives in :mod:`restoration.diffusion.gaussian` and the samplers in
+:mod:`restoration.diffusion.samplers`; this module only adapts models to the
 ``model(x in [-1, 1], original_timesteps int64) -> eps [+ learned-range v]`` convention used there
 and converts images between [0, 1] (the rest of FaceAdapt) and [-1, 1] (the prior).
 
@@ -23,7 +24,6 @@ Both priors expose ``image_size``, ``pseudo_targets(...)`` and ``denoise_x0(x_t,
 from __future__ import annotations
 
 import inspect
-
 import json
 from pathlib import Path
 from typing import Callable, Sequence
@@ -32,8 +32,10 @@ import torch
 import torch.nn.functional as F
 
 from restoration.diffusion import gaussian as dm
+from restoration.diffusion.resample import LowPass
+from restoration.diffusion.samplers import constrained_sample, constrained_sample_ddim
+from restoration.models.zoo import Zoo
 from restoration.runtime import ProgressFn
-
 
 __all__ = ["Prior", "IDDPMPrior", "DiffusersPrior", "SCHEDULES"]
 
@@ -67,11 +69,11 @@ class Prior:
     def __call__(self, x: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return self.model_fn(x, timesteps)
 
-    def _lowpass(self, size: tuple[int, int], down_N: int) -> dm.LowPass:
+    def _lowpass(self, size: tuple[int, int], down_N: int) -> LowPass:
         cache = self.__dict__.setdefault("_lowpass_cache", {})
         key = (size, int(down_N), str(self.device))
         if key not in cache:
-            cache[key] = dm.LowPass(size, int(down_N)).to(self.device)
+            cache[key] = LowPass(size, int(down_N)).to(self.device)
         return cache[key]
 
     @torch.no_grad()
@@ -101,7 +103,7 @@ class Prior:
             generator: noise source: None (torch default generator), a ``torch.Generator`` or a
                 list with one generator per image (results independent of batching).
             progress: ``progress("diffusion", done, total)`` per reverse step.
-            should_cancel: checked every step; raises ``diffusion.SamplingCancelled``.
+            should_cancel: checked every step; raises ``samplers.SamplingCancelled``.
 
         Returns [B, 3, H, W] in [0, 1] on the input's device. If H x W differs from the prior's
         ``image_size`` the batch is resized (bicubic, antialiased) to the prior size and the result
@@ -117,12 +119,12 @@ class Prior:
         x0 = (x - 0.5) / 0.5
         lp = self._lowpass(size, down_N)
         if schedule == "ancestral":
-            out = dm.constrained_sample(self.model_fn, x0, start, constrain_until, lp, generator, progress,
-                                        diffusion=self.diffusion, should_cancel=should_cancel)
+            out = constrained_sample(self.model_fn, x0, start, constrain_until, lp, generator, progress,
+                                     diffusion=self.diffusion, should_cancel=should_cancel)
         else:
-            out = dm.constrained_sample_ddim(self.model_fn, x0, start, constrain_until, lp, steps=steps, eta=eta,
-                                             generator=generator, progress=progress, diffusion=self.diffusion,
-                                             should_cancel=should_cancel)
+            out = constrained_sample_ddim(self.model_fn, x0, start, constrain_until, lp, steps=steps, eta=eta,
+                                          generator=generator, progress=progress, diffusion=self.diffusion,
+                                          should_cancel=should_cancel)
         out = (out * 0.5 + 0.5).clamp(0, 1)
         if in_size != size:
             out = F.interpolate(out, size=in_size, mode="bicubic", align_corners=False,
@@ -190,8 +192,6 @@ class IDDPMPrior(Prior):
         ``noise_schedule``, ``learn_sigma``, ``respacing``); ``respacing`` overrides the sampler's
         timestep respacing (e.g. the pseudo-target parameter).
         """
-        from restoration.models.zoo import Zoo
-
         zoo = zoo or Zoo()
         card = zoo.get(name)
         if card.kind != "prior" or card.arch != "iddpm_unet":
@@ -258,6 +258,7 @@ class DiffusersPrior(Prior):
                         timestep_respacing: str | None = "250", **overrides) -> "DiffusersPrior":
         """Load ``UNet2DModel.from_pretrained(path)`` (a UNet folder, or a pipeline folder with
         ``unet/``) and read the training schedule from a ``scheduler_config.json`` if there is one."""
+        # diffusers is an optional heavy dependency here: imported only when a diffusers prior is loaded
         from diffusers import UNet2DModel
 
         path = Path(path)
