@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 # Wrapper keys the reference trainers use, in the order the reference loaders look for them.
 CONTAINER_KEYS = ("params_ema", "params", "state_dict")
@@ -31,8 +32,6 @@ def read_pth(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from restoration.models.archs import build
 from restoration.models.checkpoints import KNOWN_CHECKPOINTS, CheckpointError, KnownCheckpoint, load_strict, read_pth
 from restoration.settings import get_settings
 
@@ -85,8 +87,6 @@ def check_name(name: str) -> str:
 
 def instantiate(arch: str, config: dict, state_dict: dict[str, torch.Tensor] | None = None, name: str = "model"):
     """Build `arch` with `config` and load `state_dict` strictly (if given). Returns the module in eval mode."""
-    from restoration.models.archs import build
-
     model = build(arch, config)
     if state_dict is not None:
         load_strict(model, state_dict, name=name)
@@ -132,8 +132,6 @@ class Zoo:
     def load(self, name: str, device: str | torch.device = "cpu") -> torch.nn.Module:
         p = self.path(name)
         cfg = json.loads((p / CONFIG).read_text())
-        from safetensors.torch import load_file
-
         model = instantiate(cfg["arch"], cfg["config"], load_file(str(p / WEIGHTS)), name=name)
         return model.to(device)
 
@@ -151,8 +149,6 @@ class Zoo:
         **card_fields,
     ) -> ModelCard:
         """Validate (strict load into `arch`), then write weights, config and card atomically."""
-        from safetensors.torch import save_file
-
         check_name(name)
         if kind not in ("restorer", "prior"):
             raise ZooError(f"kind must be 'restorer' or 'prior', not {kind!r}")

@@ -45,6 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from restoration.models.checkpoints import load_strict, read_pth
+
 __all__ = ["CodeFormer", "VectorQuantizer", "adaptive_instance_norm"]
 
 GROUPS = 32
@@ -319,8 +321,6 @@ class CodeFormer(nn.Module):
 
     def _load_vqgan(self, path: str | Path) -> None:
         """Pre-trained VQGAN weights (``params_ema``) into encoder/quantize/generator, strictly."""
-        from restoration.models.checkpoints import load_strict, read_pth
-
         vq = nn.Module()
         vq.encoder, vq.quantize, vq.generator = self.encoder, self.quantize, self.generator
         load_strict(vq, read_pth(path), name=Path(path).name)
