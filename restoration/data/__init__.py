@@ -1,0 +1,1 @@
+"""Training data: the UTKFace face set, its committed splits and its loader."""

@@ -18,6 +18,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+import torch
+
+from restoration.faces.imageio import read_rgb
 
 SPLIT_DIR = Path(__file__).resolve().parent
 SPLIT_PREFIX = "utk200"
@@ -94,14 +97,9 @@ def split_sha256(split_dir: str | Path | None = None) -> str:
 
 
 def load_face(path: str | Path, size: int) -> np.ndarray:
-    """One face as uint8 HxWx3 RGB at `size` (PIL bicubic resize, which is antialiased when downscaling)."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.BICUBIC)
-        return np.asarray(im, dtype=np.uint8).copy()
+    """One face as uint8 HxWx3 RGB at `size` (`restoration.faces.imageio.read_rgb`: PIL bicubic resize, which is
+    antialiased when downscaling)."""
+    return read_rgb(path, size)
 
 
 def load_faces_array(names: Sequence[str], size: int, root: str | Path | None = None,
@@ -151,8 +149,6 @@ class FacesDataset:
         return len(self.names)
 
     def __getitem__(self, i: int):
-        import torch
-
         x = torch.from_numpy(self.images[i]).permute(2, 0, 1).float().div_(255.0)
         if self.flip and torch.rand(()) < 0.5:
             x = x.flip(-1)

@@ -1,4 +1,5 @@
-"""Image decoding and encoding for FaceAdapt.
+"""The one image reader and writer of FaceAdapt: `load_image` (any upload or file to RGB uint8), `encode_image`,
+`save_image` (atomic), and `read_rgb` (the plain Pillow reader of the training and benchmark face sets).
 
 Every image that enters the restoration core goes through :func:`load_image`, which returns an
 ``HxWx3`` ``uint8`` RGB array whatever the file held:
@@ -22,11 +23,17 @@ Only the formats of an allow-list are decoded (``formats``; default ``settings.i
 JPEG, WebP, BMP, TIFF): the format is told from the file's signature (:func:`sniff_format`) before
 Pillow sees the bytes, and Pillow is then only allowed that one decoder, so an EPS/PostScript file can
 never reach Ghostscript (nor any other plugin). Anything else raises :class:`UnsupportedFormat`.
+
+:func:`save_image` writes PNG, JPEG or WebP by the file's suffix, atomically (a temporary file renamed into place):
+the work dirs of adaptation and training save their PNGs with it too. :func:`read_rgb` is the reader of our own
+face sets (training data, benches): Pillow's ``convert('RGB')`` as it is (no EXIF rotation, alpha dropped) and an
+optional Pillow bicubic resize; photos from users go through :func:`load_image`.
 """
 from __future__ import annotations
 
 import io
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -35,8 +42,10 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["ImageError", "UnsupportedFormat", "load_image", "encode_image", "save_image", "sniff_format",
-           "allowed_formats", "FORMATS", "INPUT_FORMATS"]
+from restoration.settings import get_settings
+
+__all__ = ["ImageError", "UnsupportedFormat", "load_image", "encode_image", "save_image", "read_rgb", "sniff_format",
+           "allowed_formats", "check_format", "FORMATS", "INPUT_FORMATS"]
 
 _EXIF_ORIENTATION = 0x0112
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -102,8 +111,6 @@ def sniff_format(data: bytes) -> str | None:
 def allowed_formats(formats: str | list[str] | tuple[str, ...] | None = None) -> tuple[str, ...]:
     """The allow-list as a tuple of INPUT_FORMATS names; None: `settings.image_formats`. Aliases: jpg, tif."""
     if formats is None:
-        from restoration.settings import get_settings
-
         formats = get_settings().image_formats
     if isinstance(formats, str):
         formats = formats.split(",")
@@ -261,8 +268,6 @@ def load_image(src: bytes | str | Path, max_pixels: int | None = None,
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=[INPUT_FORMATS[fmt]])  # only that one decoder
     except Image.DecompressionBombError as exc:  # Pillow's own limit (far above ours); its message has the size
-        import re
-
         m = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{m.group(1)} pixels, " if m else ""
         limit = f"over the limit of max_pixels={max_pixels}; " if max_pixels is not None else ""
@@ -367,3 +372,15 @@ def save_image(path: str | Path, arr: np.ndarray, quality: int = 95) -> Path:
             pass
         raise
     return path
+
+
+# ----------------------------------------------------------------------------------- our own face sets
+def read_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
+    """An image file as HxWx3 uint8 RGB the plain Pillow way (``convert('RGB')``: no EXIF rotation, alpha dropped,
+    any format Pillow reads), resized to ``size`` x ``size`` with Pillow's bicubic (antialiased when shrinking) when
+    ``size`` is given and differs. For our own face sets; user uploads go through :func:`load_image`."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.BICUBIC)
+        return np.asarray(im, dtype=np.uint8).copy()
