@@ -195,7 +195,7 @@ class MicroBatcher:
 @dataclass
 class Restored:
     image: np.ndarray
-    faces: list  # the restored faces (restoration.faces.helper.Face), largest first
+    faces: list  # the restored faces (restoration.faces.detection.Face), largest first
     faces_found: int  # faces detected, restored or not
     detector: str | None
 
@@ -209,20 +209,13 @@ class Loaded:
                 fidelity: float | None = None) -> Restored:
         """Restore the faces of `img`; at most the `max_faces` largest ones (the others are left as they are).
         `fidelity` (None: auto by each face's native size, `restoration.faces.fidelity`); every face's `extra` records
-        `native_size`, `mode` and `fidelity`."""
-        from restoration.faces.fidelity import network_fidelity
-
-        helper = self.restorer.face_helper()
-        arch = self.restorer.card.arch
-        # archs that take the fidelity as their own input get it per call, outside the micro-batcher
-        fn = self.restorer.restore_crops if network_fidelity(arch)[0] else self.batcher
-        if aligned:
-            out, faces = helper.process(img, fn, aligned=True, fidelity=fidelity, arch=arch)
-            return Restored(out, faces, len(faces), helper.detector_name)
-        faces = sorted(helper.detect(img, only_center_face=only_center_face), key=lambda f: f.area, reverse=True)
-        kept = faces[:max_faces] if max_faces is not None and max_faces > 0 else faces
-        return Restored(helper.restore_faces(img, kept, fn, fidelity=fidelity, arch=arch), kept, len(faces),
-                        helper.detector_name)
+        `native_size`, `mode` and `fidelity`. The one whole-photo restore (`Restorer.restore_image`), with the crops
+        going through the micro-batcher, except for archs that take the fidelity as their own input (per call)."""
+        res = self.restorer.restore_image(img, aligned=aligned, only_center_face=only_center_face, fidelity=fidelity,
+                                          max_faces=max_faces,
+                                          restore_fn=None if self.restorer.takes_fidelity else self.batcher)
+        # the API names the model's detector for aligned crops too
+        return Restored(res.image, res.faces, res.faces_found, self.restorer.face_helper().detector_name)
 
     def close(self) -> None:
         self.batcher.close()

@@ -38,7 +38,7 @@ def check_device(device: str | None, option: str = "--device") -> str:
 def check_detector(detector: str | None, option: str = "--detector", need_weights: bool = True) -> str:
     """'auto', 'retinaface' (its weights must be on disk, unless not `need_weights`) or 'mtcnn' (None:
     FACEADAPT_DETECTOR)."""
-    from restoration.faces.helper import RETINAFACE_WEIGHTS
+    from restoration.faces.detection import RETINAFACE_WEIGHTS
     from restoration.settings import get_settings
 
     settings = get_settings()

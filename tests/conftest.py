@@ -26,3 +26,17 @@ def compat_dir(shared_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def facexlib_root(shared_dir: Path) -> Path:
     return shared_dir / "weights" / "facexlib"
+
+
+@pytest.fixture(scope="module")
+def restorer(facexlib_root):
+    """The bundled 64 px restorer (faceadapt-swinir-small) on the CPU, the shared facexlib weights in the settings."""
+    from restoration.faces.restore import Restorer
+    from restoration.settings import get_settings
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FACEADAPT_FACEXLIB_MODEL_ROOT", str(facexlib_root))
+    get_settings.cache_clear()
+    yield Restorer.from_zoo("faceadapt-swinir-small", device="cpu")
+    mp.undo()
+    get_settings.cache_clear()

@@ -16,9 +16,9 @@ from restoration.degrade import damage as degrade
 from restoration.adaptation.engine import AdaptConfig, evaluate, run_adaptation
 from restoration.models.archs import build
 from restoration.training.finetune import FinetuneConfig, finetune
-from restoration.faces.restore import Restorer, to_uint8
+from restoration.faces.restore import Restorer
 from restoration.adaptation.pseudo import PseudoTargetParams, restore_batch
-from restoration.models.io import run_restorer
+from restoration.models.io import run_restorer, to_uint8
 from restoration.models.zoo import Zoo
 
 TINY = dict(out_size=64, num_style_feat=32, channel_multiplier=2, decoder_load_path=None, fix_decoder=False,

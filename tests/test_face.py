@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from restoration.faces.helper import FFHQ_TEMPLATE_512, Face, FaceError, FaceHelper, similarity_transform, template
+from restoration.faces.alignment import FFHQ_TEMPLATE_512, similarity_transform, template
+from restoration.faces.detection import Face, FaceError
+from restoration.faces.helper import FaceHelper
 from restoration.faces.imageio import load_image
+from restoration.faces.restore import restore_photo
 
 #: faces per photo (both RetinaFace mobilenet0.25 and MTCNN find exactly these on the shared photos;
 #: 03.jpg also shows the back of a head, which is rightly not a face)
@@ -30,6 +33,12 @@ PHOTO = "Blake_Lively.jpg"
 
 def invert(crops):
     return [255 - c for c in crops]
+
+
+def process(helper, img, restore_fn, **kw):
+    """The whole-photo restore with a bare restore function: (image, faces)."""
+    res = restore_photo(helper, img, restore_fn, **kw)
+    return res.image, res.faces
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +112,7 @@ def test_only_center_face(helper, detections):
 def test_no_face_returns_image_unchanged(helper):
     grey = np.full((240, 320, 3), 128, np.uint8)
     calls = []
-    out, faces = helper.process(grey, lambda crops: calls.append(crops) or crops)
+    out, faces = process(helper, grey, lambda crops: calls.append(crops) or crops)
     assert faces == [] and calls == []
     assert np.array_equal(out, grey) and out is not grey
 
@@ -164,15 +173,15 @@ def test_paste_changes_only_face_regions(helper, detections, name):
         patch_in = img[y - r : y + r, x - r : x + r].astype(int)
         patch_out = out[y - r : y + r, x - r : x + r].astype(int)
         assert np.abs((255 - patch_in) - patch_out).mean() < 25, f"{name}: face not pasted back"
-    # process() gives the same result in one call
-    out2, faces2 = helper.process(img, invert)
+    # restore_photo() gives the same result in one call
+    out2, faces2 = process(helper, img, invert)
     assert len(faces2) == len(faces)
     assert np.array_equal(out2, out)
 
 
 def test_paste_identity_restorer_is_nearly_lossless(helper, detections):
     img, faces = detections[PHOTO]
-    out, _ = helper.process(img, lambda crops: crops)
+    out, _ = process(helper, img, lambda crops: crops)
     from restoration.metrics.quality import psnr
 
     # the face went through a warp to 256 and back (a resampling loss where the face is larger
@@ -191,14 +200,14 @@ def test_paste_accepts_other_crop_sizes_and_checks_inputs(helper, detections):
     with pytest.raises(ValueError):
         helper.paste(img, [crop.astype(np.float32)], [affine])
     with pytest.raises(ValueError):
-        helper.process(img, lambda crops: [])
+        process(helper, img, lambda crops: [])
 
 
 def test_small_crop_size(facexlib_root, detections):
     """The bundled models work at 64x64: the feathered mask must still be valid there."""
     small = FaceHelper(size=64, model_root=facexlib_root)
     img, faces = detections["10045.png"]
-    out, got = small.process(img, invert)
+    out, got = process(small, img, invert)
     assert len(got) == len(faces)
     region = np.zeros(img.shape[:2], bool)
     for f in got:
@@ -216,7 +225,7 @@ def test_aligned_mode(helper, shared_dir):
         seen.extend(c.shape for c in crops)
         return invert(crops)
 
-    out, faces = helper.process(crop, restore, aligned=True)
+    out, faces = process(helper, crop, restore, aligned=True)
     assert seen == [(256, 256, 3)]
     assert out.shape == crop.shape and out.dtype == np.uint8
     assert len(faces) == 1 and faces[0].extra.get("aligned")
@@ -226,7 +235,7 @@ def test_aligned_mode(helper, shared_dir):
     assert np.abs(out.astype(int) - ref.astype(int)).mean() < 2
     # non-square / other-size aligned input comes back at its own size
     small = cv2.resize(crop, (100, 120))
-    out_small, _ = helper.process(small, invert, aligned=True)
+    out_small, _ = process(helper, small, invert, aligned=True)
     assert out_small.shape == small.shape
 
 
@@ -296,7 +305,7 @@ def test_mtcnn_fallback_without_weights(tmp_path, whole_dir):
     h = FaceHelper(size=128, detector="auto", model_root=empty)
     assert h.detector_name == "mtcnn"
     img = load_image(whole_dir / PHOTO)
-    out, faces = h.process(img, invert)
+    out, faces = process(h, img, invert)
     print("detector without weights:", h.detector_name, "faces:", len(faces))
     assert len(faces) == EXPECTED_FACES[PHOTO]
     assert (out != img).any()

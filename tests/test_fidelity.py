@@ -8,23 +8,11 @@ import pytest
 from PIL import Image
 
 from restoration.metrics import quality as M
-from restoration.faces.helper import FaceHelper, template_for_card
+from restoration.faces.alignment import template_for_card
+from restoration.faces.helper import FaceHelper
 from restoration.faces.fidelity import DETAIL_RATIO, check_fidelity, decide
-from restoration.faces.restore import Restorer, to_tensor, to_uint8
-
-MODEL = "faceadapt-swinir-small"
-
-
-@pytest.fixture(scope="module")
-def restorer(facexlib_root):
-    from restoration.settings import get_settings
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FACEADAPT_FACEXLIB_MODEL_ROOT", str(facexlib_root))
-    get_settings.cache_clear()
-    yield Restorer.from_zoo(MODEL, device="cpu")
-    mp.undo()
-    get_settings.cache_clear()
+from restoration.faces.restore import Restorer, restore_photo
+from restoration.models.io import to_tensor, to_uint8
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +65,8 @@ def test_fidelity_zero_at_model_size_is_the_plain_output(restorer, helper, share
     for f in (None, 0.0):
         out, info = restorer.restore_crops([crop], fidelity=f, return_info=True)
         assert np.array_equal(out[0], plain) and info[0]["mode"] == "restored"
-        img, faces = helper.process(crop, restorer.restore_crops, aligned=True, fidelity=f)
+        res = restore_photo(helper, crop, restorer.restore_crops, aligned=True, fidelity=f)
+        img, faces = res.image, res.faces
         assert np.array_equal(img, plain) and faces[0].extra["mode"] == "restored"
     # a blend in between: exactly (1 - f) * restored + f * input
     half = restorer.restore_crops([crop], fidelity=0.5)[0].astype(np.float64)

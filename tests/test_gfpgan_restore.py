@@ -15,7 +15,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from restoration.models.archs import build
-from restoration.faces.restore import Restorer, to_tensor, to_uint8
+from restoration.faces.restore import Restorer
+from restoration.models.io import to_tensor, to_uint8
 from restoration.adaptation.pseudo import restore_batch
 from restoration.models.io import run_restorer
 from restoration.settings import get_settings

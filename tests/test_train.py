@@ -166,7 +166,7 @@ def test_native_size_damage_matches_the_pipeline_resize():
     """--native-sizes: a face damaged at its native size, then resized to the model size exactly as a crop is."""
     import numpy as np
 
-    from restoration.faces.restore import to_tensor
+    from restoration.models.io import to_tensor
 
     gt = torch.rand(3, 3, 48, 48)
     rng = np.random.default_rng(0)

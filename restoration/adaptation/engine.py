@@ -235,11 +235,11 @@ def _save_png(arr: np.ndarray, path: Path) -> None:
 
 
 def _resize(arr: np.ndarray, size: int) -> np.ndarray:
-    """An aligned crop at the model's size, resized exactly as `restoration.faces.restore.to_tensor` resizes it when the
+    """An aligned crop at the model's size, resized exactly as `restoration.models.io.to_tensor` resizes it when the
     adapted model serves it (so that fine-tuning sees the inputs it will be served)."""
     if arr.shape[:2] == (size, size):
         return arr
-    from restoration.faces.restore import to_tensor, to_uint8
+    from restoration.models.io import to_tensor, to_uint8
 
     return to_uint8(to_tensor([arr], size))[0]
 
@@ -266,7 +266,7 @@ def load_prior(zoo, name: str, device, respacing: str | None = None):
 
 def _base_face_template(zoo, base: str | None) -> str:
     """The alignment template of the base restorer's card ('ffhq' when it cannot be read)."""
-    from restoration.faces.helper import template_for_card
+    from restoration.faces.alignment import template_for_card
 
     if not base:
         return "ffhq"
@@ -765,7 +765,7 @@ def evaluate(
     """
     import torch
 
-    from restoration.faces.restore import to_uint8
+    from restoration.models.io import to_uint8
     from restoration.adaptation.pseudo import generate_pseudo_targets, restore_batch
 
     workdir = Path(workdir)
@@ -884,7 +884,7 @@ def register(workdir: str | Path, zoo=None, name: str | None = None, overwrite: 
         raise ValueError("no model name given")
     cfg: AdaptConfig = job["config"]
     base_card = zoo.get(job["base"])
-    from restoration.faces.helper import template_for_card
+    from restoration.faces.alignment import template_for_card
     base_cfg = zoo.config(job["base"])
     man = _manifest(workdir)
     ft_res = _read_json(workdir / FINETUNE / "result.json")

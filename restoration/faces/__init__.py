@@ -1,0 +1,1 @@
+"""Faces in photos: detection, alignment and paste-back, fidelity modes, image I/O and the whole-photo restore."""

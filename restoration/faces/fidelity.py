@@ -1,4 +1,5 @@
-"""Fidelity and native-size aware paste-back: a restored face is never a blurry upsampled model crop by default.
+"""Fidelity modes and blends: how much of a restoration goes into each face, by its native size (a restored face is
+never a blurry upsampled model crop by default), and the archs that take the fidelity as their own input.
 
 A restorer works at ``size`` = ``card.input_size`` (64 px for the bundled demo model). A face's *native size* is the
 side, in the input's own pixels, of the square that is aligned to the model input: ``size / scale`` of the
@@ -11,24 +12,25 @@ mode of each face (:func:`decide`):
 * ``"restored"`` (native <= ``ratio`` x size): ``out = (1 - f) * upsample(restored) + f * original``.
 * ``"detail_preserving"`` (native > ``ratio`` x size): ``out = original + (1 - f) * upsample(restored -
   original_at_model_size)``: only the band the model can represent is replaced, the input's own finer detail is
-  kept. For detected faces this is done in the photo domain through the inverse warp (`FaceHelper.paste`).
+  kept. For detected faces this is done in the photo domain through the inverse warp (`FaceAligner.paste`).
 
 Default (``fidelity=None``, "auto"): f = 0 with the mode from the native size, the threshold being
 :data:`DETAIL_RATIO` (chosen with ``bench/fidelity.py``, see docs/MODELS.md). For CodeFormer-style archs
 (:func:`network_fidelity`) f is the network's own fidelity weight ``w`` instead of a pixel blend (auto: the
-reference default 0.5, `pipeline.NETWORK_FIDELITY`); f == 1 still keeps the face as it is.
+reference default 0.5, :data:`NETWORK_FIDELITY`); f == 1 still keeps the face as it is.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-import cv2
 import numpy as np
 
+from restoration.faces.alignment import resize
+
 __all__ = [
-    "DETAIL_RATIO", "MODES", "FaceMode", "decide", "network_fidelity", "demo_model_warning", "mode_counts",
-    "check_fidelity", "affine_native_size", "blend_aligned",
+    "DETAIL_RATIO", "MODES", "NETWORK_FIDELITY", "FaceMode", "decide", "network_fidelity", "demo_model_warning",
+    "mode_counts", "check_fidelity", "affine_native_size", "blend_aligned",
 ]
 
 #: faces whose native size exceeds DETAIL_RATIO x the model input size get the detail-preserving paste by default
@@ -37,15 +39,16 @@ DETAIL_RATIO = 2.0
 
 MODES = ("restored", "detail_preserving", "kept")
 
+#: archs whose forward takes a fidelity weight: arch -> (keyword arguments for a weight w, default w).
+#: CodeFormer: ``model(x, w=w, adain=True)`` as in the reference inference_codeformer.py (``--w 0.5``).
+NETWORK_FIDELITY = {"codeformer": (lambda w: {"w": w, "adain": True}, 0.5)}
 
 
 def network_fidelity(arch: str | None) -> tuple[bool, float | None]:
-    """(True, default w) for archs that take the fidelity as their own input (``pipeline.NETWORK_FIDELITY``:
+    """(True, default w) for archs that take the fidelity as their own input (:data:`NETWORK_FIDELITY`:
     CodeFormer's ``w``, default 0.5 as in the reference inference script), else (False, None)."""
     if not arch:
         return False, None
-    from restoration.faces.restore import NETWORK_FIDELITY
-
     spec = NETWORK_FIDELITY.get(arch)
     return (True, float(spec[1])) if spec is not None else (False, None)
 
@@ -106,13 +109,6 @@ def affine_native_size(affine: np.ndarray, size: int) -> float:
     return float(size) / max(scale, 1e-12)
 
 
-def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
-    if img.shape[1] == w and img.shape[0] == h:
-        return img
-    interp = cv2.INTER_AREA if w < img.shape[1] else cv2.INTER_CUBIC
-    return cv2.resize(img, (w, h), interpolation=interp)
-
-
 def blend_aligned(original: np.ndarray, restored: np.ndarray, model_input: np.ndarray, fm: FaceMode) -> np.ndarray:
     """The output for one aligned crop: ``original`` (uint8, native size), ``restored`` (uint8, model size),
     ``model_input`` (what the network saw: the original resampled to the model size, uint8 or float in [0, 255])."""
@@ -120,13 +116,13 @@ def blend_aligned(original: np.ndarray, restored: np.ndarray, model_input: np.nd
     if fm.mode == "kept":
         return original.copy()
     if fm.mode == "restored":
-        up = _resize(restored, w, h)
+        up = resize(restored, w, h)
         if fm.weight >= 1.0:
             return up if up is not restored else up.copy()
         out = fm.weight * up.astype(np.float32) + (1.0 - fm.weight) * original.astype(np.float32)
     else:  # detail_preserving: original + (1 - f) * upsample(restored - model_input)
         delta = restored.astype(np.float32) - np.asarray(model_input, np.float32)
-        delta = cv2.resize(delta, (w, h), interpolation=cv2.INTER_CUBIC) if delta.shape[:2] != (h, w) else delta
+        delta = resize(delta, w, h, shrink=False)  # bicubic, whatever the sizes
         out = original.astype(np.float32) + fm.weight * delta
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 

@@ -1,58 +1,137 @@
-"""One fast network pass over faces: the inference side of FaceAdapt.
+"""The inference side of FaceAdapt: `Restorer` (one fast network pass over face crops) and `restore_photo`, the one
+whole-photo restore that the CLI (`Restorer.restore_image`) and the API (`app.serving.Loaded.restore`) both run.
 
-`Restorer` wraps a zoo restorer: `restore_crops` runs aligned face crops through the network in
-batches (autocast bf16/fp16 on GPU), `restore_image` detects, aligns, restores and pastes every face
-of a photo back.
+`Restorer` wraps a zoo restorer: `restore_crops` runs aligned face crops through the network in batches (autocast
+bf16/fp16 on GPU). `restore_photo` detects, aligns, restores (per-face mode by native size and fidelity,
+:mod:`restoration.faces.fidelity`) and pastes every face of a photo back, at most ``max_faces`` of them, with any
+restore function (the Restorer's own, or the service's micro-batcher).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from restoration.models.io import run_restorer
+from restoration.faces.alignment import resize, template_for_card
+from restoration.faces.detection import Face, check_image
+from restoration.faces.fidelity import NETWORK_FIDELITY, affine_native_size, blend_aligned, decide
+from restoration.faces.helper import FaceHelper
+from restoration.models.io import run_restorer, to_tensor, to_uint8
+from restoration.models.zoo import ModelCard, Zoo
 from restoration.runtime import resolve_device
 from restoration.settings import get_settings
-from restoration.models.zoo import ModelCard, Zoo
 
-#: archs whose forward takes a fidelity weight: arch -> (keyword arguments for a weight w, default w).
-#: CodeFormer: ``model(x, w=w, adain=True)`` as in the reference inference_codeformer.py (``--w 0.5``).
-NETWORK_FIDELITY = {"codeformer": (lambda w: {"w": w, "adain": True}, 0.5)}
+__all__ = ["Restorer", "RestoreResult", "RestoreFn", "restore_photo"]
 
-
-def resize_for_model(x: torch.Tensor, size: int) -> torch.Tensor:
-    """NCHW [0, 1] -> N x C x size x size as the model is fed (bicubic, antialiased; unchanged at that size).
-    Training resizes with this too (`train.degrade_native_batch`), so the model learns on what it is served."""
-    if x.shape[-2:] == (size, size):
-        return x
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-
-
-def to_tensor(crops: list[np.ndarray], size: int) -> torch.Tensor:
-    """uint8 HxWx3 RGB crops -> float Bx3xSxS in [0, 1] (resized with antialiasing when needed)."""
-    out = []
-    for c in crops:
-        t = torch.from_numpy(np.array(c, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
-        out.append(resize_for_model(t[None], size)[0])
-    return torch.stack(out).clamp_(0, 1)
-
-
-def to_uint8(batch: torch.Tensor) -> list[np.ndarray]:
-    arr = batch.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return list(arr)
+#: ``restore_fn(list of uint8 aligned crops) -> restored uint8 crops``; called ``restore_fn(crops, fidelity=w)`` for
+#: archs that take the fidelity as their own input (:data:`restoration.faces.fidelity.NETWORK_FIDELITY`)
+RestoreFn = Callable[..., Sequence[np.ndarray]]
 
 
 @dataclass
 class RestoreResult:
+    """A restored photo: the ``image``, the ``faces`` restored (or kept) in it, largest first, each with its
+    ``extra`` ``native_size``, ``mode`` and ``fidelity``; ``faces_found`` counts every face detected (more than
+    ``faces`` when ``max_faces`` left some out); ``detector`` is None for an aligned crop."""
+
     image: np.ndarray
-    faces: list = field(default_factory=list)  # restoration.faces.helper.Face
+    faces: list[Face] = field(default_factory=list)
     detector: str | None = None
     model: str = ""
+    faces_found: int = 0
 
 
+# ------------------------------------------------------------------------------ the whole-photo restore
+def restore_photo(helper: FaceHelper, img: np.ndarray, restore_fn: RestoreFn, *, aligned: bool = False,
+                  only_center_face: bool = False, fidelity: float | None = None, detail_ratio: float | None = None,
+                  arch: str | None = None, max_faces: int | None = None) -> RestoreResult:
+    """Detect, align, restore (``restore_fn``) and paste back the faces of an RGB uint8 photo.
+
+    ``max_faces`` (None or <= 0: all): only the ``max_faces`` largest faces are restored, the others are left as they
+    are (``faces_found`` still counts them). ``aligned=True``: ``img`` is already an aligned face crop; it is resized
+    to the helper's size, restored and resized back, and the result holds one face covering the whole input. With no
+    face found the image comes back unchanged (a copy) with no face.
+
+    ``fidelity`` (None: auto), ``detail_ratio`` (None: :data:`restoration.faces.fidelity.DETAIL_RATIO`) and the
+    restorer's ``arch`` decide per face between a plain restoration, a detail-preserving paste and leaving the face as
+    it is (:mod:`restoration.faces.fidelity`); each returned face's ``extra`` holds ``native_size``, ``mode`` and
+    ``fidelity``. For archs that take the fidelity themselves (CodeFormer) ``restore_fn`` is called as
+    ``restore_fn(crops, fidelity=w)``.
+    """
+    img = check_image(img)
+    if aligned:
+        image, face = _restore_aligned(helper, img, restore_fn, fidelity, detail_ratio, arch)
+        return RestoreResult(image, [face], None, faces_found=1)
+    found = helper.detect(img, only_center_face=only_center_face)
+    faces = found
+    if max_faces is not None and max_faces > 0:
+        faces = sorted(found, key=lambda f: f.area, reverse=True)[:max_faces]
+    image = _restore_detected(helper, img, faces, restore_fn, fidelity, detail_ratio, arch)
+    return RestoreResult(image, faces, helper.detector_name, faces_found=len(found))
+
+
+def _restore_aligned(helper: FaceHelper, img: np.ndarray, restore_fn: RestoreFn, fidelity: float | None,
+                     detail_ratio: float | None, arch: str | None) -> tuple[np.ndarray, Face]:
+    """One aligned crop of any size, restored at the helper's size and blended back at its own (`blend_aligned`)."""
+    s = helper.size
+    h, w = img.shape[:2]
+    fm = decide(max(h, w), s, fidelity, detail_ratio, arch)
+    lm = helper.aligner.points * np.array([w / s, h / s])
+    face = Face(box=np.array([0, 0, w, h], np.float32), score=1.0, landmarks5=lm.astype(np.float32),
+                extra={"aligned": True, **fm.to_dict()})
+    if fm.mode == "kept":
+        return img.copy(), face
+    crop = resize(img, s, s, shrink=min(h, w) > s)
+    restored = _run_restore(restore_fn, [crop], fm.network_w)[0]
+    restored = resize(restored, s, s, shrink=restored.shape[0] > s)
+    restored = blend_aligned(img, restored, crop, fm)
+    if restored is img:
+        restored = img.copy()  # never hand the caller's array back as the result
+    return restored, face
+
+
+def _restore_detected(helper: FaceHelper, img: np.ndarray, faces: list[Face], restore_fn: RestoreFn,
+                      fidelity: float | None, detail_ratio: float | None, arch: str | None) -> np.ndarray:
+    """Align the given faces, restore them in one ``restore_fn`` call and paste them back (each face's ``extra`` gets
+    ``native_size``, ``mode``, ``fidelity``); with no face to restore, a copy of ``img``."""
+    if not faces:
+        return img.copy()
+    crops, affines, modes = [], [], []
+    for face in faces:
+        crop, affine = helper.align(img, face)
+        fm = decide(affine_native_size(affine, helper.size), helper.size, fidelity, detail_ratio, arch)
+        face.extra.update(fm.to_dict())
+        if fm.mode == "kept":
+            continue
+        crops.append(crop)
+        affines.append(affine)
+        modes.append(fm)
+    if not crops:
+        return img.copy()
+    restored = _run_restore(restore_fn, crops, modes[0].network_w)
+    return helper.paste(img, restored, affines, weights=[fm.weight for fm in modes],
+                        bases=[c if fm.mode == "detail_preserving" else None for c, fm in zip(crops, modes)])
+
+
+def _run_restore(restore_fn: RestoreFn, crops: list[np.ndarray], network_w: float | None = None) -> list[np.ndarray]:
+    restored = list(restore_fn(crops) if network_w is None else restore_fn(crops, fidelity=network_w))
+    if len(restored) != len(crops):
+        raise ValueError(f"restore_fn returned {len(restored)} crops for {len(crops)} inputs")
+    out = []
+    for r in restored:
+        r = np.asarray(r)
+        if r.dtype != np.uint8:
+            raise ValueError(f"restore_fn must return uint8 crops, got {r.dtype}")
+        if r.ndim != 3 or r.shape[2] != 3:
+            raise ValueError(f"restore_fn must return HxWx3 crops, got {r.shape}")
+        out.append(r)
+    return out
+
+
+# ------------------------------------------------------------------------------ the restorer
 class Restorer:
     """A loaded restorer: aligned crops in, restored crops out, in batches."""
 
@@ -75,6 +154,12 @@ class Restorer:
         name = name or get_settings().default_restorer
         card = zoo.get(name)
         return cls(zoo.load(name), card, device=device, batch_size=batch_size, fidelity=fidelity)
+
+    @property
+    def takes_fidelity(self) -> bool:
+        """Whether the network takes the fidelity as its own input (CodeFormer's ``w``), so that every call of
+        `restore_crops` may carry its own."""
+        return self.card.arch in NETWORK_FIDELITY
 
     def network_kwargs(self, fidelity: float | None = None) -> dict:
         """Keyword arguments of the model call: CodeFormer gets ``w`` (``fidelity``, else the Restorer's, else the
@@ -117,8 +202,6 @@ class Restorer:
         (CodeFormer) f is the network's ``w`` instead of a pixel blend. Crops at the model size with f 0 / auto are
         the plain network output. ``return_info``: returns ``(crops, infos)``, infos the per-crop dicts
         ``{native_size, mode, fidelity}``."""
-        from restoration.faces.fidelity import blend_aligned, decide
-
         crops = [np.asarray(c) for c in crops]
         f = fidelity if fidelity is not None else self.fidelity
         modes = [decide(max(c.shape[:2]), self.size, f, detail_ratio, self.card.arch) for c in crops]
@@ -139,9 +222,9 @@ class Restorer:
             return outs, [fm.to_dict() for fm in modes]
         return outs
 
-    def face_helper(self, detector: str | None = None):
-        from restoration.faces.helper import FaceHelper, template_for_card
-
+    def face_helper(self, detector: str | None = None) -> FaceHelper:
+        """The FaceHelper of this restorer (its input size and alignment template) for ``detector`` (None: the
+        settings'), made once."""
         key = detector or get_settings().detector
         if key not in self._helpers:
             self._helpers[key] = FaceHelper(size=self.size, detector=key, device=str(self.device),
@@ -150,17 +233,22 @@ class Restorer:
 
     def restore_image(self, img: np.ndarray, aligned: bool = False, only_center_face: bool = False,
                       detector: str | None = None, fidelity: float | None = None,
-                      detail_ratio: float | None = None) -> RestoreResult:
-        """Detect, align, restore and paste back every face of an RGB uint8 photo (or one aligned crop).
+                      detail_ratio: float | None = None, max_faces: int | None = None,
+                      restore_fn: RestoreFn | None = None) -> RestoreResult:
+        """Detect, align, restore and paste back every face of an RGB uint8 photo (or one aligned crop):
+        `restore_photo` with this restorer's face helper and arch.
 
         ``fidelity`` / ``detail_ratio``: see `restore_crops` (the detail-preserving paste of large faces is done in
-        the photo through the inverse warp); each face's ``extra`` records ``native_size``, ``mode``, ``fidelity``."""
+        the photo through the inverse warp); each face's ``extra`` records ``native_size``, ``mode``, ``fidelity``.
+        ``max_faces``: at most that many faces, the largest. ``restore_fn`` (None: `restore_crops`): what restores
+        the aligned crops, e.g. a micro-batcher that calls `restore_crops` for many requests at once."""
         helper = self.face_helper(detector)
         f = fidelity if fidelity is not None else self.fidelity
-        out, faces = helper.process(img, self.restore_crops, aligned=aligned, only_center_face=only_center_face,
-                                    fidelity=f, detail_ratio=detail_ratio, arch=self.card.arch)
-        return RestoreResult(image=out, faces=faces, detector=None if aligned else helper.detector_name,
-                             model=self.card.name)
+        res = restore_photo(helper, img, restore_fn or self.restore_crops, aligned=aligned,
+                            only_center_face=only_center_face, fidelity=f, detail_ratio=detail_ratio,
+                            arch=self.card.arch, max_faces=max_faces)
+        res.model = self.card.name
+        return res
 
 
 def _check_w(w: float | None) -> float | None:
@@ -170,10 +258,3 @@ def _check_w(w: float | None) -> float | None:
     if not 0.0 <= w <= 1.0:
         raise ValueError(f"fidelity weight must be in [0, 1], got {w}")
     return w
-
-
-def _resize(img: np.ndarray, w: int, h: int) -> np.ndarray:
-    import cv2
-
-    interp = cv2.INTER_AREA if w < img.shape[1] else cv2.INTER_CUBIC
-    return cv2.resize(img, (w, h), interpolation=interp)

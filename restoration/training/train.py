@@ -116,7 +116,7 @@ class RestorerTrainConfig(_TrainConfig):
     n_grid: int = 8
     # Train on what the product feeds the model: each face is damaged at a native size drawn from this list (the
     # damage scaled for that size, as `degrade` does), then resized to `size` the way the pipeline resizes a crop
-    # (`pipeline.resize_for_model`); its target is the clean face resized to `size`. Empty: damaged at `size`.
+    # (`models.io.resize_for_model`); its target is the clean face resized to `size`. Empty: damaged at `size`.
     native_sizes: list = field(default_factory=list)
 
 
@@ -542,7 +542,7 @@ def degrade_native_batch(gt_hi: torch.Tensor, params, rng: np.random.Generator, 
     """(lq, gt) at `size` for faces seen at native sizes drawn from `sizes`: each clean face (NCHW, loaded at least
     as large as the largest size) is resized to its native size, damaged there (`degrade` scales the damage for
     that size), and resized to `size` like a crop in the pipeline; the target is the clean face resized to `size`."""
-    from restoration.faces.restore import resize_for_model
+    from restoration.models.io import resize_for_model
 
     def resize(x: torch.Tensor, s: int) -> torch.Tensor:
         return resize_for_model(x, s).clamp(0, 1)
