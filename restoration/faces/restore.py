@@ -25,7 +25,8 @@ NETWORK_FIDELITY = {"codeformer": (lambda w: {"w": w, "adain": True}, 0.5)}
 
 def resize_for_model(x: torch.Tensor, size: int) -> torch.Tensor:
     """NCHW [0, 1] -> N x C x size x size as the model is fed (bicubic, antialiased; unchanged at that size).
-    Training resizes with this too (`train.degrade_native_batch`), so the model learns on what it is served."""
+    Training resizes with this too (`restoration.training.batches.degrade_native_batch`), so the model learns on
+    what it is served."""
     if x.shape[-2:] == (size, size):
         return x
     return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
