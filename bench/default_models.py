@@ -4,8 +4,8 @@
     python bench/default_models.py --n-test 100 --images /tmp/imgs
 
 Prints:
- (a) restorer on the UTK200 test split (64x64), each face damaged with the standard pipeline (`degrade.py` DEFAULT,
-     seed 2000000 + i): PSNR / SSIM of the restorer output, of its input (what `degrade` returns: the low-resolution
+ (a) restorer on the UTK200 test split (64x64), each face damaged with the standard pipeline
+     (`restoration.degrade.damage.DEFAULT`, seed 2000000 + i): PSNR / SSIM of the restorer output, of its input (what `degrade` returns: the low-resolution
      image upsampled back *bilinearly* by the pipeline) and of the same low-resolution image upsampled *bicubically*;
  (b) prior: a grid of unconditional samples (ancestral, learned variances, respacing `--sample-respacing`) and a grid
      of pseudo targets for damaged test faces with the card's `pseudo_target_defaults` (rows: damaged, pseudo target,
@@ -22,6 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from restoration.data.faces import FacesDataset
+from restoration.models.zoo import Zoo
+from restoration.training.evaluate import (
+    degrade_pair, denoise_psnr, evaluate_restorer, psnr_ssim, sample_prior, save_grid,
+)
+from restoration.training.recipes import make_diffusion
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_SEED = 2_000_000
@@ -49,10 +56,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from restoration.training import train as T
-    from restoration.data.faces import FacesDataset
-    from restoration.models.zoo import Zoo
-
     t_all = time.time()
     zoo = Zoo(root=args.zoo_dir, builtin_dir=None)
     rcard, pcard = zoo.get(args.restorer), zoo.get(args.prior)
@@ -69,40 +72,40 @@ def main() -> None:
     t0 = time.time()
     ds = FacesDataset("test", size, limit=args.n_test)
     gt = torch.stack([ds[i] for i in range(len(ds))])
-    r = T.evaluate_restorer(restorer, gt, seed=TEST_SEED)
+    r = evaluate_restorer(restorer, gt, seed=TEST_SEED)
     print(f"\n(a) restorer, {r['n']} test faces {size}x{size}, standard degradation (DEFAULT, seeds {TEST_SEED}+i):")
     print(f"    {'':34} {'PSNR dB':>8} {'SSIM':>7}")
     print(f"    {'restorer output':34} {r['psnr_restorer']:8.2f} {r['ssim_restorer']:7.4f}")
     print(f"    {'input (LQ, bilinear up = degrade)':34} {r['psnr_input']:8.2f} {r['ssim_input']:7.4f}")
     print(f"    {'LQ upsampled bicubic':34} {r['psnr_bicubic']:8.2f} {r['ssim_bicubic']:7.4f}")
     print(f"    ({time.time() - t0:.0f} s)")
-    lq, lqb = T.degrade_pair(gt[:8], seed=TEST_SEED)
+    lq, lqb = degrade_pair(gt[:8], seed=TEST_SEED)
     with torch.no_grad():
         out = restorer(lq).clamp(0, 1)
-    T.save_grid([lq, lqb, out, gt[:8]], images / "default_restorer.png")
+    save_grid([lq, lqb, out, gt[:8]], images / "default_restorer.png")
 
     # ---------------------------------------------------------------------------------------------------- (b)
     t0 = time.time()
     ptd = dict(pcard.extra.get("pseudo_target_defaults") or {})
     start, until, down_n = int(ptd.get("start", 150)), int(ptd.get("constrain_until", 90)), int(ptd.get("down_N", 4))
-    samples = T.sample_prior(prior, args.n_samples, pcard.input_size, args.sample_respacing, seed=0)
+    samples = sample_prior(prior, args.n_samples, pcard.input_size, args.sample_respacing, seed=0)
     cols = min(8, args.n_samples)
-    T.save_grid([samples[i:i + cols] for i in range(0, args.n_samples - cols + 1, cols)], images / "default_prior_samples.png")
+    save_grid([samples[i:i + cols] for i in range(0, args.n_samples - cols + 1, cols)], images / "default_prior_samples.png")
     t_samp = time.time() - t0
     from bench_tune import pseudo_targets  # noqa: E402  (bench/tune_pseudo_targets.py)
 
     n_p = args.n_pseudo
-    dmg, _ = T.degrade_pair(gt[:n_p], seed=TEST_SEED)
+    dmg, _ = degrade_pair(gt[:n_p], seed=TEST_SEED)
     t1 = time.time()
     pt = pseudo_targets(prior, dmg, start, until, down_n, seed=0)
     t_pt = time.time() - t1
-    T.save_grid([dmg, pt, gt[:n_p]], images / "default_pseudo_targets.png")
-    p_d, s_d = T._psnr_ssim(dmg, gt[:n_p])
-    p_p, s_p = T._psnr_ssim(pt, gt[:n_p])
+    save_grid([dmg, pt, gt[:n_p]], images / "default_pseudo_targets.png")
+    p_d, s_d = psnr_ssim(dmg, gt[:n_p])
+    p_p, s_p = psnr_ssim(pt, gt[:n_p])
     dn = FacesDataset("test", pcard.input_size, limit=args.n_denoise)
     clean = torch.stack([dn[i] for i in range(len(dn))])
     t2 = time.time()
-    den = T.denoise_psnr(prior, clean, start, seed=0)
+    den = denoise_psnr(prior, clean, start, seed=0)
     print(f"\n(b) prior: {args.n_samples} unconditional samples (respacing {args.sample_respacing}, "
           f"{t_samp:.0f} s) -> {images / 'default_prior_samples.png'}")
     print(f"    pseudo targets (start {start}/250, constrain_until {until}, down_N {down_n}, ancestral) for {n_p} damaged "
@@ -110,7 +113,7 @@ def main() -> None:
     print(f"      damaged input vs GT: PSNR {np.mean(p_d):.2f} SSIM {np.mean(s_d):.4f}; "
           f"pseudo targets vs GT: PSNR {np.mean(p_p):.2f} SSIM {np.mean(s_p):.4f}")
     print(f"    denoising PSNR of the x0-prediction at respaced t={start} (original t="
-          f"{int(T.make_diffusion('250').timestep_map[start])}), {len(clean)} clean test faces: {den:.2f} dB "
+          f"{int(make_diffusion('250').timestep_map[start])}), {len(clean)} clean test faces: {den:.2f} dB "
           f"({time.time() - t2:.0f} s)")
 
     # ---------------------------------------------------------------------------------------------------- (c)

@@ -11,7 +11,7 @@
   the tuning table from `--tune` (the JSON written by bench/tune_pseudo_targets.py) and the denoising PSNR of the
   x0-prediction at the start step on 100 clean val faces.
 
-Both go through `restoration.training.train.export` (EMA weights of the last checkpoint).
+Both go through `restoration.training.export.export` (EMA weights of the last checkpoint).
 """
 from __future__ import annotations
 
@@ -26,6 +26,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+from bench.restorer_native import TEST_SEED, measure  # noqa: E402
+from restoration.adaptation.engine import _load_rgb  # noqa: E402
+from restoration.adaptation.pseudo import color_stats  # noqa: E402
+from restoration.data import faces as data  # noqa: E402
+from restoration.data.faces import FacesDataset  # noqa: E402
+from restoration.faces.restore import Restorer  # noqa: E402
+from restoration.models.zoo import Zoo  # noqa: E402
+from restoration.training.evaluate import denoise_psnr, evaluate_restorer  # noqa: E402
+from restoration.training.export import export  # noqa: E402
+from restoration.training.runs import load_run_model  # noqa: E402
+
 VAL_SEED = 3_000_000
 # the commands of the last training run behind the shipped weights (docs/MODELS.md); run from the repo root. Each
 # continues the previous shipped model (--init-from); the cards carry the earlier runs' commands under
@@ -43,10 +54,6 @@ KEEP_EXTRA = ("finetune_defaults", "finetune_defaults_note", "pseudo_target_defa
 
 def face_color_stats() -> dict:
     """The prior card's clean-face colour reference (`restoration.adaptation.engine.color_correction` without HQ faces)."""
-    from restoration.data import faces as data
-    from restoration.adaptation.engine import _load_rgb
-    from restoration.adaptation.pseudo import color_stats
-
     names = data.load_split("train")[::4]
     root = data.default_faces_root()
     return {**color_stats(_load_rgb(root / n) for n in names),
@@ -58,9 +65,6 @@ def face_color_stats() -> dict:
 def native_metrics(model, card, size: int, n: int = 200) -> dict:
     """What bench/restorer_native.py prints, for the card: PSNR / SSIM on `n` test faces at native size `size`
     through the product path (`Restorer.restore_crops`), next to the bicubic baseline."""
-    from bench.restorer_native import TEST_SEED, measure
-    from restoration.faces.restore import Restorer
-
     rows, count = measure([Restorer(model, card, device="cpu", batch_size=32)], size, n)
     by = {r["label"]: r for r in rows}
     res = {"split": "test", "native_size": size, "n": count, "seed": TEST_SEED,
@@ -83,9 +87,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from restoration.training import train as T
-    from restoration.data.faces import FacesDataset
-
     dest = Path(args.dest)
     cmd = "python bench/export_defaults.py " + shlex.join(sys.argv[1:])
     val = FacesDataset("val", 64)
@@ -94,10 +95,8 @@ def main() -> None:
     if args.only in (None, "prior") and not args.ptd:
         ap.error("--ptd start,constrain_until,down_N is needed to export the prior")
     if args.only in (None, "restorer"):
-        from restoration.models.zoo import Zoo
-
-        m = T.load_run_model(args.restorer_run)
-        r = T.evaluate_restorer(m, gt, seed=VAL_SEED)
+        m = load_run_model(args.restorer_run)
+        r = evaluate_restorer(m, gt, seed=VAL_SEED)
         metrics = {"val": {"split": "val", "degradation": "DegradationParams() standard, seeds 3000000+i",
                            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()},
                            "input_is": "degrade() output: LQ upsampled bilinearly",
@@ -105,19 +104,19 @@ def main() -> None:
         old = Zoo(root=dest, builtin_dir=None).get("faceadapt-swinir-small")
         metrics["test_native_128"] = native_metrics(m, old, 128)
         kept = {k: old.extra[k] for k in KEEP_EXTRA if k in old.extra}
-        p = T.export(args.restorer_run, dest / "faceadapt-swinir-small", metrics=metrics, extra={**kept, **note},
+        p = export(args.restorer_run, dest / "faceadapt-swinir-small", metrics=metrics, extra={**kept, **note},
                      command=cmd, train_command=RESTORER_TRAIN_COMMAND)
         print("restorer", m.step, "steps", json.dumps(metrics), "->", p)
     if args.only in (None, "prior"):
         start, until, n = (int(v) for v in args.ptd.split(","))
-        m = T.load_run_model(args.prior_run)
-        den = T.denoise_psnr(m, gt[:100], start, seed=0)
+        m = load_run_model(args.prior_run)
+        den = denoise_psnr(m, gt[:100], start, seed=0)
         metrics = {"val_denoise_psnr_at_start": {"t_respaced": start, "n": 100, "psnr": round(den, 3)}}
         extra = {"pseudo_target_defaults": {"start": start, "constrain_until": until, "down_N": n},
                  "face_color_stats": face_color_stats(), **note}
         if args.tune:
             extra["pseudo_target_tuning"] = json.loads(Path(args.tune).read_text())
-        p = T.export(args.prior_run, dest / "faceadapt-iddpm-small", metrics=metrics, extra=extra,
+        p = export(args.prior_run, dest / "faceadapt-iddpm-small", metrics=metrics, extra=extra,
                      command=cmd,
                      train_command=PRIOR_TRAIN_COMMAND)
         print("prior", m.step, "steps", json.dumps(metrics), "->", p)

@@ -1,6 +1,6 @@
 """The restorer on faces at the sizes users send: UTK200 test faces resized to a native size (128 px by default),
-damaged there with the standard pipeline scaled for that size (`degrade.py` DEFAULT, seed 2000000 + i), saved as
-uint8 like an uploaded crop, and restored through `restoration.faces.restore.Restorer.restore_crops` (the product path:
+damaged there with the standard pipeline scaled for that size (`restoration.degrade.damage.DEFAULT`, seed
+2000000 + i), saved as uint8 like an uploaded crop, and restored through `restoration.faces.restore.Restorer.restore_crops` (the product path:
 resize to the model size, restore, paste back by the native-size rule). PSNR / SSIM (RGB, at the native size)
 against the clean face at that size, next to the damaged input and the bicubic baseline (the same low-resolution
 image upsampled bicubically instead of bilinearly).
@@ -22,6 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from restoration.data.faces import FacesDataset
+from restoration.faces.restore import Restorer
+from restoration.metrics.quality import sharpness as one_sharpness
+from restoration.models.zoo import CARD, Zoo
+from restoration.training.batches import degradation_params
+from restoration.training.evaluate import degrade_pair, psnr_ssim
+from restoration.training.runs import last_checkpoint, load_run_model
+
 REPO = Path(__file__).resolve().parents[1]
 TEST_SEED = 2_000_000
 
@@ -38,16 +46,12 @@ class _FlipEnsemble(torch.nn.Module):
 
 
 def _load_restorer(spec: str, zoo_dir: str):
-    from restoration.training import train as T
-    from restoration.faces.restore import Restorer
-    from restoration.models.zoo import CARD, Zoo
-
     zoo = Zoo(root=zoo_dir, builtin_dir=None)
     p = Path(spec)
     if p.is_dir() and (p / CARD).is_file():
         zoo, spec_name = Zoo(root=p.parent, builtin_dir=None), p.name
-    elif p.is_dir() and (ck := T.last_checkpoint(p)) is not None:  # a run: its EMA weights, the bundled card
-        model = T.load_run_model(p, "ema", ck)
+    elif p.is_dir() and (ck := last_checkpoint(p)) is not None:  # a run: its EMA weights, the bundled card
+        model = load_run_model(p, "ema", ck)
         return Restorer(model, zoo.get("faceadapt-swinir-small"), device="cpu", batch_size=32), f"{spec} ({ck.name})"
     else:
         spec_name = spec
@@ -59,12 +63,9 @@ def measure(restorers: list, size: int, n: int) -> tuple[list[dict], int]:
     """Score each `Restorer` on `n` test faces at native `size` (standard damage scaled for that size, seeds
     TEST_SEED + i, saved as uint8 crops, restored by `restore_crops`). Returns rows {label, psnr, ssim} (the damaged
     input, the bicubic baseline, then one per restorer, labelled "restorer <i>") and the number of faces."""
-    from restoration.training import train as T
-    from restoration.data.faces import FacesDataset
-
     ds = FacesDataset("test", size, limit=n)
     gt = torch.stack([ds[i] for i in range(len(ds))])
-    lq, lqb = T.degrade_pair(gt, T.degradation_params(), TEST_SEED)
+    lq, lqb = degrade_pair(gt, degradation_params(), TEST_SEED)
     crops = [(lq[i].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8) for i in range(len(lq))]
     images = [("input", lq), ("bicubic", lqb)]
     for i, restorer in enumerate(restorers):
@@ -72,7 +73,7 @@ def measure(restorers: list, size: int, n: int) -> tuple[list[dict], int]:
         images.append((f"restorer {i}", torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0))
     rows = []
     for label, img in images:
-        p, s = T._psnr_ssim(img.clamp(0, 1), gt)
+        p, s = psnr_ssim(img.clamp(0, 1), gt)
         rows.append({"label": label, "psnr": float(np.mean(p)), "ssim": float(np.mean(s)), "sharpness": sharpness(img)})
     rows.append({"label": "clean", "sharpness": sharpness(gt)})
     return rows, len(gt)
@@ -81,9 +82,7 @@ def measure(restorers: list, size: int, n: int) -> tuple[list[dict], int]:
 def sharpness(img: torch.Tensor) -> float:
     """Mean over the faces of `metrics.sharpness` (variance of the luma's Laplacian, the adaptation gate's
     no-reference measure): texture / blur, not quality."""
-    from restoration.metrics.quality import sharpness as one
-
-    return float(np.mean([one(im.clamp(0, 1)) for im in img]))
+    return float(np.mean([one_sharpness(im.clamp(0, 1)) for im in img]))
 
 
 def main() -> None:
@@ -100,8 +99,6 @@ def main() -> None:
 
     models = [_load_restorer(m, args.zoo_dir) for m in (args.model or ["faceadapt-swinir-small"])]
     if args.flip_ensemble:
-        from restoration.faces.restore import Restorer
-
         models += [(Restorer(_FlipEnsemble(r.model), r.card, device="cpu", batch_size=32), f"{label} + flip ensemble")
                    for r, label in list(models)]
     names = {"input": "damaged input (bilinear up)", "bicubic": "bicubic baseline",

@@ -4,11 +4,12 @@
         --settings 150,90,4 100,50,4 60,20,4 60,20,2 40,0,4 --out runs/tune_pseudo.json
     python bench/tune_pseudo_targets.py --zoo restoration/zoo_defaults/faceadapt-iddpm-small ...
 
-For N val faces of the UTK200 split (64x64), each damaged with the standard degradation (`degrade.py` DEFAULT,
-seeds `--seed + i`), the DT-BFR ancestral sampler (`diffusion.samplers.constrained_sample`, 250-step respacing) makes pseudo
-targets from x0 = the damaged face (`--x0 input`) or from the restorer's output (`--x0 restorer --restorer ...`),
-and PSNR / SSIM against the ground truth are printed next to those of x0 itself. Every image uses its own
-generator (seeded from `--seed` and its index), so results do not depend on batching.
+For N val faces of the UTK200 split (64x64), each damaged with the standard degradation
+(`restoration.degrade.damage.DEFAULT`, seeds `--seed + i`), the DT-BFR ancestral sampler
+(`diffusion.samplers.constrained_sample`, 250-step respacing) makes pseudo targets from x0 = the damaged face (`--x0 input`) or
+from the restorer's output (`--x0 restorer --restorer ...`), and PSNR / SSIM against the ground truth are printed
+next to those of x0 itself. Every image uses its own generator (seeded from `--seed` and its index), so results do
+not depend on batching.
 """
 from __future__ import annotations
 
@@ -20,34 +21,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from restoration.data.faces import FacesDataset
+from restoration.diffusion import gaussian as dm
+from restoration.diffusion import resample, samplers
+from restoration.models.zoo import Zoo
+from restoration.training.evaluate import degrade_pair, psnr_ssim, save_grid
+from restoration.training.runs import load_run_model
+
 
 def _load_prior(args):
-    from restoration.training import train as T
-
     if args.run:
-        m = T.load_run_model(args.run)
+        m = load_run_model(args.run)
         return m, f"{args.run} (EMA, step {m.step})"
-    from restoration.models.zoo import Zoo
-
     p = Path(args.zoo)
     return Zoo(root=p.parent, builtin_dir=None).load(p.name), str(p)
 
 
 def _load_restorer(spec: str):
-    from restoration.training import train as T
-
     p = Path(spec)
     if (p / "card.json").is_file():
-        from restoration.models.zoo import Zoo
-
         return Zoo(root=p.parent, builtin_dir=None).load(p.name)
-    return T.load_run_model(p)
+    return load_run_model(p)
 
 
 def pseudo_targets(prior, x0_01: torch.Tensor, start: int, until: int, down_n: int, seed: int, batch: int = 16):
-    from restoration.diffusion import gaussian as dm
-    from restoration.diffusion import resample, samplers
-
     diff = dm.create_gaussian_diffusion(timestep_respacing="250")
     lp = resample.LowPass(tuple(x0_01.shape[-2:]), down_n)
     outs = []
@@ -78,13 +75,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from restoration.training import train as T
-    from restoration.data.faces import FacesDataset
-
     prior, prior_label = _load_prior(args)
     ds = FacesDataset(args.split, 64, limit=args.n)
     gt = torch.stack([ds[i] for i in range(len(ds))])
-    lq, _ = T.degrade_pair(gt, seed=args.seed)
+    lq, _ = degrade_pair(gt, seed=args.seed)
     x0 = lq
     if args.x0 == "restorer":
         r = _load_restorer(args.restorer)
@@ -93,7 +87,7 @@ def main() -> None:
     res = {"prior": prior_label, "n": len(gt), "split": args.split, "degradation": "DEFAULT (standard)",
            "seed": args.seed, "x0": args.x0, "sampler": "ancestral, respacing 250", "results": []}
     for key, img in (("damaged", lq), ("x0", x0)):
-        p, s = T._psnr_ssim(img, gt)
+        p, s = psnr_ssim(img, gt)
         res[f"psnr_{key}"], res[f"ssim_{key}"] = round(float(np.mean(p)), 3), round(float(np.mean(s)), 4)
     print(f"prior {prior_label}; {len(gt)} {args.split} faces; damaged input PSNR {res['psnr_damaged']:.2f} "
           f"SSIM {res['ssim_damaged']:.4f}; x0={args.x0} PSNR {res['psnr_x0']:.2f} SSIM {res['ssim_x0']:.4f}", flush=True)
@@ -102,7 +96,7 @@ def main() -> None:
         start, until, n = (int(v) for v in spec.split(","))
         t0 = time.time()
         pt = pseudo_targets(prior, x0, start, until, n, args.seed)
-        p, s = T._psnr_ssim(pt, gt)
+        p, s = psnr_ssim(pt, gt)
         r = {"start": start, "constrain_until": until, "down_N": n, "psnr": round(float(np.mean(p)), 3),
              "ssim": round(float(np.mean(s)), 4), "seconds": round(time.time() - t0, 1)}
         res["results"].append(r)
@@ -114,7 +108,7 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
     if args.grid:
-        T.save_grid([r[:8] for r in rows], args.grid)
+        save_grid([r[:8] for r in rows], args.grid)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,14 @@ from typing import Optional
 import typer
 
 from cli.app import app
+from cli.checks import check_device
+from cli.errors import fail
+from restoration.models.zoo import ModelNotFound
+from restoration.training.export import export
+from restoration.training.prior import train_prior
+from restoration.training.recipes import PIXEL_LOSSES, PriorTrainConfig, RestorerTrainConfig
+from restoration.training.restorer import train_restorer
+from restoration.training.runs import TrainSetupError, last_checkpoint
 
 train_app = typer.Typer(
     help=("Train the small default models on the UTK200 faces (64x64): the diffusion prior (iddpm_unet) and the "
@@ -20,12 +28,6 @@ train_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(train_app, name="train")
-
-
-def _fail(msg: str, code: int = 1):
-    from cli.errors import fail
-
-    fail(msg, code)
 
 
 def _deadline(until: Optional[str], max_minutes: Optional[float]) -> Optional[float]:
@@ -38,7 +40,7 @@ def _deadline(until: Optional[str], max_minutes: Optional[float]) -> Optional[fl
                 now = datetime.now()
                 t = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
             except ValueError:
-                _fail(f"--until must be HH:MM or a unix time, not {until!r}")
+                fail(f"--until must be HH:MM or a unix time, not {until!r}")
             if t <= now:
                 t += timedelta(days=1)
             out.append(t.timestamp())
@@ -46,7 +48,7 @@ def _deadline(until: Optional[str], max_minutes: Optional[float]) -> Optional[fl
             try:
                 out.append(float(until))
             except ValueError:
-                _fail(f"--until must be HH:MM or a unix time, not {until!r}")
+                fail(f"--until must be HH:MM or a unix time, not {until!r}")
     if max_minutes:
         out.append(time.time() + 60 * max_minutes)
     return min(out) if out else None
@@ -54,10 +56,8 @@ def _deadline(until: Optional[str], max_minutes: Optional[float]) -> Optional[fl
 
 def _common(cfg, out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every, data_root, cache_dir,
             limit, until, max_minutes, init_from=None):
-    from cli.checks import check_device
-
     if out.exists() and not out.is_dir():
-        _fail(f"--out {out}: exists and is not a folder; give a run folder", 2)
+        fail(f"--out {out}: exists and is not a folder; give a run folder", 2)
     if device is not None:
         device = check_device(device)
     cfg.out_dir = str(out)
@@ -101,25 +101,20 @@ _INIT = typer.Option(None, "--init-from", help=("Warm start a new run from a zoo
 def _set_schedule(cfg, lr_schedule: Optional[str]) -> None:
     if lr_schedule is not None:
         if lr_schedule not in ("cosine", "constant"):
-            _fail("--lr-schedule must be 'cosine' or 'constant'")
+            fail("--lr-schedule must be 'cosine' or 'constant'")
         cfg.lr_schedule = lr_schedule
 
 
 def _run(fn, cfg, resume: bool) -> None:
-    from restoration.training.train import TrainSetupError
-    from restoration.models.zoo import ModelNotFound
-
     try:
         _report(fn(cfg, resume=resume))
     except (TrainSetupError, ModelNotFound) as exc:  # config differs on resume / warm start, unknown --init-from
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def _check_fresh(out: Path, resume: bool) -> None:
-    from restoration.training.train import last_checkpoint
-
     if not resume and last_checkpoint(out) is not None:
-        _fail(f"{out} already holds checkpoints; pass --resume or choose another --out")
+        fail(f"{out} already holds checkpoints; pass --resume or choose another --out")
 
 
 @train_app.command("prior")
@@ -133,8 +128,6 @@ def prior(
     model_json: Optional[str] = typer.Option(None, "--model-json", help="iddpm_unet constructor config as JSON (default: the small 64 px config)."),
 ):
     """Train the small iddpm_unet diffusion prior (iDDPM hybrid loss, AdamW, EMA) at 64x64."""
-    from restoration.training.train import PriorTrainConfig, train_prior
-
     _check_fresh(out, resume)
     cfg = _common(PriorTrainConfig(), out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every,
                   data_root, cache_dir, limit, until, max_minutes, init_from)
@@ -159,8 +152,6 @@ def restorer(
     native_sizes: Optional[str] = typer.Option(None, "--native-sizes", help="Comma-separated face sizes, e.g. 64,96,128,192: each face is damaged at one of them and resized to 64 as the pipeline resizes a crop (default: damaged at 64)."),
 ):
     """Train the small swinir_face restorer on synthetic degradations (L1 + small GAN term) at 64x64."""
-    from restoration.training.train import RestorerTrainConfig, train_restorer
-
     _check_fresh(out, resume)
     cfg = _common(RestorerTrainConfig(), out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every,
                   data_root, cache_dir, limit, until, max_minutes, init_from)
@@ -169,8 +160,6 @@ def restorer(
     if gan_start is not None:
         cfg.gan_start = gan_start
     if pixel_loss is not None:
-        from restoration.training.train import PIXEL_LOSSES
-
         if pixel_loss not in PIXEL_LOSSES:  # checked before any data is loaded
             raise typer.BadParameter(f"--pixel-loss is one of {', '.join(PIXEL_LOSSES)}, not {pixel_loss!r}")
         cfg.pixel_loss = pixel_loss
@@ -194,13 +183,11 @@ def export_cmd(
     extra_json: Optional[Path] = typer.Option(None, "--extra-json", help="JSON file merged into card.extra (e.g. pseudo_target_defaults, metrics)."),
 ):
     """Export the EMA weights of a run's last checkpoint as a zoo folder (model.safetensors, config.json, card.json)."""
-    from restoration.training.train import export
-
     extra = json.loads(extra_json.read_text()) if extra_json else None
     metrics = extra.pop("metrics", None) if extra else None
     try:
         p = export(run_dir, dest, extra=extra, metrics=metrics, command=" ".join(shlex.quote(a) for a in sys.argv))
     except FileNotFoundError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     size = (p / "model.safetensors").stat().st_size
     typer.echo(f"exported {run_dir} -> {p} ({size / 1e6:.2f} MB)")

@@ -19,7 +19,8 @@ from PIL import Image
 
 from restoration.adaptation.engine import AdaptConfig, run_adaptation, targets_status
 from restoration.runtime import Cancelled
-from restoration.training.finetune import FinetuneConfig, finetune, load_checkpoint
+from restoration.training.finetune import CKPT_NAME, FinetuneConfig, finetune
+from restoration.training.state import load as load_state
 from restoration.adaptation.pseudo import PseudoTargetParams, generate_pseudo_targets, read_manifest
 from restoration.models.zoo import Zoo
 
@@ -197,7 +198,7 @@ def test_finetune_resume_after_sigkill(tmp_path):
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
         assert proc.returncode == -signal.SIGKILL
-        assert load_checkpoint(ck)["step"] == 2
+        assert load_state(ck / CKPT_NAME)["step"] == 2
 
         model, pairs, hq, cfg = _ft_setup()
         seen = []
@@ -206,7 +207,7 @@ def test_finetune_resume_after_sigkill(tmp_path):
         for a, b in ((ref.model, res.model), (ref.ema, res.ema)):
             for (k, va), (_, vb) in zip(a.state_dict().items(), b.state_dict().items()):
                 assert torch.equal(va, vb), f"{k} differs after resume"
-        da, db = load_checkpoint(tmp_path / "ref"), load_checkpoint(ck)
+        da, db = load_state(tmp_path / "ref" / CKPT_NAME), load_state(ck / CKPT_NAME)
         for k, v in da["net_d"].items():
             assert torch.equal(v, db["net_d"][k]), f"D {k} differs after resume"
         assert da["history"] == db["history"]
@@ -222,7 +223,7 @@ def test_finetune_cancel_saves_checkpoint(tmp_path):
     with pytest.raises(Cancelled):
         finetune(model, pairs, [], cfg, tmp_path, progress=lambda s, d, t: steps.append(d),
                  should_cancel=lambda: len(steps) >= 2)
-    assert load_checkpoint(tmp_path)["step"] == 1
+    assert load_state(tmp_path / CKPT_NAME)["step"] == 1
     res = finetune(_tiny_restorer(seed=5), pairs, [], dataclasses.replace(cfg, steps=2), tmp_path)
     assert res.resumed_from == 1 and res.step == 2 and res.losses["gan"] == 0.0
 
@@ -292,7 +293,7 @@ def test_run_adaptation_cancel_and_resume(tmp_path, faces, zoo):
     cfg = _config(use_prior=False)  # self-training ablation: cheap, and exercises prior=None
     with pytest.raises(Cancelled):
         run_adaptation(faces / "lq", config=cfg, progress=progress, should_cancel=lambda: state["ft"] >= 1, **kw)
-    assert load_checkpoint(tmp_path / "w" / "finetune" / "ckpt")["step"] == 1
+    assert load_state(tmp_path / "w" / "finetune" / "ckpt" / CKPT_NAME)["step"] == 1
     with pytest.raises(Exception):
         zoo.get("tiny-resumed")
     res = run_adaptation(faces / "lq", config=cfg, **kw)

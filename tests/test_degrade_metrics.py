@@ -4,9 +4,11 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import cv2
 import numpy as np
 import pytest
 import torch
+import torchvision
 from scipy.signal import convolve2d
 
 from restoration.degrade.damage import (
@@ -20,7 +22,8 @@ from restoration.degrade.damage import (
     sample_degradation,
 )
 from restoration.faces.imageio import load_image
-from restoration.metrics.quality import LPIPS, LPIPSUnavailable, lowpass_psnr, lpips_available, psnr, sharpness, ssim
+from restoration.metrics.lpips import LPIPS, LPIPSUnavailable, backbone_features, lpips_available
+from restoration.metrics.quality import lowpass_psnr, psnr, sharpness, ssim, ssim_map
 
 NO_DEGRADATION = DegradationParams(blur_prob=0.0, downsample_prob=0.0, noise_prob=0.0, jpeg_prob=0.0)
 
@@ -28,8 +31,6 @@ NO_DEGRADATION = DegradationParams(blur_prob=0.0, downsample_prob=0.0, noise_pro
 @pytest.fixture(scope="module")
 def face(shared_dir) -> np.ndarray:
     """A real 512 face reduced to 128 (float [0, 1]) to keep the tests light."""
-    import cv2
-
     path = sorted((shared_dir / "data" / "hq512").rglob("*.png"))[0]
     img = load_image(path)
     return cv2.resize(img, (128, 128), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
@@ -219,8 +220,6 @@ def test_metric_input_checks():
 
 
 def test_sharpness_and_lowpass_psnr(face):
-    import cv2
-
     blurred = cv2.GaussianBlur(face, (0, 0), 2.0)
     assert sharpness(blurred) < sharpness(face)
     assert sharpness(np.full((32, 32, 3), 0.3)) == 0.0
@@ -254,8 +253,6 @@ def test_lpips_available_or_skip():
 
 def test_lpips_forward_with_stand_in_weights(tmp_path):
     """The LPIPS code path with random stand-in weights (the real ones are not on disk)."""
-    import torchvision
-
     torch.manual_seed(0)
     feats = torchvision.models.alexnet(weights=None).features.state_dict()
     bb = tmp_path / "alexnet.pth"
@@ -268,3 +265,31 @@ def test_lpips_forward_with_stand_in_weights(tmp_path):
     assert d0.shape == (2,) and torch.allclose(d0, torch.zeros(2))
     d1 = m(x, (x + 0.3 * torch.rand_like(x)).clamp(0, 1))
     assert (d1 > 0).all()
+
+
+def test_lpips_backbone_is_torchvision_features():
+    """The backbone stacks written out in metrics.lpips are torchvision's `features`, layer for layer."""
+    for net, tv in (("alex", torchvision.models.alexnet), ("vgg", torchvision.models.vgg16)):
+        ref = tv(weights=None).features
+        ours = backbone_features(net)
+        shapes = lambda m: [(k, v.shape) for k, v in m.state_dict().items()]  # noqa: E731
+        assert shapes(ours) == shapes(ref)
+        assert [type(m) for m in ours] == [type(m) for m in ref]
+        ours.load_state_dict(ref.state_dict())
+        x = torch.rand(1, 3, 64, 64)
+        assert torch.equal(ours(x), ref(x.clone()))
+
+
+def test_ssim_map_is_the_ssim_and_differentiable(face):
+    rng = np.random.default_rng(3)
+    noisy = np.clip(face + rng.normal(0, 0.1, face.shape), 0, 1)
+    t = lambda z: torch.from_numpy(np.asarray(z, np.float64)).permute(2, 0, 1)[None]  # noqa: E731
+    # the evaluation SSIM is the mean of the map computed in float64
+    assert ssim(noisy, face) == float(ssim_map(t(noisy), t(face)).mean())
+    # the map keeps the inputs' dtype and the autograd graph
+    a = t(noisy).float().requires_grad_(True)
+    m = ssim_map(a, t(face).float())
+    assert m.dtype == torch.float32 and m.shape == (1, 3, 118, 118)
+    (1 - m.mean()).backward()
+    assert a.grad is not None and float(a.grad.abs().sum()) > 0
+    assert float(m.detach().mean()) == pytest.approx(ssim(noisy, face), abs=1e-5)

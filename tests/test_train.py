@@ -3,15 +3,26 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from cli import app
 from restoration.data import faces as D
-from restoration.training import train as T
+from restoration.models.io import to_tensor
+from restoration.models.zoo import Zoo
+from restoration.training import state
+from restoration.training.batches import degradation_params, degrade_native_batch
+from restoration.training.export import export
+from restoration.training.prior import train_prior
+from restoration.training.recipes import PRIOR_MODEL_SMALL, RESTORER_MODEL_SMALL, PriorTrainConfig, RestorerTrainConfig
+from restoration.training.restorer import train_restorer
+from restoration.training.runs import TrainSetupError, last_checkpoint
 
-TINY_PRIOR = dict(T.PRIOR_MODEL_SMALL, image_size=16, model_channels=32, channel_mult=[1, 2],
+TINY_PRIOR = dict(PRIOR_MODEL_SMALL, image_size=16, model_channels=32, channel_mult=[1, 2],
                   num_res_blocks=[1, 1], attention_resolutions=[8])
-TINY_RESTORER = dict(T.RESTORER_MODEL_SMALL, img_size=8, embed_dim=16, depths=[1], num_heads=[2], sf=2,
+TINY_RESTORER = dict(RESTORER_MODEL_SMALL, img_size=8, embed_dim=16, depths=[1], num_heads=[2], sf=2,
                      unshuffle_scale=2)
 
 
@@ -51,25 +62,23 @@ def _log(out):
 
 def test_prior_trains_resumes_and_exports(tmp_path, faces_root):
     out = tmp_path / "prior"
-    cfg = T.PriorTrainConfig(out_dir=str(out), size=16, batch_size=4, steps=2, limit=8, model=TINY_PRIOR,
+    cfg = PriorTrainConfig(out_dir=str(out), size=16, batch_size=4, steps=2, limit=8, model=TINY_PRIOR,
                              data_root=str(faces_root), cache_dir=None, ckpt_every=1, sample_every=2, n_samples=2,
                              sample_respacing="4", warmup_steps=1)
-    r = T.train_prior(cfg, show_bar=False)
+    r = train_prior(cfg, show_bar=False)
     assert r["step"] == 2 and (out / "samples_00000002.png").is_file()
-    first = T.load_checkpoint(T.last_checkpoint(out))
+    first = state.load(last_checkpoint(out))
     cfg.steps = 3
-    assert T.train_prior(cfg, show_bar=False)["step"] == 3
+    assert train_prior(cfg, show_bar=False)["step"] == 3
     log = _log(out)
     assert [e for e in log if e.get("event") == "resume"][0]["step"] == 2
-    last = T.load_checkpoint(T.last_checkpoint(out))
+    last = state.load(last_checkpoint(out))
     assert last["step"] == 3 and last["train_seconds"] >= first["train_seconds"]
     assert not torch.equal(last["ema"]["out.2.weight"], first["ema"]["out.2.weight"])
 
-    dest = T.export(out, tmp_path / "zoo" / "tiny-prior", extra={"pseudo_target_defaults": {"start": 40,
+    dest = export(out, tmp_path / "zoo" / "tiny-prior", extra={"pseudo_target_defaults": {"start": 40,
                                                                                              "constrain_until": 10,
                                                                                              "down_N": 4}})
-    from restoration.models.zoo import Zoo
-
     zoo = Zoo(root=tmp_path / "zoo", builtin_dir=None)
     card = zoo.get("tiny-prior")
     assert card.kind == "prior" and card.input_size == 16 and card.value_range == [-1.0, 1.0]
@@ -82,17 +91,15 @@ def test_prior_trains_resumes_and_exports(tmp_path, faces_root):
 
 def test_restorer_trains_resumes_and_exports(tmp_path, faces_root):
     out = tmp_path / "restorer"
-    cfg = T.RestorerTrainConfig(out_dir=str(out), size=16, batch_size=4, steps=2, limit=8, model=TINY_RESTORER,
+    cfg = RestorerTrainConfig(out_dir=str(out), size=16, batch_size=4, steps=2, limit=8, model=TINY_RESTORER,
                                 data_root=str(faces_root), cache_dir=None, ckpt_every=1, sample_every=2, n_grid=2,
                                 gan_start=1, warmup_steps=1)
-    assert T.train_restorer(cfg, show_bar=False)["step"] == 2
+    assert train_restorer(cfg, show_bar=False)["step"] == 2
     cfg.steps = 3
-    assert T.train_restorer(cfg, show_bar=False)["step"] == 3
-    ck = T.load_checkpoint(T.last_checkpoint(out))
+    assert train_restorer(cfg, show_bar=False)["step"] == 3
+    ck = state.load(last_checkpoint(out))
     assert ck["step"] == 3 and "disc" in ck["extra"]
-    T.export(out, tmp_path / "zoo" / "tiny-restorer", metrics={"val_psnr": 1.0})
-    from restoration.models.zoo import Zoo
-
+    export(out, tmp_path / "zoo" / "tiny-restorer", metrics={"val_psnr": 1.0})
     zoo = Zoo(root=tmp_path / "zoo", builtin_dir=None)
     assert zoo.get("tiny-restorer").extra["metrics"] == {"val_psnr": 1.0}
     m = zoo.load("tiny-restorer")
@@ -101,61 +108,51 @@ def test_restorer_trains_resumes_and_exports(tmp_path, faces_root):
 
 def test_resume_refuses_other_model(tmp_path, faces_root):
     out = tmp_path / "prior"
-    cfg = T.PriorTrainConfig(out_dir=str(out), size=16, batch_size=2, steps=1, limit=4, model=TINY_PRIOR,
+    cfg = PriorTrainConfig(out_dir=str(out), size=16, batch_size=2, steps=1, limit=4, model=TINY_PRIOR,
                              data_root=str(faces_root), cache_dir=None, sample_every=0)
-    T.train_prior(cfg, show_bar=False)
+    train_prior(cfg, show_bar=False)
     cfg.model = dict(TINY_PRIOR, num_res_blocks=[2, 1])
     cfg.steps = 2
     with pytest.raises(ValueError, match="cannot resume"):
-        T.train_prior(cfg, show_bar=False)
+        train_prior(cfg, show_bar=False)
 
 
 def test_warm_start_from_an_exported_model(tmp_path, faces_root):
-    from restoration.models.zoo import Zoo
-
     base = dict(size=16, batch_size=2, limit=4, model=TINY_RESTORER, data_root=str(faces_root), cache_dir=None,
                 sample_every=0, gan_start=100, warmup_steps=1)
-    T.train_restorer(T.RestorerTrainConfig(out_dir=str(tmp_path / "a"), steps=2, **base), show_bar=False)
-    src = T.export(tmp_path / "a", tmp_path / "zoo" / "first")
+    train_restorer(RestorerTrainConfig(out_dir=str(tmp_path / "a"), steps=2, **base), show_bar=False)
+    src = export(tmp_path / "a", tmp_path / "zoo" / "first")
     sd = Zoo(root=tmp_path / "zoo", builtin_dir=None).load("first").state_dict()
 
     # 0 steps: the warm-started run holds exactly the source weights (model and EMA)
-    cfg = T.RestorerTrainConfig(out_dir=str(tmp_path / "b"), steps=0, init_from=str(src), **base)
-    T.train_restorer(cfg, show_bar=False)
-    ck = T.load_checkpoint(T.last_checkpoint(tmp_path / "b"))
+    cfg = RestorerTrainConfig(out_dir=str(tmp_path / "b"), steps=0, init_from=str(src), **base)
+    train_restorer(cfg, show_bar=False)
+    ck = state.load(last_checkpoint(tmp_path / "b"))
     assert all(torch.equal(ck["model"][k], v) and torch.equal(ck["ema"][k], v) for k, v in sd.items())
     cfg.steps = 3  # resuming keeps the lineage; further steps change the weights
-    T.train_restorer(cfg, show_bar=False)
-    ck = T.load_checkpoint(T.last_checkpoint(tmp_path / "b"))
+    train_restorer(cfg, show_bar=False)
+    ck = state.load(last_checkpoint(tmp_path / "b"))
     assert ck["init"]["steps"] == 2 and ck["init"]["name"] == "first"
     assert any(not torch.equal(ck["ema"][k], v) for k, v in sd.items())
-    T.export(tmp_path / "b", tmp_path / "zoo" / "second")
+    export(tmp_path / "b", tmp_path / "zoo" / "second")
     tr = Zoo(root=tmp_path / "zoo", builtin_dir=None).get("second").extra["training"]
     assert tr["steps"] == 3 and tr["total"]["steps"] == 5 and tr["total"]["images_seen"] == 10
     assert tr["init_from"]["sha256"] == Zoo(root=tmp_path / "zoo", builtin_dir=None).get("first").sha256
 
     # a different model config is refused with the keys that differ
     bad = dict(base, model=dict(TINY_RESTORER, embed_dim=8, num_heads=[1]))
-    with pytest.raises(T.TrainSetupError, match="embed_dim"):
-        T.train_restorer(T.RestorerTrainConfig(out_dir=str(tmp_path / "c"), steps=1, init_from=str(src), **bad),
+    with pytest.raises(TrainSetupError, match="embed_dim"):
+        train_restorer(RestorerTrainConfig(out_dir=str(tmp_path / "c"), steps=1, init_from=str(src), **bad),
                          show_bar=False)
 
 
 def test_cli_train_refuses_unknown_init_model(tmp_path, faces_root):
-    from typer.testing import CliRunner
-
-    from cli import app
-
     r = CliRunner().invoke(app, ["train", "restorer", "--out", str(tmp_path / "r"), "--init-from", "no-such-model",
                                  "--data-root", str(faces_root), "--limit", "2", "--cache-dir", ""])
     assert r.exit_code == 1 and "no-such-model" in r.output and "Traceback" not in r.output
 
 
 def test_cli_train_help():
-    from typer.testing import CliRunner
-
-    from cli import app
-
     r = CliRunner().invoke(app, ["train", "--help"])
     assert r.exit_code == 0 and "prior" in r.output and "restorer" in r.output
     r = CliRunner().invoke(app, ["train", "prior", "--help"])
@@ -164,28 +161,24 @@ def test_cli_train_help():
 
 def test_native_size_damage_matches_the_pipeline_resize():
     """--native-sizes: a face damaged at its native size, then resized to the model size exactly as a crop is."""
-    import numpy as np
-
-    from restoration.models.io import to_tensor
-
     gt = torch.rand(3, 3, 48, 48)
     rng = np.random.default_rng(0)
-    lq, tgt = T.degrade_native_batch(gt, T.degradation_params(), rng, [24, 48], 16)
+    lq, tgt = degrade_native_batch(gt, degradation_params(), rng, [24, 48], 16)
     assert lq.shape == tgt.shape == (3, 3, 16, 16)
     crops = [(gt[i].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for i in range(3)]
     assert torch.allclose(tgt, to_tensor(crops, 16), atol=1 / 255 + 1e-4)  # the target is the crop as the model sees it
     # the same seed gives the same draws; the damage differs from the clean face
-    lq2, _ = T.degrade_native_batch(gt, T.degradation_params(), np.random.default_rng(0), [24, 48], 16)
+    lq2, _ = degrade_native_batch(gt, degradation_params(), np.random.default_rng(0), [24, 48], 16)
     assert torch.equal(lq, lq2) and not torch.allclose(lq, tgt, atol=1e-3)
 
 
 def test_restorer_trains_on_native_sizes(tmp_path, faces_root):
     out = tmp_path / "native"
-    cfg = T.RestorerTrainConfig(out_dir=str(out), size=16, batch_size=2, steps=2, limit=4, model=TINY_RESTORER,
+    cfg = RestorerTrainConfig(out_dir=str(out), size=16, batch_size=2, steps=2, limit=4, model=TINY_RESTORER,
                                 data_root=str(faces_root), cache_dir=None, ckpt_every=1, sample_every=2, n_grid=2,
                                 gan_start=1, warmup_steps=1, native_sizes=[16, 32])
-    assert T.train_restorer(cfg, show_bar=False)["step"] == 2
-    ck = T.load_checkpoint(T.last_checkpoint(out))
+    assert train_restorer(cfg, show_bar=False)["step"] == 2
+    ck = state.load(last_checkpoint(out))
     assert ck["config"]["native_sizes"] == [16, 32]
     assert (out / "samples_00000002.png").is_file()
 
@@ -193,28 +186,24 @@ def test_restorer_trains_on_native_sizes(tmp_path, faces_root):
 def test_restorer_mse_stage_without_gan(tmp_path, faces_root):
     """--pixel-loss mse --gan-weight 0: the loss is the MSE, the critic is never used, the card says so."""
     out = tmp_path / "mse"
-    cfg = T.RestorerTrainConfig(out_dir=str(out), size=16, batch_size=2, steps=2, limit=4, model=TINY_RESTORER,
+    cfg = RestorerTrainConfig(out_dir=str(out), size=16, batch_size=2, steps=2, limit=4, model=TINY_RESTORER,
                                 data_root=str(faces_root), cache_dir=None, ckpt_every=1, sample_every=0, n_grid=2,
                                 gan_weight=0.0, pixel_loss="mse", warmup_steps=1)
-    assert T.train_restorer(cfg, show_bar=False)["step"] == 2
+    assert train_restorer(cfg, show_bar=False)["step"] == 2
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
     steps = [r for r in rows if "loss" in r]
     assert steps and all(r["loss"] == pytest.approx(r["mse"]) and "d" not in r and "g_adv" not in r for r in steps)
-    card = json.loads((T.export(out, tmp_path / "zoo" / "mse") / "card.json").read_text())
+    card = json.loads((export(out, tmp_path / "zoo" / "mse") / "card.json").read_text())
     recipe = card["extra"]["training"]["recipe"]
     assert recipe.startswith("MSE") and "GAN" not in recipe
 
 
 def test_cli_train_refuses_unknown_pixel_loss(tmp_path, faces_root):
-    from typer.testing import CliRunner
-
-    from cli import app
-
     r = CliRunner().invoke(app, ["train", "restorer", "--out", str(tmp_path / "r"), "--pixel-loss", "l2",
                                  "--data-root", str(faces_root), "--limit", "2", "--cache-dir", ""])
     assert r.exit_code != 0 and "--pixel-loss" in r.output and "Traceback" not in r.output
     # the training loop itself refuses it too (a config built in Python, not through the CLI)
-    cfg = T.RestorerTrainConfig(out_dir=str(tmp_path / "p"), size=16, batch_size=2, steps=1, limit=2,
+    cfg = RestorerTrainConfig(out_dir=str(tmp_path / "p"), size=16, batch_size=2, steps=1, limit=2,
                                 model=TINY_RESTORER, data_root=str(faces_root), cache_dir=None, pixel_loss="l2")
     with pytest.raises(ValueError, match="pixel_loss"):
-        T.train_restorer(cfg, show_bar=False)
+        train_restorer(cfg, show_bar=False)

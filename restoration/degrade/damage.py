@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 import cv2
 import numpy as np
+import torch
 
 __all__ = [
     "DegradationParams",
@@ -432,12 +433,11 @@ def degrade(
 
 
 def degrade_batch(hq, params: DegradationParams = DEFAULT, rng: np.random.Generator | int | None = None):
-    """Make (lq, hq) training pairs as float32 torch tensors Bx3xHxW in [0, 1].
+    """Make (lq, hq) training pairs as float32 torch tensors Bx3xHxW in [0, 1]: :func:`degrade` on each image in
+    turn, all drawing from the one ``rng`` (the restorer trainer's damage).
 
     ``hq``: a Bx3xHxW tensor in [0, 1], or a sequence of HxWx3 arrays (float [0, 1] or uint8).
     """
-    import torch
-
     if rng is None or not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     if isinstance(hq, torch.Tensor):

@@ -1,4 +1,5 @@
-"""Image quality metrics: PSNR, SSIM, a no-reference sharpness score, low-pass consistency and LPIPS.
+"""Image quality metrics: PSNR, SSIM (also the differentiable map the training SSIM loss uses), a no-reference
+sharpness score and low-pass consistency. LPIPS lives in :mod:`restoration.metrics.lpips`.
 
 Inputs are images in [0, 1] unless said otherwise:
 
@@ -12,34 +13,24 @@ channels (RGB). ``channel='y'`` computes it on the luma instead, with the ITU-R 
 (16..235, as the super-resolution literature does), on the same [0, 1] range.
 
 PSNR, SSIM, sharpness and lowpass_psnr are evaluation metrics: they detach their inputs and compute
-in float64 on the CPU (no gradients). :class:`LPIPS` is an ``nn.Module`` and can serve as a loss.
-
-LPIPS (Zhang et al. 2018) needs two sets of weights that are not shipped here: the ImageNet backbone
-(torchvision's AlexNet or VGG16, looked up in the torch hub cache, never downloaded) and the learned
-linear calibration layers (the ``lpips`` package's ``weights/v0.1/<net>.pth``, or a copy in
-``<settings.home_dir>/lpips/<net>.pth``). :func:`lpips_available` says whether both are there and, if
-not, why; :class:`LPIPS` refuses to build without them.
+in float64 on the CPU (no gradients). :func:`ssim_map` is the one SSIM computation under :func:`ssim`: it keeps the
+inputs' dtype, device and autograd graph, so that a training loss can use it.
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = [
     "psnr",
     "ssim",
+    "ssim_map",
     "sharpness",
     "lowpass_psnr",
-    "lpips_available",
-    "LPIPS",
-    "LPIPSUnavailable",
 ]
 
 
@@ -121,6 +112,32 @@ def _rgb_to_y(t: torch.Tensor) -> torch.Tensor:
     return (t * w).sum(1, keepdim=True) / 255.0 + 16.0 / 255.0
 
 
+def ssim_map(a: torch.Tensor, b: torch.Tensor, data_range: float = 1.0, win_size: int = 11,
+             sigma: float = 1.5) -> torch.Tensor:
+    """The SSIM map (BxCxH'xW', the 'valid' part) of two BxCxHxW tensors, differentiable, in ``a``'s dtype and device.
+
+    A separable Gaussian window (``win_size``, ``sigma``; built in float64, then cast), constants
+    ``(0.01 * data_range) ** 2`` and ``(0.03 * data_range) ** 2``. Its mean is the SSIM of the batch; 1 - its mean is
+    the training SSIM loss (`restoration.training.losses.ssim_loss`).
+    """
+    c = a.shape[1]
+    g = _gaussian_window(win_size, sigma).to(dtype=a.dtype, device=a.device)
+    kx = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+    ky = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+
+    def filt(x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(F.conv2d(x, kx, groups=c), ky, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mu_a, mu_b = filt(a), filt(b)
+    saa = filt(a * a) - mu_a**2
+    sbb = filt(b * b) - mu_b**2
+    sab = filt(a * b) - mu_a * mu_b
+    num = (2 * mu_a * mu_b + c1) * (2 * sab + c2)
+    den = (mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2)
+    return num / den
+
+
 def ssim(a, b, data_range: float = 1.0, channel: str = "rgb", win_size: int = 11, sigma: float = 1.5,
          reduction: str = "mean"):
     """Structural similarity (see the module doc); 1.0 for identical images."""
@@ -133,22 +150,7 @@ def ssim(a, b, data_range: float = 1.0, channel: str = "rgb", win_size: int = 11
         raise ValueError("channel must be 'rgb' or 'y'")
     if min(ta.shape[-2:]) < win_size:
         raise ValueError(f"SSIM needs images of at least {win_size}x{win_size}, got {tuple(ta.shape[-2:])}")
-    c = ta.shape[1]
-    g = _gaussian_window(win_size, sigma)
-    kx = g.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
-    ky = g.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
-
-    def filt(x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(F.conv2d(x, kx, groups=c), ky, groups=c)
-
-    c1, c2 = (0.01 * r) ** 2, (0.03 * r) ** 2
-    mu_a, mu_b = filt(ta), filt(tb)
-    saa = filt(ta * ta) - mu_a**2
-    sbb = filt(tb * tb) - mu_b**2
-    sab = filt(ta * tb) - mu_a * mu_b
-    num = (2 * mu_a * mu_b + c1) * (2 * sab + c2)
-    den = (mu_a**2 + mu_b**2 + c1) * (saa + sbb + c2)
-    vals = (num / den).flatten(1).mean(1)
+    vals = ssim_map(ta, tb, r, win_size, sigma).flatten(1).mean(1)
     return _reduce(vals, reduction)
 
 
@@ -189,110 +191,3 @@ def lowpass_psnr(out, inp, factor: float = 4.0, match_color: bool = False) -> fl
         mi = li.reshape(-1, li.shape[-1]).mean(0)
         lo = lo * np.where(mo > 1e-6, mi / np.maximum(mo, 1e-6), 1.0)
     return psnr(lo, li)
-
-
-# ------------------------------------------------------------------------------ LPIPS
-_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth"}
-_TAPS = {"alex": (2, 5, 8, 10, 12), "vgg": (4, 9, 16, 23, 30)}  # feature indices ending each stage
-_CHANNELS = {"alex": (64, 192, 384, 256, 256), "vgg": (64, 128, 256, 512, 512)}
-
-
-class LPIPSUnavailable(RuntimeError):
-    """LPIPS weights are not on disk (nothing is downloaded)."""
-
-
-def _hub_checkpoint_dir() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
-def _lin_candidates(net: str) -> list[Path]:
-    out = []
-    spec = importlib.util.find_spec("lpips")
-    if spec is not None and spec.origin:
-        out.append(Path(spec.origin).parent / "weights" / "v0.1" / f"{net}.pth")
-    try:
-        from restoration.settings import get_settings
-
-        out.append(get_settings().home_dir / "lpips" / f"{net}.pth")
-    except Exception:  # settings must never break a metric
-        pass
-    return out
-
-
-def _find_weights(net: str, backbone_path=None, lin_path=None) -> tuple[Path | None, Path | None, str]:
-    if net not in _BACKBONE_FILES:
-        raise ValueError(f"net must be one of {sorted(_BACKBONE_FILES)}")
-    reasons = []
-    bb = Path(backbone_path) if backbone_path else _hub_checkpoint_dir() / _BACKBONE_FILES[net]
-    if not bb.is_file():
-        reasons.append(f"backbone weights {bb} not found (torchvision {net} ImageNet weights; not downloaded)")
-        bb = None
-    cands = [Path(lin_path)] if lin_path else _lin_candidates(net)
-    lin = next((p for p in cands if p.is_file()), None)
-    if lin is None:
-        where = ", ".join(str(p) for p in cands) or "nowhere (the lpips package is not installed)"
-        msg = f"LPIPS linear-layer weights v0.1/{net}.pth not found (looked in: {where})"
-        if importlib.util.find_spec("lpips") is None:
-            msg += "; the lpips package is not installed"
-        reasons.append(msg)
-    return bb, lin, "; ".join(reasons)
-
-
-def lpips_available(net: str = "alex") -> tuple[bool, str]:
-    """(True, 'ok') when LPIPS can be built offline, else (False, the reason)."""
-    bb, lin, why = _find_weights(net)
-    if bb is None or lin is None:
-        return False, f"LPIPS ({net}) unavailable: {why}"
-    return True, "ok"
-
-
-class LPIPS(nn.Module):
-    """Learned perceptual distance (lower = more similar), inputs RGB in [0, 1] (``BxCxHxW``).
-
-    Built only from weights on disk: ``backbone_path`` (torchvision ImageNet state_dict) and
-    ``lin_path`` (the v0.1 linear layers) default to the locations :func:`lpips_available` checks.
-    """
-
-    def __init__(self, net: str = "alex", backbone_path=None, lin_path=None):
-        super().__init__()
-        bb, lin, why = _find_weights(net, backbone_path, lin_path)
-        if bb is None or lin is None:
-            raise LPIPSUnavailable(f"LPIPS ({net}) unavailable: {why}")
-        import torchvision
-
-        model = torchvision.models.alexnet(weights=None) if net == "alex" else torchvision.models.vgg16(weights=None)
-        state = torch.load(str(bb), map_location="cpu", weights_only=True)
-        feats = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
-        model.features.load_state_dict(feats, strict=True)
-        layers = list(model.features.children())
-        taps = _TAPS[net]
-        starts = (0,) + taps[:-1]
-        self.stages = nn.ModuleList(nn.Sequential(*layers[s:e]) for s, e in zip(starts, taps))
-        for m in self.stages.modules():
-            if isinstance(m, nn.ReLU):
-                m.inplace = False
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in _CHANNELS[net])
-        lin_state = torch.load(str(lin), map_location="cpu", weights_only=True)
-        for i, conv in enumerate(self.lins):
-            key = next((k for k in (f"lin{i}.model.1.weight", f"lin{i}.weight", f"{i}.weight") if k in lin_state), None)
-            if key is None:
-                raise LPIPSUnavailable(f"{lin} does not hold LPIPS linear layer {i}")
-            conv.weight.data.copy_(lin_state[key].float())
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1))
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1))
-        self.net = net
-        self.eval().requires_grad_(False)
-
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Per-image distances (shape B) for inputs in [0, 1]."""
-        if a.shape != b.shape:
-            raise ValueError(f"images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
-        xa = ((a * 2 - 1) - self.shift) / self.scale
-        xb = ((b * 2 - 1) - self.shift) / self.scale
-        total = torch.zeros(a.shape[0], device=a.device, dtype=a.dtype)
-        for stage, lin in zip(self.stages, self.lins):
-            xa, xb = stage(xa), stage(xb)
-            na = xa / (xa.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            nb = xb / (xb.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)
-            total = total + lin((na - nb) ** 2).mean(dim=(1, 2, 3))
-        return total

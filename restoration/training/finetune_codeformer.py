@@ -13,9 +13,9 @@ takes the codes from its stage-I VQGAN encoder, a separate file, ``vqgan_code102
 ``hq_encoder`` when you have it). Defaults: Adam lr 1e-4, betas (0.9, 0.99), no weight decay, EMA 0.995 of the
 weights (no warm-up), entropy weight 0.5, feature weight 1.0, random horizontal flips (same for input and target).
 
-Like `restoration.training.finetune.finetune`: batches sampled with replacement from a private generator seeded by ``seed``,
-gradient accumulation, ``ckpt_dir/last.pt`` (model, EMA, optimizer, step, history, RNG states) every
-``ckpt_every`` steps and at the end, written atomically; a run resumes from it. ``progress("finetune", step,
+Like `restoration.training.finetune.finetune`: batches sampled with replacement from a private generator seeded by
+``seed``, gradient accumulation, ``ckpt_dir/last.pt`` (model, EMA, optimizer, step, history, RNG states) every
+``ckpt_every`` steps and at the end, written atomically (`restoration.training.state.save`); a run resumes from it. ``progress("finetune", step,
 steps)`` after every step; ``should_cancel()`` before every step (checkpoint, then `Cancelled`).
 """
 from __future__ import annotations
@@ -32,15 +32,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from restoration.configs import strict_from_dict
-from restoration.runtime import Cancelled, CancelFn, ProgressFn, resolve_device
+from restoration.runtime import CancelFn, ProgressFn, resolve_device
+from restoration.training import state
+from restoration.training.batches import sample_pairs
+from restoration.training.ema import ema_update, make_ema
 from restoration.training.finetune import (
-    CKPT_NAME, FinetuneResult, _atomic_save, _rng_state, _set_rng_state, _stack,
-    after_step, load_checkpoint, sample_pairs,
+    CKPT_NAME, FinetuneResult, after_step, cancel_point, last_state, seeded_generator, stack_pairs,
 )
 
 
 __all__ = ["CodeFormerFinetuneConfig", "TRAINABLE", "trainable_parameters", "HQCodes", "code_losses",
-           "finetune_codeformer", "Cancelled"]
+           "finetune_codeformer"]
 
 #: the parts that learn (encoder + transformer); everything else (quantize, generator, fuse_convs_dict) is frozen
 TRAINABLE = ("encoder", "position_emb", "feat_emb", "ft_layers", "idx_pred_layer")
@@ -153,26 +155,21 @@ def finetune_codeformer(
         if not hasattr(model, attr):
             raise TypeError(f"finetune_codeformer needs a CodeFormer model (no {attr!r} on {type(model).__name__})")
 
-    lq = _stack([p[0] for p in pairs], None)
-    tgt = _stack([p[1] for p in pairs], None)
-    if lq.shape != tgt.shape:
-        raise ValueError(f"inputs {tuple(lq.shape)} and targets {tuple(tgt.shape)} differ in shape")
+    lq, tgt = stack_pairs(pairs)
 
-    torch.manual_seed(cfg.seed)
-    data_gen = torch.Generator(device="cpu")
-    data_gen.manual_seed(cfg.seed)
+    data_gen = seeded_generator(cfg.seed)
     model.to(device)
     hq_codes = HQCodes(model, hq_encoder).to(device)  # copies the base encoder before any update
     params = trainable_parameters(model)
     model.train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    ema = make_ema(model)
     opt = torch.optim.Adam([p for _, p in params], lr=cfg.lr, betas=cfg.betas, weight_decay=0.0)
     losses = {"entropy": cfg.entropy, "feat": cfg.feat, "trainable": list(TRAINABLE),
               "frozen": sorted({n.split(".")[0] for n, p in model.named_parameters() if not p.requires_grad}),
               "target_codes": "frozen copy of the base encoder" if hq_encoder is None else "given encoder"}
 
     step, history, resumed_from = 0, [], 0
-    ck = load_checkpoint(ckpt_dir)
+    ck = last_state(ckpt_dir)
     if ck is not None:
         if ck.get("kind") != "codeformer":
             raise ValueError(f"checkpoint in {ckpt_dir} is not a CodeFormer fine-tune (delete the folder to start over)")
@@ -180,24 +177,22 @@ def finetune_codeformer(
         ema.load_state_dict(ck["ema"])
         hq_codes.encoder.load_state_dict(ck["hq_encoder"])
         opt.load_state_dict(ck["opt"])
-        _set_rng_state(ck["rng"], data_gen)
+        state.restore_rng(ck["rng"], data_gen)
         step = resumed_from = int(ck["step"])
         history = list(ck.get("history", []))
 
     def save() -> None:
-        _atomic_save({
+        state.save({
             "kind": "codeformer", "step": step, "config": cfg.to_dict(), "losses": losses, "history": history,
             "model": model.state_dict(), "ema": ema.state_dict(), "hq_encoder": hq_codes.encoder.state_dict(),
-            "opt": opt.state_dict(), "rng": _rng_state(data_gen),
+            "opt": opt.state_dict(), "rng": state.capture_rng(data_gen, cuda=True),
         }, ckpt_dir / CKPT_NAME)
 
     if progress is not None:
         progress("finetune", step, cfg.steps)
     bs = cfg.batch_size
     while step < cfg.steps:
-        if should_cancel is not None and should_cancel():
-            save()
-            raise Cancelled(f"fine-tuning cancelled at step {step}/{cfg.steps} (checkpoint saved, resumable)")
+        cancel_point(should_cancel, save, step, cfg.steps)
         opt.zero_grad(set_to_none=True)
         logs = {"loss": 0.0, "ce": 0.0, "feat": 0.0, "code_acc": 0.0}
         for _ in range(cfg.grad_accum):
@@ -209,10 +204,8 @@ def finetune_codeformer(
             for k, v in parts.items():
                 logs[k] += v / cfg.grad_accum
         opt.step()
-        with torch.no_grad():  # frozen parameters are left alone (an EMA of a constant drifts by rounding)
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                if pm.requires_grad:
-                    pe.mul_(cfg.ema_decay).add_(pm.detach(), alpha=1.0 - cfg.ema_decay)
+        # no warm-up; frozen parameters are left alone (an EMA of a constant drifts by rounding), buffers too
+        ema_update(ema, model, cfg.ema_decay, lerp=False, trainable_only=True, copy_buffers=False)
         step += 1
         after_step(step, cfg, history, opt.param_groups[0]["lr"], logs, save, progress)
 
