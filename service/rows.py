@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 models of the service: tenants, api_keys, datasets, images, jobs, job_steps, job_events, models.
+"""The database rows of the service (SQLAlchemy 2): tenants, api_keys, datasets, images, jobs, job_steps, job_events,
+models (the registry), blobs and blob_refs.
 
 Ids are random hex strings (nothing to enumerate). The schema is created by alembic (alembic/versions); never by
 `create_all` outside tests.
@@ -80,7 +81,9 @@ class ImageRow(Base):
     dataset: Mapped[Dataset] = relationship(back_populates="images")
 
 
-ACTIVE_JOB = "status NOT IN ('succeeded', 'failed', 'cancelled')"
+JOB_STATUSES = ("queued", "preparing", "generating_targets", "finetuning", "evaluating", "succeeded", "failed", "cancelled")
+FINAL_STATUSES = ("succeeded", "failed", "cancelled")  # a job in one of these is over
+ACTIVE_JOB = "status NOT IN ('succeeded', 'failed', 'cancelled')"  # not FINAL_STATUSES: the index's SQL text
 
 
 class Job(Base):
