@@ -14,6 +14,11 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def folder(value: Path | None, default: Path) -> Path:
+    """A folder setting: `value` (with ~ expanded) when set, else `default`."""
+    return Path(value).expanduser() if value else default
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FACEADAPT_", env_file=".env", extra="ignore")
 
@@ -38,11 +43,11 @@ class Settings(BaseSettings):
 
     @property
     def zoo_dir(self) -> Path:
-        return Path(self.models_dir).expanduser() if self.models_dir else self.home_dir / "models"
+        return folder(self.models_dir, self.home_dir / "models")
 
     @property
     def facexlib_dir(self) -> Path:
-        return Path(self.facexlib_model_root).expanduser() if self.facexlib_model_root else self.home_dir / "facexlib"
+        return folder(self.facexlib_model_root, self.home_dir / "facexlib")
 
 
 @lru_cache(maxsize=1)

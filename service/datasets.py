@@ -14,7 +14,7 @@ from service import blobs
 from service.db import session_factory
 from service.errors import ServiceError
 from service.limits import UploadedFile, check_image_count, check_pixels, is_zip, unpack_zip
-from service.rows import FINAL_STATUSES, Dataset, ImageRow, Job, new_id
+from service.rows import FINAL_STATUSES, Dataset, ImageRow, Job, new_id, owned
 from service.settings import ServiceSettings
 
 _helper = None
@@ -71,8 +71,8 @@ def ingest(tenant_id: str, name: str, uploads: list[UploadedFile], settings: Ser
 
 
 def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
-    ds = session.get(Dataset, dataset_id)
-    if ds is None or ds.tenant_id != tenant_id:
+    ds = owned(session, Dataset, dataset_id, tenant_id)
+    if ds is None:
         raise ServiceError(404, "dataset_not_found", f"no dataset {dataset_id!r}")
     return ds
 

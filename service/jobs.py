@@ -21,7 +21,7 @@ from service.errors import LimitExceeded, ServiceError
 from service.params import validate_params
 from service.queue import start_job
 from service.registry import name_taken, resolve_model
-from service.rows import FINAL_STATUSES, Job, JobEvent, JobStep, Tenant, utcnow
+from service.rows import FINAL_STATUSES, Job, JobEvent, JobStep, Tenant, owned, utcnow
 from service.settings import get_settings
 
 log = logging.getLogger("faceadapt.api")
@@ -137,8 +137,8 @@ def create_job(session: Session, tenant_id: str, dataset_id: str, base_model: st
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = session.get(Job, job_id)
-    if job is None or job.tenant_id != tenant_id:
+    job = owned(session, Job, job_id, tenant_id)
+    if job is None:
         raise ServiceError(404, "job_not_found", f"no adaptation job {job_id!r}")
     return job
 

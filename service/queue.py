@@ -12,7 +12,6 @@ in the database (service/leases.py), and stages of dead workers are taken over t
 """
 from __future__ import annotations
 
-import threading
 from datetime import datetime, timezone
 
 from celery import Celery, group
@@ -20,7 +19,7 @@ from sqlalchemy import update
 
 from service.db import session_factory
 from service.rows import JobStep
-from service.settings import ServiceSettings, get_settings
+from service.settings import ServiceSettings, get_settings, per_settings
 
 RUN_STEP = "faceadapt.run_step"  # the worker's task (worker/tasks.py): run one step of a job
 
@@ -62,18 +61,7 @@ def make_celery(settings: ServiceSettings | None = None, include: tuple[str, ...
     return app
 
 
-_client: tuple[ServiceSettings, Celery] | None = None
-_client_lock = threading.Lock()
-
-
-def client() -> Celery:
-    """The Celery app this process sends with, made once per settings object."""
-    global _client
-    settings = get_settings()
-    with _client_lock:
-        if _client is None or _client[0] is not settings:
-            _client = (settings, make_celery(settings))
-        return _client[1]
+client = per_settings(make_celery)  # the Celery app this process sends with
 
 
 def enqueue(job_id: str, steps: list[tuple[str, int]]) -> None:

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint,
                         text)
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 
 def new_id() -> str:
@@ -181,3 +181,9 @@ class BlobRef(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     key: Mapped[str] = mapped_column(String(64), index=True)
     owner: Mapped[str] = mapped_column(String(48), index=True)
+
+
+def owned(session: Session, row_type: type, row_id: str, tenant_id: str):
+    """The row `row_id` of `row_type` when it belongs to the tenant, else None (another tenant's is never found)."""
+    row = session.get(row_type, row_id)
+    return row if row is not None and row.tenant_id == tenant_id else None

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from pydantic import Field
 
-from restoration.settings import Settings
+from restoration.settings import Settings, folder
 from restoration.settings import get_settings as ml_settings
 
 
@@ -97,15 +98,15 @@ class ServiceSettings(Settings):
 
     @property
     def storage_path(self) -> Path:
-        return Path(self.storage_dir).expanduser() if self.storage_dir else self.home_dir / "storage"
+        return folder(self.storage_dir, self.home_dir / "storage")
 
     @property
     def work_path(self) -> Path:
-        return Path(self.work_dir).expanduser() if self.work_dir else self.home_dir / "work"
+        return folder(self.work_dir, self.home_dir / "work")
 
     @property
     def cache_path(self) -> Path:
-        return Path(self.cache_dir).expanduser() if self.cache_dir else self.home_dir / "cache"
+        return folder(self.cache_dir, self.home_dir / "cache")
 
 
 _lock = threading.Lock()
@@ -132,3 +133,23 @@ def _cache_clear() -> None:
 
 
 get_settings.cache_clear = _cache_clear
+
+
+T = TypeVar("T")
+
+
+def per_settings(make: Callable[[ServiceSettings], T]) -> Callable[[], T]:
+    """A getter of `make(settings)`, made once per settings object: after the settings are read again (a cache clear),
+    the next call makes a new one."""
+    lock = threading.Lock()
+    made: list[tuple[ServiceSettings, T]] = []
+
+    def get() -> T:
+        settings = get_settings()
+        with lock:
+            if not made or made[0][0] is not settings:
+                made[:] = [(settings, make(settings))]
+            return made[0][1]
+
+    get.__doc__ = f"`{make.__name__}(settings)`, made once per settings object."
+    return get

@@ -9,13 +9,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import threading
 from pathlib import Path
 
 import boto3
 from botocore.exceptions import ClientError
 
-from service.settings import ServiceSettings, get_settings
+from service.settings import ServiceSettings, per_settings
 
 
 class BlobNotFound(KeyError):
@@ -196,15 +195,4 @@ def make_storage(settings: ServiceSettings) -> Storage:
     raise ValueError(f"unknown storage backend {settings.storage_backend!r}: use 'local' or 's3'")
 
 
-_storage: tuple[ServiceSettings, Storage] | None = None
-_storage_lock = threading.Lock()
-
-
-def get_storage() -> Storage:
-    """The configured store, made once per settings object (settings read again give a new one)."""
-    global _storage
-    settings = get_settings()
-    with _storage_lock:
-        if _storage is None or _storage[0] is not settings:
-            _storage = (settings, make_storage(settings))
-        return _storage[1]
+get_storage = per_settings(make_storage)  # the configured store
