@@ -27,6 +27,7 @@ from service.errors import ServiceError
 from service.rows import FINAL_STATUSES, Job, ModelRow, Tenant
 from service.settings import ServiceSettings, get_settings
 from service.storage import get_storage
+from service.tenants import find_tenant
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,7 @@ def service_models(session: Session) -> list[tuple[ModelRow, str | None]]:
 
 def resolve_for_tenant(session: Session, tenant_name: str, name_or_id: str, kind: str | None = "restorer") -> ModelRow:
     """`resolve_model` for a tenant given by name (the CLI's `--tenant`); 404 `tenant_not_found` for an unknown one."""
-    tenant = session.scalar(select(Tenant).where(Tenant.name == tenant_name))
+    tenant = find_tenant(session, tenant_name)
     if tenant is None:
         raise ServiceError(404, "tenant_not_found", f"no tenant {tenant_name!r} in the service database")
     return resolve_model(session, tenant.id, name_or_id, kind=kind)
