@@ -11,6 +11,7 @@ RUN apt-get update \
 WORKDIR /srv/faceadapt
 COPY pyproject.toml README.md ./
 COPY restoration ./restoration
+COPY service ./service
 COPY app ./app
 COPY worker ./worker
 COPY cli ./cli

@@ -20,6 +20,7 @@ serve: $(STAMP)
 	$(VENV)/bin/faceadapt serve --host 127.0.0.1 --port 8000
 
 test: $(STAMP)
+	$(VENV)/bin/lint-imports  # the import layers and contracts of pyproject.toml [tool.importlinter]
 	$(PY) -m pytest -q
 
 clean:

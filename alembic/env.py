@@ -4,9 +4,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import text
 
-from app.db import make_engine
-from app.models import Base
-from restoration.settings import get_settings
+from service.db import make_engine
+from service.rows import Base
+from service.settings import get_settings
 
 config = context.config
 target_metadata = Base.metadata

@@ -1,21 +1,14 @@
-"""One error type for the API: every 4xx/5xx answer is JSON `{"error": code, "detail": message, ...extra}`."""
+"""The API's last line of defence: an exception no handler answered becomes the documented JSON 500 error.
+
+Every planned error is a `service.errors.ServiceError`, answered by the handler in app/main.py as JSON
+`{"error": code, "detail": message, ...extra}`."""
 from __future__ import annotations
 
+import json
+import logging
+import uuid
 
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: str, **extra):
-        super().__init__(detail)
-        self.status, self.code, self.detail, self.extra = status, code, detail, extra
-
-    def body(self) -> dict:
-        return {"error": self.code, "detail": self.detail, **self.extra}
-
-
-class LimitExceeded(ApiError):
-    """A configured limit was hit; `limit` names the setting (FACEADAPT_<LIMIT>)."""
-
-    def __init__(self, limit: str, value, detail: str, status: int = 413):
-        super().__init__(status, "limit_exceeded", detail, limit=limit, limit_value=value)
+log = logging.getLogger("faceadapt.api")
 
 
 class UnexpectedErrorMiddleware:
@@ -42,13 +35,8 @@ class UnexpectedErrorMiddleware:
         except Exception as exc:
             if started:
                 raise
-            import json
-            import logging
-            import uuid
-
             error_id = uuid.uuid4().hex[:12]
-            logging.getLogger("faceadapt.api").error("unhandled error %s on %s %s", error_id, scope.get("method"),
-                                                     scope.get("path"), exc_info=exc)
+            log.error("unhandled error %s on %s %s", error_id, scope.get("method"), scope.get("path"), exc_info=exc)
             body = json.dumps({"error": "internal_error", "error_id": error_id,
                                "detail": f"unexpected server error (id {error_id}, in the server log)"}).encode()
             await send({"type": "http.response.start", "status": 500,

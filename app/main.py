@@ -6,24 +6,30 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import ApiError, UnexpectedErrorMiddleware
+from app.api import adaptations, datasets, health, models, restore
+from app.auth import DOC_PATHS, keys_required, private_route_error
+from app.errors import UnexpectedErrorMiddleware
 from app.limits import BodyLimitMiddleware
 from app.metrics import LATENCY, REQUESTS
-from restoration.settings import get_settings
+from app.serving import get_cache
+from restoration.faces.fidelity import demo_model_warning
+from restoration.models.zoo import Zoo
+from service.db import migrate, session_factory, startup_lock
+from service.errors import ServiceError
+from service.registry import sync_zoo_models
+from service.settings import get_settings
+from service.storage import get_storage
 
 log = logging.getLogger("faceadapt.api")
 
 
 def startup() -> None:
     """`alembic upgrade head`, then publish the zoo's models in the registry (both under one lock)."""
-    from app.db import migrate, session_factory, startup_lock
-    from app.serving import sync_zoo_models
-    from app.storage import get_storage
-
     migrate()
     get_storage().setup()
     with session_factory()() as s, startup_lock(s):
@@ -40,9 +46,6 @@ def warn_demo_model() -> None:
     if _demo_warned:
         return
     _demo_warned = True
-    from restoration.faces.fidelity import demo_model_warning
-    from restoration.models.zoo import Zoo
-
     try:
         card = Zoo().get(get_settings().default_restorer)
     except Exception:  # noqa: BLE001 - a missing default restorer is reported by the requests that need it
@@ -58,12 +61,8 @@ def create_app(run_startup: bool = True) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         if run_startup:
-            from fastapi.concurrency import run_in_threadpool
-
             await run_in_threadpool(startup)
         yield
-        from app.serving import get_cache
-
         get_cache().clear()
 
     app = FastAPI(
@@ -90,19 +89,15 @@ def create_app(run_startup: bool = True) -> FastAPI:
     @app.middleware("http")
     async def guard_private_routes(request: Request, call_next):
         """/metrics and the API docs are not open when API keys are required (app.auth.private_route_error)."""
-        from app.auth import DOC_PATHS, keys_required, private_route_error
-
         path = request.url.path
         if (path == "/metrics" or path in DOC_PATHS) and keys_required(request.scope):
-            from fastapi.concurrency import run_in_threadpool
-
             err = await run_in_threadpool(private_route_error, path, request.headers.get("authorization"))
             if err is not None:
                 return JSONResponse(err.body(), status_code=err.status, headers={"WWW-Authenticate": "Bearer"})
         return await call_next(request)
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError):
         return JSONResponse(exc.body(), status_code=exc.status)
 
     @app.exception_handler(RequestValidationError)
@@ -115,8 +110,6 @@ def create_app(run_startup: bool = True) -> FastAPI:
     async def http_error(request: Request, exc: StarletteHTTPException):
         return JSONResponse({"error": "http_error", "detail": str(exc.detail)}, status_code=exc.status_code,
                             headers=getattr(exc, "headers", None))
-
-    from app.api import adaptations, datasets, health, models, restore
 
     for module in (health, restore, datasets, adaptations, models):
         app.include_router(module.router)

@@ -6,6 +6,11 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
+from service.db import session_factory
+from service.jobs import status_counts
+from service.queue import queue_depths
+from service.rows import JOB_STATUSES
+
 log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry()
@@ -23,16 +28,10 @@ class ServiceCollector:
     """Collected at scrape time: queue depth from the broker, jobs by status from the database."""
 
     def collect(self):
-        from app.db import session_factory
-        from app.models import Job
-        from sqlalchemy import func, select
-
         jobs = GaugeMetricFamily("faceadapt_jobs", "Adaptation jobs by status", labels=["status"])
         try:
             with session_factory()() as s:
-                counts = dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all())
-            from app.schemas import JOB_STATUSES
-
+                counts = status_counts(s)
             for status in JOB_STATUSES:
                 jobs.add_metric([status], counts.get(status, 0))
         except Exception as exc:  # a scrape must not fail because the database is down
@@ -40,8 +39,6 @@ class ServiceCollector:
         yield jobs
         depth = GaugeMetricFamily("faceadapt_queue_depth", "Messages waiting in each Celery queue", labels=["queue"])
         try:
-            from worker.celery_app import queue_depths
-
             for queue, n in queue_depths().items():
                 depth.add_metric([queue], n)
         except Exception as exc:

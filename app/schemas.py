@@ -6,9 +6,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JOB_STATUSES = ("queued", "preparing", "generating_targets", "finetuning", "evaluating", "succeeded", "failed", "cancelled")
-FINAL_STATUSES = ("succeeded", "failed", "cancelled")
-JobStatus = Literal["queued", "preparing", "generating_targets", "finetuning", "evaluating", "succeeded", "failed", "cancelled"]
+from service.rows import JOB_STATUSES
+
+JobStatus = Literal[JOB_STATUSES]  # the OpenAPI enum of a job's status
 
 
 class ErrorBody(BaseModel):

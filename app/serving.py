@@ -1,11 +1,11 @@
-"""Serving: the model registry lookup, a bounded per-process model cache, and the restore micro-batcher.
+"""Serving: a bounded per-process model cache and the restore micro-batcher.
 
-* `resolve_model` finds the model a tenant asked for (its own first, then public ones) in the database on every
-  request, so a model registered by a job on any worker is usable at once by every API process.
+* The model a request names is found in the registry (`service.registry.resolve_model`) on every request, so a model
+  registered by a job on any worker is usable at once by every API process.
 * `ModelCache` keeps at most `model_cache_size` idle restorers loaded (LRU); a model in use by a request is never
   closed (`use()` counts its users), and every wait (a load by another request, a batch) is bounded by
   `restore_timeout_s`, after which the request gets a 503 JSON error. Registry models are fetched from storage
-  into `cache_dir/models/<id>/` (atomic writes, checked against the card's sha256) and loaded with the zoo.
+  into `cache_dir/models/<id>/` (`service.registry.materialise`) and loaded with the zoo.
 * `MicroBatcher` gathers the face crops of concurrent requests for one model into one network pass (up to
   `batch_max_size` crops, waiting at most `batch_max_wait_ms` for more); it runs on its own thread and requests wait
   for it from the threadpool, never on the event loop.
@@ -23,77 +23,19 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
-from sqlalchemy import or_, select
-from sqlalchemy.orm import Session
 
-from app.errors import ApiError
 from app.metrics import BATCH_SIZE, MODEL_LOADS
-from app.models import ModelRow
-from restoration.settings import get_settings
+from restoration.faces.restore import Restorer
+from restoration.models.zoo import ModelCard
+from service.errors import ServiceError
+from service.registry import open_zoo
+from service.rows import ModelRow
+from service.settings import get_settings
 
 log = logging.getLogger(__name__)
 
 
-def visible(tenant_id: str):
-    """SQL filter: the tenant's own models and the public ones."""
-    return or_(ModelRow.tenant_id == tenant_id, ModelRow.tenant_id.is_(None))
-
-
-def resolve_model(session: Session, tenant_id: str, name_or_id: str, kind: str | None = "restorer") -> ModelRow:
-    if name_or_id in ("", "default"):
-        name_or_id = get_settings().default_restorer if kind != "prior" else get_settings().default_prior
-    rows = session.scalars(
-        select(ModelRow).where(visible(tenant_id), or_(ModelRow.name == name_or_id, ModelRow.id == name_or_id))
-    ).all()
-    if not rows:
-        raise ApiError(404, "model_not_found", f"no model {name_or_id!r}; GET /v1/models lists the models you can use")
-    # the tenant's own model shadows a public one of the same name; newest first
-    row = sorted(rows, key=lambda r: (r.tenant_id is not None, r.created_at), reverse=True)[0]
-    if kind and row.kind != kind:
-        raise ApiError(400, "wrong_model_kind", f"model {name_or_id!r} is a {row.kind}, not a {kind}")
-    return row
-
-
-def public_zoo_names(settings, cards) -> set[str]:
-    """Zoo models every tenant may use: the bundled ones, the configured defaults and `settings.public_models`.
-    A model imported with the CLI into FACEADAPT_MODELS_DIR is not shared unless named there."""
-    listed = {n.strip() for n in settings.public_models.split(",") if n.strip()}
-    return {c.name for c in cards if c.builtin} | {settings.default_restorer, settings.default_prior} | listed
-
-
-def sync_zoo_models(session: Session) -> None:
-    """Make the public zoo models (`public_zoo_names`) public registry entries; zoo models that are no longer public
-    leave the registry (unless a running job still uses one as its base)."""
-    from app.models import Job
-    from restoration.models.zoo import Zoo
-
-    try:
-        cards = Zoo().list()
-    except Exception as exc:
-        log.warning("cannot list the model zoo: %s", exc)
-        return
-    allowed = public_zoo_names(get_settings(), cards)
-    existing = {r.name: r for r in session.scalars(select(ModelRow).where(ModelRow.builtin.is_(True)))}
-    for name, row in existing.items():
-        if name not in allowed and row.tenant_id is None:
-            busy = session.scalar(select(Job.id).where(Job.base_model == row.id,
-                                                       Job.status.not_in(("succeeded", "failed", "cancelled"))).limit(1))
-            if busy is None:
-                log.warning("zoo model %s is not public (FACEADAPT_PUBLIC_MODELS): removed from the registry", name)
-                session.delete(row)
-    cards = [c for c in cards if c.name in allowed]
-    for card in cards:
-        row = existing.get(card.name)
-        data = card.to_json()
-        if row is None:
-            session.add(ModelRow(tenant_id=None, name=card.name, kind=card.kind, arch=card.arch, builtin=True,
-                                 sha256=card.sha256, card=data, files={}))
-        elif row.sha256 != card.sha256 or row.card != data:
-            row.sha256, row.card, row.kind, row.arch = card.sha256, data, card.kind, card.arch
-    session.flush()
-
-
-class BatcherClosed(ApiError):
+class BatcherClosed(ServiceError):
     """The batcher was closed (the process is shutting down): a 503, never a wait."""
 
     def __init__(self, label: str):
@@ -101,7 +43,7 @@ class BatcherClosed(ApiError):
                          "retry on another instance")
 
 
-class RestoreTimeout(ApiError):
+class RestoreTimeout(ServiceError):
     """A restore waited longer than restore_timeout_s for its batch: a 503, the request's crops are dropped."""
 
     def __init__(self, label: str, timeout_s: float):
@@ -273,7 +215,7 @@ class ModelCache:
             load_lock = self._loading.setdefault(key, threading.Lock())
         # one load per model, however many requests ask at once; the others wait for it, but not forever
         if not load_lock.acquire(timeout=-1 if self.timeout_s is None else self.timeout_s):
-            raise ApiError(503, "model_load_timeout", f"model {row.name!r} is still being loaded after "
+            raise ServiceError(503, "model_load_timeout", f"model {row.name!r} is still being loaded after "
                            f"{self.timeout_s:g} s (FACEADAPT_RESTORE_TIMEOUT_S); retry later",
                            limit="restore_timeout_s", limit_value=self.timeout_s)
         try:
@@ -299,7 +241,7 @@ class ModelCache:
         for old in closing:
             old.close()
         if self._closed:
-            raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance")
+            raise ServiceError(503, "shutting_down", "the server is shutting down; retry on another instance")
         return entry
 
     @property
@@ -308,7 +250,7 @@ class ModelCache:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise ApiError(503, "shutting_down", "the server is shutting down; retry on another instance")
+            raise ServiceError(503, "shutting_down", "the server is shutting down; retry on another instance")
 
     def _trim_locked(self) -> list[Loaded]:
         """Evict idle entries, least recently used first, until at most `size` remain; returns them to close."""
@@ -330,15 +272,9 @@ class ModelCache:
             item.loaded.close()
 
     def _load(self, row: ModelRow) -> Loaded:
-        from restoration.faces.restore import Restorer
-        from restoration.models.zoo import ModelCard, Zoo
-
         settings = get_settings()
         t0 = time.perf_counter()
-        if row.builtin:
-            zoo, zoo_name = Zoo(), row.name
-        else:
-            zoo, zoo_name = materialise(row), row.id
+        zoo, zoo_name = open_zoo(row)
         card = ModelCard.from_json(row.card)
         restorer = Restorer(zoo.load(zoo_name), card, device=settings.device, batch_size=settings.batch_max_size)
         MODEL_LOADS.inc()
@@ -346,19 +282,6 @@ class ModelCache:
         batcher = MicroBatcher(restorer.restore_crops, settings.batch_max_size, settings.batch_max_wait_ms / 1000.0,
                                row.name, timeout_s=self.timeout_s)
         return Loaded(restorer, batcher)
-
-
-def materialise(row: ModelRow):
-    """Fetch a registry model's files from storage into this process's cache; returns a Zoo holding it as `row.id`."""
-    from app.storage import get_storage
-    from restoration.models.zoo import Zoo
-
-    root = get_settings().cache_path / "models"
-    storage = get_storage()
-    folder = root / row.id
-    for fname, key in row.files.items():
-        storage.fetch_to(key, folder / fname)
-    return Zoo(root=root, builtin_dir=None)
 
 
 _cache: ModelCache | None = None

@@ -8,7 +8,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import torch
+
 from cli.errors import fail
+from restoration.adaptation.engine import list_images
+from restoration.faces.detection import RETINAFACE_WEIGHTS
+from restoration.models.zoo import ModelNotFound, ZooError, check_name
+from restoration.settings import get_settings
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N, auto"
 DETECTOR_CHOICES = ("auto", "retinaface", "mtcnn")
@@ -17,15 +23,11 @@ _DEVICE_RE = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
 
 def check_device(device: str | None, option: str = "--device") -> str:
     """A device the machine has: 'cpu', 'auto', 'cuda' or 'cuda:N' (None: FACEADAPT_DEVICE)."""
-    from restoration.settings import get_settings
-
     source = option if device is not None else "FACEADAPT_DEVICE"
     dev = (device if device is not None else get_settings().device).strip().lower()
     if not _DEVICE_RE.match(dev):
         fail(f"{source}: unknown device {dev!r}; use one of {DEVICE_CHOICES}", 2)
     if dev.startswith("cuda"):
-        import torch
-
         if not torch.cuda.is_available():
             fail(f"{source} {dev}: no CUDA device is available here (torch {torch.__version__}, "
                  f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto", 1)
@@ -38,9 +40,6 @@ def check_device(device: str | None, option: str = "--device") -> str:
 def check_detector(detector: str | None, option: str = "--detector", need_weights: bool = True) -> str:
     """'auto', 'retinaface' (its weights must be on disk, unless not `need_weights`) or 'mtcnn' (None:
     FACEADAPT_DETECTOR)."""
-    from restoration.faces.detection import RETINAFACE_WEIGHTS
-    from restoration.settings import get_settings
-
     settings = get_settings()
     source = option if detector is not None else "FACEADAPT_DETECTOR"
     det = (detector if detector is not None else settings.detector).strip().lower()
@@ -77,8 +76,6 @@ def check_outdir(outdir: Path, option: str = "-o") -> Path:
 
 def check_new_model_name(zoo, name: str, overwrite: bool = False, option: str = "--name") -> str:
     """A valid zoo name that is free (or `overwrite`, and not a bundled model)."""
-    from restoration.models.zoo import ModelNotFound, ZooError, check_name
-
     try:
         check_name(name)
     except ZooError as exc:
@@ -99,8 +96,6 @@ def check_new_model_name(zoo, name: str, overwrite: bool = False, option: str = 
 
 def check_zoo_model(zoo, name: str, kind: str, option: str) -> object:
     """The card of an existing zoo model of `kind` ('restorer' or 'prior')."""
-    from restoration.models.zoo import ZooError
-
     try:
         card = zoo.get(name)
     except ZooError as exc:
@@ -112,8 +107,6 @@ def check_zoo_model(zoo, name: str, kind: str, option: str) -> object:
 
 def check_image_folder(folder: Path, option: str) -> list[Path]:
     """A folder holding at least one image (directly in it); returns the images."""
-    from restoration.adaptation.engine import list_images
-
     if not folder.exists():
         fail(f"{option} {folder}: no such folder", 2)
     if not folder.is_dir():

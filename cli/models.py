@@ -1,4 +1,5 @@
-"""`faceadapt models ...`: list, show, pull, import and delete zoo models."""
+"""`faceadapt models ...`: list, show, pull, import and delete zoo models; `list` and `show` also cover the models
+the service registered on this home (its database: FACEADAPT_DATABASE_URL, or HOME/faceadapt.db when it exists)."""
 from __future__ import annotations
 
 import json
@@ -6,32 +7,71 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from sqlalchemy.exc import SQLAlchemyError
+from tqdm import tqdm
 
 from cli.app import app
+from cli.errors import fail
+from restoration.models.checkpoints import KNOWN_CHECKPOINTS, CheckpointError
+from restoration.models.zoo import Zoo, ZooError
+from service.db import existing_url, session_factory
+from service.errors import ServiceError
+from service.registry import open_zoo, resolve_for_tenant, service_models
+from service.rows import ModelRow
+from service.settings import get_settings
 
 models_app = typer.Typer(help="Manage the model zoo (bundled defaults + FACEADAPT_HOME/models).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
 
-def _zoo():
-    from restoration.models.zoo import Zoo
-
+def _zoo() -> Zoo:
     return Zoo()
 
 
-def _fail(msg: str, code: int = 1):
-    typer.secho(f"error: {msg}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
+def registered(session_url: str | None = None) -> list[tuple[ModelRow, str | None]] | None:
+    """The models the service registered on this home, with their tenants; None when there is no service database
+    (or it cannot be read: a warning says why)."""
+    url = session_url or existing_url(get_settings())
+    if url is None:
+        return None
+    try:
+        with session_factory(url)() as s:
+            return service_models(s)
+    except SQLAlchemyError as exc:
+        typer.secho(f"warning: the service's models are not listed: cannot read its database: "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0]}", err=True, fg=typer.colors.YELLOW)
+        return None
+
+
+def service_model(name: str, tenant: str, option: str = "--model") -> ModelRow:
+    """Tenant `tenant`'s model `name` (its own, else a public one: the API's rules), from the service database; exits
+    with one line when there is none."""
+    url = existing_url(get_settings())
+    if url is None:
+        fail(f"--tenant {tenant}: there is no service database on this home (FACEADAPT_DATABASE_URL, or "
+             f"{get_settings().embedded_db_path}); tenants exist only where `faceadapt serve` ran", 1)
+    try:
+        with session_factory(url)() as s:
+            return resolve_for_tenant(s, tenant, name, kind=None)
+    except ServiceError as exc:
+        if exc.code == "model_not_found":
+            fail(f"{option} {name}: tenant {tenant} has no model of that name, and no public one has it "
+                 "(`faceadapt models list` shows the service's models and their tenants)", 1)
+        fail(f"--tenant {tenant}: {exc.detail}", 1)
+    except SQLAlchemyError as exc:
+        fail(f"cannot read the service database: {type(exc).__name__}: {str(exc).splitlines()[0]}", 1)
 
 
 @models_app.command("list")
 def list_models(as_json: bool = typer.Option(False, "--json", help="Print the model cards as JSON.")):
-    """List every model in the zoo, and the public checkpoints `pull` can fetch."""
-    from restoration.models.checkpoints import KNOWN_CHECKPOINTS
-
+    """List every model in the zoo, the models the service registered on this home (with their tenant), and the
+    public checkpoints `pull` can fetch."""
     cards = _zoo().list()
+    service = registered()
     if as_json:
-        typer.echo(json.dumps([c.to_json() | {"builtin": c.builtin} for c in cards], indent=1))
+        out = [c.to_json() | {"builtin": c.builtin} for c in cards]
+        out += [row.card | {"builtin": False, "tenant": tenant, "model_id": row.id} for row, tenant in service or []]
+        typer.echo(json.dumps(out, indent=1))
         return
     typer.echo(f"{'NAME':32} {'KIND':9} {'ARCH':12} {'SIZE':>5}  NOTE")
     for c in cards:
@@ -39,25 +79,45 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="Print the mo
         if c.random_init:
             note += ", RANDOM WEIGHTS (untrained stand-in)"
         typer.echo(f"{c.name:32} {c.kind:9} {c.arch:12} {c.input_size:>5}  {note}")
+    for row, tenant in service or []:
+        size = row.card.get("input_size", "")
+        typer.echo(f"{row.name:32} {row.kind:9} {row.arch:12} {size:>5}  service, tenant {tenant or '(public)'}")
     have = {c.name for c in cards}
     missing = [k for k in KNOWN_CHECKPOINTS.values() if k.name not in have]
     if missing:
         typer.echo("\nAvailable with `faceadapt models pull NAME`:")
         for k in missing:
             typer.echo(f"  {k.name:30} {k.kind:9} {k.arch:12} {k.file_name}")
+    if service:
+        typer.echo("\nService models: `faceadapt models show NAME --tenant TENANT`, "
+                   "`faceadapt restore ... --model NAME --tenant TENANT`.")
 
 
 @models_app.command("show")
-def show(name: str = typer.Argument(..., help="Model name.")):
+def show(
+    name: str = typer.Argument(..., help="Model name."),
+    tenant: Optional[str] = typer.Option(None, "--tenant", help="A tenant of the service on this home: its model NAME "
+                                         "(its own, else a public one), from the service's registry."),
+):
     """Print a model's card and config as JSON."""
-    from restoration.models.zoo import ZooError
-
+    if tenant is not None:
+        row = service_model(name, tenant, option="models show")
+        zoo, zoo_name = open_zoo(row)
+        card = zoo.get(zoo_name)
+        out = {"card": card.to_json() | {"builtin": card.builtin, "path": card.path, "tenant": tenant,
+                                         "model_id": row.id}, "config": zoo.config(zoo_name)}
+        typer.echo(json.dumps(out, indent=1))
+        return
     zoo = _zoo()
     try:
         card = zoo.get(name)
         cfg = zoo.config(name)
     except ZooError as exc:
-        _fail(str(exc))
+        others = [t for row, t in registered() or [] if name in (row.name, row.id)]
+        if others:
+            fail(f"{exc}; the service has a model {name!r} of tenant(s) {', '.join(sorted(set(map(str, others))))}: "
+                  "give --tenant")
+        fail(str(exc))
     typer.echo(json.dumps({"card": card.to_json() | {"builtin": card.builtin, "path": card.path}, "config": cfg}, indent=1))
 
 
@@ -67,10 +127,6 @@ def pull(
     url: Optional[str] = typer.Option(None, help="Download from this address instead of the official one (a mirror)."),
 ):
     """Download a known public checkpoint, check it, convert it to safetensors and register it."""
-    from tqdm import tqdm
-
-    from restoration.models.zoo import ZooError
-
     bar = tqdm(unit="B", unit_scale=True, desc=f"pull {name}")
 
     def progress(done: int, total: int):
@@ -82,7 +138,7 @@ def pull(
         card = _zoo().pull(name, url=url, progress=progress)
     except ZooError as exc:
         bar.close()
-        _fail(str(exc))
+        fail(str(exc))
     bar.close()
     typer.echo(f"registered {card.name} ({card.arch}, sha256 {card.sha256[:16]}) in {Path(card.path).parent}")
 
@@ -99,24 +155,19 @@ def import_model(
     input_size: Optional[int] = typer.Option(None, help="Square input size in pixels (default: from the arch)."),
 ):
     """Convert a local checkpoint into a zoo model (strict key and shape check)."""
-    from restoration.models.checkpoints import CheckpointError
-    from restoration.models.zoo import ZooError
-
     cfg = json.loads(config.read_text()) if config else None
     try:
         card = _zoo().import_checkpoint(path, arch=arch, name=name, config=cfg, kind=kind, input_size=input_size)
     except (ZooError, CheckpointError, ValueError, TypeError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"registered {card.name} ({card.arch}, sha256 {card.sha256[:16]})")
 
 
 @models_app.command("delete")
 def delete(name: str = typer.Argument(..., help="Model name.")):
     """Delete a local model (bundled models cannot be deleted)."""
-    from restoration.models.zoo import ZooError
-
     try:
         _zoo().delete(name)
     except ZooError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(f"deleted {name}")

@@ -7,8 +7,17 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from tqdm import tqdm
 
 from cli.app import app
+from cli.checks import check_detector, check_device, check_outdir
+from cli.errors import fail
+from cli.models import service_model
+from restoration.faces.fidelity import DETAIL_RATIO, demo_model_warning, mode_counts
+from restoration.faces.imageio import ImageError, load_image, save_image
+from restoration.faces.restore import Restorer
+from restoration.models.zoo import ZooError
+from service.registry import open_zoo
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -42,6 +51,9 @@ def restore(
     inputs: List[Path] = typer.Argument(..., help="Image files or folders (searched recursively)."),
     outdir: Path = typer.Option(..., "-o", "--outdir", help="Folder for the restored PNGs and summary.json."),
     model: Optional[str] = typer.Option(None, "--model", help="Zoo restorer (default: FACEADAPT_DEFAULT_RESTORER)."),
+    tenant: Optional[str] = typer.Option(
+        None, "--tenant", help="Use the model --model of this tenant of the service on this home (its own, else a "
+        "public one, as the API would), fetched through the service's registry."),
     aligned: bool = typer.Option(False, "--aligned", help="Inputs are aligned face crops: no detection."),
     only_center_face: bool = typer.Option(False, "--only-center-face", help="Restore only the face nearest the centre."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto (default: FACEADAPT_DEVICE)."),
@@ -53,15 +65,6 @@ def restore(
              "larger than 2x the model input keep their own fine detail). CodeFormer takes it as its w."),
 ):
     """Restore faces: detect, align, restore and paste back (or restore aligned crops directly)."""
-    from tqdm import tqdm
-
-    from cli.checks import check_detector, check_device, check_outdir
-    from cli.errors import fail
-    from restoration.faces.fidelity import DETAIL_RATIO, demo_model_warning, mode_counts
-    from restoration.faces.imageio import ImageError, load_image, save_image
-    from restoration.faces.restore import Restorer
-    from restoration.models.zoo import ZooError
-
     # everything is checked before any work starts
     files = collect_inputs(inputs)
     if not files:
@@ -70,8 +73,11 @@ def restore(
     device = check_device(device)
     if not aligned or detector is not None:
         detector = check_detector(detector, need_weights=not aligned)  # aligned crops need no detector
+    zoo = None
+    if tenant is not None:  # the tenant's registered model, by the API's rules, fetched through the registry
+        zoo, model = open_zoo(service_model(model or "default", tenant))
     try:
-        restorer = Restorer.from_zoo(model, device=device, batch_size=batch_size)
+        restorer = Restorer.from_zoo(model, zoo=zoo, device=device, batch_size=batch_size)
     except (ZooError, ValueError) as exc:
         fail(exc, 2)
     if restorer.card.kind != "restorer":

@@ -1,7 +1,6 @@
 """`faceadapt serve` (the HTTP service, embedded mode by default) and `faceadapt keys create / revoke / list`.
 
-The web app, database and queue packages are imported inside the commands only: the ML core stays importable
-without them.
+The CLI is the top layer: it imports the web app (`app`) and uvicorn here; nothing below imports `cli`.
 """
 from __future__ import annotations
 
@@ -15,8 +14,15 @@ import sys
 from typing import Optional
 
 import typer
+import uvicorn
 
+from app.main import create_app, startup
 from cli.app import app
+from cli.checks import check_detector, check_device
+from cli.errors import fail
+from service.db import migrate, session_scope
+from service.settings import get_settings
+from service.tenants import create_key, list_keys, revoke_key
 
 keys_app = typer.Typer(help="API keys of the HTTP service.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -36,8 +42,6 @@ def is_loopback(host: str) -> bool:
 
 def check_port(host: str, port: int) -> None:
     """Exit with one line when `host:port` cannot be listened on (in use, no such address), before anything starts."""
-    from cli.errors import fail
-
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except OSError as exc:
@@ -68,23 +72,15 @@ def serve(
 ):
     """Run the HTTP API. Without FACEADAPT_DATABASE_URL / FACEADAPT_BROKER_URL this is the embedded mode: SQLite and
     local storage under FACEADAPT_HOME, a serverless broker and one local worker process."""
-    from restoration.settings import get_settings
-
     settings = get_settings()
     if not is_loopback(host) and not settings.require_keys:
         typer.secho(f"error: refusing to bind {host} without API keys; set FACEADAPT_REQUIRE_KEYS=true "
                     "(and create keys with `faceadapt keys create --tenant NAME`) or bind 127.0.0.1",
                     err=True, fg=typer.colors.RED)
         raise typer.Exit(2)
-    from cli.checks import check_detector, check_device
-
     check_device(None)  # FACEADAPT_DEVICE / FACEADAPT_DETECTOR, before anything starts
     check_detector(None)
     check_port(host, port)
-    import uvicorn
-
-    from app.main import create_app, startup
-
     settings.home_dir.mkdir(parents=True, exist_ok=True)
     startup()  # migrations before the worker touches the database
     if worker is None:
@@ -126,9 +122,6 @@ def serve(
 @keys_app.command("create")
 def keys_create(tenant: str = typer.Option(..., "--tenant", help="Tenant name (created when new).")):
     """Create an API key for TENANT and print it (alone, on stdout). Only its hash is stored."""
-    from app.auth import create_key
-    from app.db import migrate, session_scope
-
     migrate()
     try:
         with session_scope() as s:
@@ -142,9 +135,6 @@ def keys_create(tenant: str = typer.Option(..., "--tenant", help="Tenant name (c
 @keys_app.command("revoke")
 def keys_revoke(key: str = typer.Argument(..., help="The key itself (fa_...) or its id (`faceadapt keys list`).")):
     """Revoke an API key: requests with it answer 401 from now on (every API process checks the database)."""
-    from app.auth import revoke_key
-    from app.db import migrate, session_scope
-
     migrate()
     try:
         with session_scope() as s:
@@ -158,17 +148,9 @@ def keys_revoke(key: str = typer.Argument(..., help="The key itself (fa_...) or 
 @keys_app.command("list")
 def keys_list(tenant: Optional[str] = typer.Option(None, "--tenant", help="Only this tenant's keys.")):
     """List API keys (id, prefix, tenant, created, revoked); keys themselves are never stored."""
-    from sqlalchemy import select
-
-    from app.db import migrate, session_scope
-    from app.models import ApiKey, Tenant
-
     migrate()
     with session_scope() as s:
-        q = select(ApiKey, Tenant.name).join(Tenant, Tenant.id == ApiKey.tenant_id).order_by(ApiKey.created_at)
-        if tenant:
-            q = q.where(Tenant.name == tenant)
         typer.echo(f"{'ID':32}  {'PREFIX':10}  {'TENANT':20}  {'CREATED':25}  REVOKED")
-        for k, name in s.execute(q).all():
+        for k, name in list_keys(s, tenant):
             typer.echo(f"{k.id:32}  {k.prefix:10}  {name[:20]:20}  {k.created_at.isoformat(timespec='seconds'):25}  "
                        f"{k.revoked_at.isoformat(timespec='seconds') if k.revoked_at else '-'}")

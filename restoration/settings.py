@@ -1,8 +1,9 @@
-"""The one settings object of FaceAdapt, shared by `restoration/`, `worker/` and `app/`.
+"""The ML settings of FaceAdapt: where the zoo and the detector weights live, the device, the default models.
 
 Every field can be set with an environment variable `FACEADAPT_<FIELD>` (for example
-`FACEADAPT_HOME=/data/faceadapt`). This module only depends on pydantic-settings, so the ML core
-stays importable without any web, database or queue package.
+`FACEADAPT_HOME=/data/faceadapt`). The service's own settings (database, broker, storage, limits, jobs...) extend
+this class in `service/settings.py`, so every FACEADAPT_* variable belongs to one namespace. This module only
+depends on pydantic-settings, so the ML core stays importable without any web, database or queue package.
 """
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def folder(value: Path | None, default: Path) -> Path:
+    """A folder setting: `value` (with ~ expanded) when set, else `default`."""
+    return Path(value).expanduser() if value else default
 
 
 class Settings(BaseSettings):
@@ -28,75 +34,8 @@ class Settings(BaseSettings):
     default_restorer: str = "faceadapt-swinir-small"
     default_prior: str = "faceadapt-iddpm-small"
     detector: str = Field(default="auto", description="'auto' (RetinaFace, else MTCNN), 'retinaface' or 'mtcnn'.")
-
-    # --- service (app/ and worker/; the ML core never reads these) -------------------------
-    database_url: str | None = Field(
-        default=None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: SQLite at HOME/faceadapt.db)."
-    )
-    broker_url: str | None = Field(
-        default=None, description="Celery broker, e.g. redis://host:6379/0 (default: a filesystem transport under HOME/broker, no server)."
-    )
-    broker_key_prefix: str = Field(default="", description="Prefix for every broker key (Redis global_keyprefix); isolates deployments sharing a Redis.")
-    storage_backend: str = Field(default="local", description="'local' (a directory) or 's3' (any S3-compatible store).")
-    storage_dir: Path | None = Field(default=None, description="Blob folder for the local backend (default: HOME/storage).")
-    s3_bucket: str = ""
-    s3_prefix: str = ""
-    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint, e.g. http://minio:9000.")
-    s3_region: str | None = None
-    s3_access_key_id: str | None = None
-    s3_secret_access_key: str | None = None
-    work_dir: Path | None = Field(default=None, description="Job work folders, shared by every worker (default: HOME/work).")
-    cache_dir: Path | None = Field(default=None, description="Per-process cache of registry models fetched from storage (default: HOME/cache).")
-    require_keys: bool = Field(default=False, description="Require `Authorization: Bearer <key>` on /v1 (always on when binding a non-loopback address).")
-    public_tenant: str = Field(default="public", description="Tenant used for every request when keys are not required.")
-    # limits (each violation is a 4xx naming the limit)
-    max_upload_bytes: int = Field(default=50 * 1024 * 1024, description="Largest request body (one image, or one zip).")
-    max_image_pixels: int = Field(default=40_000_000, description="Largest image width*height, checked before decoding.")
-    max_dataset_images: int = Field(default=500, description="Most images in one dataset.")
-    max_zip_entries: int = Field(default=1000, description="Most entries in an uploaded zip.")
-    max_unpacked_bytes: int = Field(default=500 * 1024 * 1024, description="Largest total uncompressed size of an uploaded zip.")
-    max_faces_per_image: int = Field(default=32, ge=1, description="Most faces restored in one image by /v1/restore: "
-                                     "the largest ones; the response says how many were found and restored.")
     image_formats: str = Field(default="png,jpeg,webp,bmp,tiff", description="Comma-separated image formats accepted "
                                "(checked from the file's signature before decoding; any of png, jpeg, webp, bmp, tiff).")
-    # serving
-    model_cache_size: int = Field(default=4, description="Models kept loaded per API process (LRU).")
-    batch_max_size: int = Field(default=8, description="Most face crops restored in one micro-batch.")
-    batch_max_wait_ms: float = Field(default=10.0, description="Longest wait for more requests to join a micro-batch.")
-    restore_timeout_s: float = Field(default=120.0, description="Longest wait of a restore request for a model load "
-                                     "or for its micro-batch; past it the request gets a 503 `restore_timeout`.")
-    shutdown_timeout_s: float = Field(default=30.0, description="`faceadapt serve`: on SIGTERM/Ctrl-C, how long "
-                                      "requests in flight may take to finish before their connections are closed.")
-    # jobs
-    queue_default: str = Field(default="faceadapt", description="Celery queue for orchestration tasks.")
-    queue_gpu: str = Field(default="faceadapt-gpu", description="Celery queue for the ML stages (GPU workers consume it).")
-    target_shards: int = Field(default=4, description="Pseudo-target generation is split into this many parallel shards.")
-    visibility_timeout_s: int = Field(default=12 * 3600, description="Broker redelivery timeout for unacknowledged tasks; longer than the longest job.")
-    task_max_attempts: int = Field(default=3, description="Attempts per stage (redeliveries included) before the job fails.")
-    lease_ttl_s: float = Field(default=60.0, description="A stage whose worker has not sent a heartbeat for this long is taken over by another worker.")
-    heartbeat_s: float = Field(default=10.0, description="Worker heartbeat period while a stage runs.")
-    reaper_interval_s: float = Field(default=15.0, description="How often each worker looks for stages whose worker died.")
-    # security, quotas and garbage collection (issue 10)
-    hq_sets: dict[str, Path] = Field(
-        default_factory=dict,
-        description="Named sets of clean HQ faces a job may use for the discriminator (`params.hq_set` names one), as "
-                    "JSON, e.g. {\"ffhq\": \"/data/ffhq512\"}. The API never takes a path.")
-    allowed_devices: str = Field(default="auto,cpu,cuda", description="Comma-separated devices a job may ask for "
-                                 "(`params.device`); 'cuda' also allows 'cuda:N'.")
-    max_active_jobs_per_tenant: int = Field(default=4, description="Jobs a tenant may have queued or running at once.")
-    max_finetune_steps: int = Field(default=20_000, description="Largest `params.finetune.steps` of a job.")
-    max_job_runtime_s: float = Field(default=24 * 3600.0, description="A job still not finished this long after it "
-                                     "was created is failed by the reaper (its running stage stops at its next batch).")
-    public_models: str = Field(default="", description="Comma-separated zoo models (FACEADAPT_MODELS_DIR) published to "
-                               "every tenant; the bundled models and the configured defaults always are, others never.")
-    metrics_token: str | None = Field(default=None, description="Bearer token for /metrics when API keys are required "
-                                      "(unset: /metrics is closed then).")
-    public_docs: bool = Field(default=False, description="Serve /docs, /redoc and /openapi.json without an API key even "
-                              "when keys are required.")
-    blob_gc_interval_s: float = Field(default=3600.0, description="How often a worker sweeps the blob store for blobs "
-                                      "nothing references any more (blobs of finished jobs are collected at job end).")
-    max_zip_ratio: float = Field(default=200.0, description="Largest uncompressed/compressed size ratio of one zip entry.")
-    max_zip_member_bytes: int = Field(default=50 * 1024 * 1024, description="Largest uncompressed size of one zip entry.")
 
     @property
     def home_dir(self) -> Path:
@@ -104,31 +43,11 @@ class Settings(BaseSettings):
 
     @property
     def zoo_dir(self) -> Path:
-        return Path(self.models_dir).expanduser() if self.models_dir else self.home_dir / "models"
-
-    @property
-    def db_url(self) -> str:
-        return self.database_url or f"sqlite:///{self.home_dir / 'faceadapt.db'}"
-
-    @property
-    def broker(self) -> str:
-        return self.broker_url or "filesystem://"
-
-    @property
-    def storage_path(self) -> Path:
-        return Path(self.storage_dir).expanduser() if self.storage_dir else self.home_dir / "storage"
-
-    @property
-    def work_path(self) -> Path:
-        return Path(self.work_dir).expanduser() if self.work_dir else self.home_dir / "work"
-
-    @property
-    def cache_path(self) -> Path:
-        return Path(self.cache_dir).expanduser() if self.cache_dir else self.home_dir / "cache"
+        return folder(self.models_dir, self.home_dir / "models")
 
     @property
     def facexlib_dir(self) -> Path:
-        return Path(self.facexlib_model_root).expanduser() if self.facexlib_model_root else self.home_dir / "facexlib"
+        return folder(self.facexlib_model_root, self.home_dir / "facexlib")
 
 
 @lru_cache(maxsize=1)

@@ -142,9 +142,9 @@ def test_api_fidelity_field(tmp_path, monkeypatch, facexlib_root, shared_dir):
             monkeypatch.setenv(k, str(v))
     get_settings.cache_clear()
     try:
-        from app.auth import create_key
-        from app.db import session_scope
         from app.main import create_app
+        from service.db import session_scope
+        from service.tenants import create_key
 
         img = (shared_dir / "data/realworld/whole/Blake_Lively.jpg").read_bytes()
         with TestClient(create_app()) as c:

@@ -1,4 +1,4 @@
-"""app.params: every engine field the API accepts is typed and bounded (no service needed)."""
+"""service.params: every engine field the API accepts is typed and bounded (no service needed)."""
 from __future__ import annotations
 
 import dataclasses
@@ -6,12 +6,12 @@ import math
 
 import pytest
 
-from app.errors import ApiError
-from app.params import FINETUNE, PSEUDO, TOP, check_params, engine_params
+from service.errors import ServiceError
+from service.params import FINETUNE, PSEUDO, TOP, check_params, engine_params
 from restoration.adaptation.engine import AdaptConfig
 from restoration.training.finetune import FinetuneConfig
 from restoration.adaptation.pseudo import PseudoTargetParams
-from restoration.settings import Settings
+from service.settings import ServiceSettings
 
 
 def _fields(cls) -> set[str]:
@@ -30,13 +30,13 @@ def test_every_engine_field_has_bounds():
     {"pseudo": {"respacing": "ddim99999"}}, {"size": 10**5}, {"nope": 1}, {"finetune": {"nope": 1}},
 ])
 def test_refused(params):
-    with pytest.raises(ApiError) as exc:
-        check_params(params, Settings(_env_file=None))
+    with pytest.raises(ServiceError) as exc:
+        check_params(params, ServiceSettings(_env_file=None))
     assert exc.value.status == 422
 
 
 def test_hq_set_maps_to_the_configured_folder(tmp_path):
-    s = Settings(_env_file=None, hq_sets={"ffhq": tmp_path})
+    s = ServiceSettings(_env_file=None, hq_sets={"ffhq": tmp_path})
     p = check_params({"hq_set": "ffhq", "device": "cuda:1", "finetune": {"lr": 1e-4}}, s)
     assert engine_params(p, s)["hq_dir"] == str(tmp_path)
     with pytest.raises(ValueError):

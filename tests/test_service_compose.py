@@ -62,9 +62,9 @@ def test_compose_services_builds_and_commands_exist():
                 module = cmd[cmd.index("-A") + 1]
                 assert (REPO / (module.replace(".", "/") + ".py")).is_file(), f"{name}: celery app {module} missing"
                 queues = set(cmd[cmd.index("-Q") + 1].split(","))
-                from restoration.settings import Settings
+                from service.settings import ServiceSettings
 
-                s = Settings(_env_file=None)
+                s = ServiceSettings(_env_file=None)
                 assert {s.queue_default, s.queue_gpu} <= queues, f"{name}: worker does not consume {queues}"
             else:
                 raise AssertionError(f"{name}: unexpected command {cmd}")
@@ -89,9 +89,9 @@ def test_compose_environment_points_at_its_services():
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert "gpu" in gpu["capabilities"]
     # every FACEADAPT_* variable is a setting
-    from restoration.settings import Settings
+    from service.settings import ServiceSettings
 
-    fields = {f"FACEADAPT_{n.upper()}" for n in Settings.model_fields}
+    fields = {f"FACEADAPT_{n.upper()}" for n in ServiceSettings.model_fields}
     for svc in services.values():
         for k in (svc.get("environment") or {}):
             if k.startswith("FACEADAPT_"):
@@ -111,9 +111,8 @@ def test_queue_depth_reads_the_broker():
                FACEADAPT_QUEUE_DEFAULT=f"qd-{tag}")
     code = f"""
 import redis
-from worker.celery_app import queue_depths
-from worker.tasks import enqueue
-from restoration.settings import get_settings
+from service.queue import enqueue, queue_depths
+from service.settings import get_settings
 s = get_settings()
 before = queue_depths()
 enqueue("job", [("targets", 0), ("targets", 1), ("targets", 2)])

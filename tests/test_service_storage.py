@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.storage import BlobNotFound, LocalStorage, S3Storage, content_key
+from service.storage import BlobNotFound, LocalStorage, S3Storage, content_key
 
 
 @pytest.fixture(scope="module")

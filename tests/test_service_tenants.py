@@ -1,11 +1,14 @@
-"""Tenant isolation and API keys: another tenant's datasets, jobs and models answer 404."""
+"""Tenant isolation and API keys: another tenant's datasets, jobs and models answer 404 (to the CLI too)."""
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+from pathlib import Path
 
 pytest_plugins = ["test_service_harness"]
 
-from test_service_harness import face_files  # noqa: E402
+from test_service_harness import PY, REPO, face_files  # noqa: E402
 
 
 def test_keys_required_and_checked(service_stack, tenant_a):
@@ -22,6 +25,28 @@ def test_keys_required_and_checked(service_stack, tenant_a):
     rows = service_stack.sql("SELECT key_hash, prefix FROM api_keys")
     assert rows and all(len(h) == 64 and h != tenant_a for h, _ in rows)
     assert any(tenant_a.startswith(p) for _, p in rows)
+
+
+def test_cli_restores_with_a_tenants_registered_model(service_stack, tenant_a, tenant_b, adapted, tmp_path):
+    """One registry: on the service's database (PostgreSQL, weights in S3) `faceadapt models list` shows the model a
+    job registered, with its tenant, and `faceadapt restore --tenant` restores with it by the API's rules."""
+    st = service_stack
+    cli = [str(Path(PY).parent / "faceadapt")]
+    r = subprocess.run([*cli, "models", "list"], env=st.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert any(ln.split()[:1] == ["acme-v1"] and "service, tenant tenant-a" in ln for ln in r.stdout.splitlines()), r.stdout
+    crops = tmp_path / "crops"
+    crops.mkdir()
+    for f in face_files(2, offset=60):
+        (crops / f.name).write_bytes(f.read_bytes())
+    r = subprocess.run([*cli, "restore", str(crops), "-o", str(tmp_path / "out"), "--aligned", "--model", "acme-v1",
+                        "--tenant", "tenant-a"], env=st.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["model"] == "acme-v1"
+    assert len(list((tmp_path / "out").glob("*.png"))) == 2
+    r = subprocess.run([*cli, "restore", str(crops), "-o", str(tmp_path / "out-b"), "--aligned", "--model", "acme-v1",
+                        "--tenant", "tenant-b"], env=st.env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "tenant tenant-b has no model" in r.stderr, r.stderr
 
 
 def test_tenant_isolation(service_stack, tenant_a, tenant_b, adapted):

@@ -8,22 +8,21 @@ partial state (finished pseudo targets, the last fine-tuning checkpoint).
 from __future__ import annotations
 
 import base64
-
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path, PurePosixPath
 
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
-
-from app.models import Dataset, Job, JobStep, ModelRow
-from app.params import engine_params
-from app.storage import get_storage
+from restoration.adaptation import engine as adapt
 from restoration.runtime import Cancelled
-from restoration.settings import get_settings
-from worker.steps import Lease, session, workdir
+from service.blobs import restore_blobs, upload
+from service.db import session
+from service.jobs import workdir
+from service.leases import Lease
+from service.params import engine_params
+from service.registry import add_job_model, job_zoo, registered_model
+from service.rows import Dataset, Job
+from service.settings import get_settings
+from service.storage import get_storage
 
 
 def _safe_name(name: str) -> str:
@@ -33,75 +32,7 @@ def _safe_name(name: str) -> str:
     return stem + suffix
 
 
-def upload(wd: Path, files: list[Path], job_id: str) -> dict[str, str]:
-    """Store a step's outputs, referenced by the job until it ends (app.blobs: blob, reference, one transaction)."""
-    from app import blobs
-
-    files = [f for f in files if f.is_file()]
-    with session() as s:
-        keys = blobs.store_many(s, [f.read_bytes for f in files], f"job:{job_id}")
-        s.commit()
-    return {str(f.relative_to(wd)): k for f, k in zip(files, keys)}
-
-
-def restore_blobs(job_id: str, wd: Path) -> int:
-    """Fetch the outputs of the job's finished steps that this work dir lacks."""
-    storage, n = get_storage(), 0
-    with session() as s:
-        results = s.scalars(select(JobStep.result).where(JobStep.job_id == job_id, JobStep.status == "done")).all()
-    for res in results:
-        for rel, key in (res or {}).get("blobs", {}).items():
-            target = wd / rel
-            if not target.is_file():
-                storage.fetch_to(key, target)
-                n += 1
-    return n
-
-
-def _place_model(row: ModelRow, zoo_root: Path) -> str:
-    """Make model `row` loadable from the job zoo; returns its name there."""
-    from restoration.models.zoo import Zoo
-
-    dest = zoo_root / row.name
-    if (dest / "card.json").is_file():
-        return row.name
-    if row.builtin:
-        card = Zoo().get(row.name)
-        if card.builtin:
-            return row.name  # the job zoo searches the bundled models itself
-        tmp = Path(tempfile.mkdtemp(prefix=f".{row.name}.", dir=zoo_root))  # parallel shards may race here
-        shutil.copytree(card.path, tmp, dirs_exist_ok=True)
-        try:
-            tmp.rename(dest)
-        except OSError:  # another worker placed it first
-            shutil.rmtree(tmp, ignore_errors=True)
-        return row.name
-    storage = get_storage()
-    for fname, key in row.files.items():
-        storage.fetch_to(key, dest / fname)
-    return row.name
-
-
-def job_zoo(job: Job, wd: Path):
-    """A zoo rooted in the work dir, holding the job's base restorer and prior (the adapted model lands there too)."""
-    from restoration.models.zoo import Zoo
-
-    root = wd / "zoo"
-    root.mkdir(parents=True, exist_ok=True)
-    settings = get_settings()
-    with session() as s:
-        base = s.get(ModelRow, job.base_model)
-        if base is None:
-            raise ValueError(f"base model {job.base_model} was deleted")
-        prior = s.scalar(select(ModelRow).where(ModelRow.name == settings.default_prior, ModelRow.tenant_id.is_(None)))
-        base_name = _place_model(base, root)
-        prior_name = _place_model(prior, root) if prior is not None else settings.default_prior
-    return Zoo(root=root), base_name, prior_name
-
-
 def run_stage(job_id: str, stage: str, shard: int, lease: Lease) -> dict:
-    from restoration.adaptation import engine as adapt
-
     wd = workdir(job_id)
     wd.mkdir(parents=True, exist_ok=True)
     with session() as s:
@@ -171,37 +102,15 @@ def fetch_inputs(job: Job, folder: Path) -> list[Path]:
 
 
 def register(job: Job, wd: Path, zoo, lease: Lease) -> dict:
-    """Register the adapted model exactly once: the models.job_id unique constraint decides between racing workers."""
-    from restoration.adaptation import engine as adapt
-
-    with session() as s:
-        existing = s.scalar(select(ModelRow).where(ModelRow.job_id == job.id))
-        if existing is not None:
-            s.get(Job, job.id).model_id = existing.id
-            s.commit()
-            return {"model_id": existing.id, "name": existing.name, "already_registered": True}
+    """Register the adapted model exactly once (service.registry: the models.job_id unique constraint decides between
+    racing workers)."""
+    existing = registered_model(job.id)
+    if existing is not None:
+        return existing
     if lease.should_cancel():
         raise Cancelled("cancelled before registering")
     card = adapt.register(wd, zoo=zoo, name=job.name, overwrite=True)
     folder = Path(zoo.path(job.name))
     files = upload(folder.parent, [folder / "model.safetensors", folder / "config.json", folder / "card.json"], job.id)
     files = {Path(k).name: v for k, v in files.items()}
-    with session() as s:
-        row = ModelRow(tenant_id=job.tenant_id, name=job.name, kind=card.kind, arch=card.arch, builtin=False,
-                       job_id=job.id, sha256=card.sha256, card=card.to_json(), files=files)
-        s.add(row)
-        try:
-            s.flush()
-            from app import blobs
-
-            for key in files.values():  # the model's own references, committed with its row
-                blobs.add_ref(s, key, f"model:{row.id}")
-        except IntegrityError:
-            s.rollback()
-            row = s.scalar(select(ModelRow).where(ModelRow.job_id == job.id))
-            if row is None:  # not our own earlier registration: the name is taken (uq_models_tenant_name)
-                raise ValueError(f"a model named {job.name!r} already exists for this tenant") from None
-        j = s.get(Job, job.id)
-        j.model_id = row.id
-        s.commit()
-        return {"model_id": row.id, "name": row.name, "sha256": row.sha256}
+    return add_job_model(job, card, files)

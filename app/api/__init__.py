@@ -1,1 +1,1 @@
-"""Thin v1 routes: parse, check access, call app/ helpers, shape the answer."""
+"""The v1 routes, one module per resource (health, restore, datasets, adaptations, models)."""

@@ -1,3 +1,4 @@
+"""v1 routes of datasets: upload (many images or one zip), read, delete."""
 from __future__ import annotations
 
 from fastapi import APIRouter, File, Form, UploadFile
@@ -5,13 +6,20 @@ from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from app.api.deps import DB, CurrentPrincipal, Principal
-from app.datasets import dataset_out, delete_dataset, get_dataset, ingest
-from app.errors import ApiError
-from app.limits import UploadedFile, read_upload
+from app.limits import read_upload
 from app.schemas import DatasetOut
-from restoration.settings import get_settings
+from service.datasets import delete_dataset, get_dataset, ingest
+from service.errors import ServiceError
+from service.limits import UploadedFile
+from service.rows import Dataset
+from service.settings import get_settings
 
 router = APIRouter(tags=["datasets"])
+
+
+def dataset_out(ds: Dataset) -> dict:
+    return {"id": ds.id, "name": ds.name, "images_accepted": ds.image_count, "faces_found": ds.face_count,
+            "rejected": ds.rejected or [], "created_at": ds.created_at}
 
 
 @router.post("/v1/datasets", status_code=201, response_model=DatasetOut)
@@ -28,8 +36,9 @@ async def create_dataset(
         total += len(data)
         uploads.append(UploadedFile(f.filename or f"file{len(uploads)}", data))
     if not uploads:
-        raise ApiError(400, "no_files", "send images (or one zip) in the 'files' field")
-    return await run_in_threadpool(ingest, principal.tenant_id, name, uploads, settings)
+        raise ServiceError(400, "no_files", "send images (or one zip) in the 'files' field")
+    ds = await run_in_threadpool(ingest, principal.tenant_id, name, uploads, settings)
+    return dataset_out(ds)
 
 
 @router.get("/v1/datasets/{dataset_id}", response_model=DatasetOut)

@@ -1,3 +1,4 @@
+"""Route dependencies: the calling tenant (`CurrentPrincipal`) and a database session per request (`DB`)."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -6,7 +7,7 @@ from fastapi import Depends
 from sqlalchemy.orm import Session
 
 from app.auth import Principal, principal_dependency
-from app.db import session_factory
+from service.db import session_factory
 
 
 def db_session() -> Iterator[Session]:

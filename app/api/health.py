@@ -1,3 +1,4 @@
+"""Health routes: /healthz (the process is up), /readyz (database, broker, storage, default model) and /metrics."""
 from __future__ import annotations
 
 from fastapi import APIRouter
@@ -6,6 +7,11 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.metrics import REGISTRY
+from service.db import ping, session_factory
+from service.queue import ping_broker
+from service.registry import check_files, resolve_model
+from service.settings import get_settings
+from service.storage import get_storage
 
 router = APIRouter(tags=["health"])
 
@@ -17,12 +23,6 @@ def healthz():
 
 
 def _checks() -> dict[str, str]:
-    from app.db import ping, session_factory
-    from app.serving import resolve_model
-    from app.storage import get_storage
-    from restoration.settings import get_settings
-    from worker.celery_app import ping_broker
-
     checks: dict[str, str] = {}
 
     def run(name, fn):
@@ -33,17 +33,9 @@ def _checks() -> dict[str, str]:
             checks[name] = f"error: {type(exc).__name__}: {exc}"[:300]
 
     def default_model():
-        from restoration.models.zoo import Zoo
-
         with session_factory()() as s:
             row = resolve_model(s, "", get_settings().default_restorer)
-        if row.builtin:
-            Zoo().path(row.name)
-        else:
-            storage = get_storage()
-            missing = [f for f, k in row.files.items() if not storage.exists(k)]
-            if missing:
-                raise RuntimeError(f"files {missing} of {row.name} are missing from storage")
+        check_files(row)
 
     run("database", ping)
     run("broker", ping_broker)

@@ -1,14 +1,13 @@
+"""v1 routes of the model registry: list the models a tenant can use, read one's card, delete one."""
 from __future__ import annotations
 
 from fastapi import APIRouter
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.api.deps import DB, CurrentPrincipal, Principal
-from app.errors import ApiError
-from app.models import ModelRow
 from app.schemas import ModelDetail, ModelOut
-from app.serving import resolve_model, visible
+from service import registry
+from service.rows import ModelRow
 
 router = APIRouter(tags=["models"])
 
@@ -23,24 +22,15 @@ def model_out(row: ModelRow, card: bool = False) -> dict:
 
 @router.get("/v1/models", response_model=list[ModelOut])
 def list_models(principal: Principal = CurrentPrincipal, session: Session = DB):
-    rows = session.scalars(select(ModelRow).where(visible(principal.tenant_id)).order_by(ModelRow.created_at)).all()
-    return [model_out(r) for r in rows]
+    return [model_out(r) for r in registry.list_models(session, principal.tenant_id)]
 
 
 @router.get("/v1/models/{model_id}", response_model=ModelDetail)
 def read_model(model_id: str, principal: Principal = CurrentPrincipal, session: Session = DB):
     """The model card (by id or name)."""
-    return model_out(resolve_model(session, principal.tenant_id, model_id, kind=None), card=True)
+    return model_out(registry.resolve_model(session, principal.tenant_id, model_id, kind=None), card=True)
 
 
 @router.delete("/v1/models/{model_id}", status_code=204)
 def delete_model(model_id: str, principal: Principal = CurrentPrincipal, session: Session = DB):
-    row = resolve_model(session, principal.tenant_id, model_id, kind=None)
-    if row.tenant_id is None:
-        raise ApiError(403, "model_public", f"{row.name!r} is a shared public model and cannot be deleted")
-    from app import blobs
-
-    keys = set(row.files.values()) | blobs.drop_refs(session, f"model:{row.id}")
-    session.delete(row)
-    session.commit()
-    blobs.collect(keys)  # only blobs nothing else references (content-addressed: siblings share config.json)
+    registry.delete_model(session, registry.resolve_model(session, principal.tenant_id, model_id, kind=None))

@@ -1,3 +1,4 @@
+"""v1 route of the whole-photo restore: POST /v1/restore (the image back, or JSON with the faces)."""
 from __future__ import annotations
 
 import base64
@@ -8,13 +9,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from app.api.deps import CurrentPrincipal, Principal
-from app.db import session_factory
-from app.errors import ApiError
-from app.limits import check_image_format, check_pixels, read_upload
+from app.limits import read_upload
 from app.schemas import ErrorBody, RestoreJSON
-from app.serving import get_cache, resolve_model
+from app.serving import get_cache
 from restoration.faces.fidelity import mode_counts
-from restoration.settings import get_settings
+from restoration.faces.imageio import ImageError, encode_image, load_image
+from service.db import session_factory
+from service.errors import ServiceError
+from service.limits import check_image_format, check_pixels
+from service.registry import resolve_model
+from service.settings import get_settings
 
 router = APIRouter(tags=["restore"])
 MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
@@ -45,7 +49,7 @@ async def restore(
     settings = get_settings()
     data = await read_upload(image, settings)
     if not data:
-        raise ApiError(400, "bad_image", "the uploaded image is empty")
+        raise ServiceError(400, "bad_image", "the uploaded image is empty")
     check_image_format(data, settings, image.filename or "image")  # from the signature, before any decoder runs
     check_pixels(data, settings, image.filename or "image")
 
@@ -56,12 +60,10 @@ async def restore(
     row = await run_in_threadpool(lookup)
 
     def work():
-        from restoration.faces.imageio import ImageError, encode_image, load_image
-
         try:
             img = load_image(data, max_pixels=settings.max_image_pixels)
         except ImageError as exc:
-            raise ApiError(400, "bad_image", f"cannot read the image: {exc}") from None
+            raise ServiceError(400, "bad_image", f"cannot read the image: {exc}") from None
         with get_cache().use(row) as loaded:  # the model stays loaded until this request is done with it
             res = loaded.restore(img, aligned, only_center_face, max_faces=settings.max_faces_per_image,
                                  fidelity=fidelity)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
-from restoration.settings import Settings, get_settings
+import boto3
+from botocore.exceptions import ClientError
+
+from service.settings import ServiceSettings, per_settings
 
 
 class BlobNotFound(KeyError):
@@ -130,8 +132,6 @@ class LocalStorage(Storage):
 class S3Storage(Storage):
     def __init__(self, bucket: str, prefix: str = "", endpoint_url: str | None = None, region: str | None = None,
                  access_key_id: str | None = None, secret_access_key: str | None = None):
-        import boto3
-
         if not bucket:
             raise ValueError("FACEADAPT_S3_BUCKET is required for the s3 storage backend")
         self.bucket, self.prefix = bucket, prefix.strip("/")
@@ -157,8 +157,6 @@ class S3Storage(Storage):
             raise BlobNotFound(key) from None
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
-
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
@@ -182,15 +180,13 @@ class S3Storage(Storage):
         self.client.head_bucket(Bucket=self.bucket)
 
     def setup(self) -> None:
-        from botocore.exceptions import ClientError
-
         try:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError:
             self.client.create_bucket(Bucket=self.bucket)
 
 
-def make_storage(settings: Settings) -> Storage:
+def make_storage(settings: ServiceSettings) -> Storage:
     if settings.storage_backend == "local":
         return LocalStorage(settings.storage_path)
     if settings.storage_backend == "s3":
@@ -199,6 +195,4 @@ def make_storage(settings: Settings) -> Storage:
     raise ValueError(f"unknown storage backend {settings.storage_backend!r}: use 'local' or 's3'")
 
 
-@lru_cache(maxsize=1)
-def get_storage() -> Storage:
-    return make_storage(get_settings())
+get_storage = per_settings(make_storage)  # the configured store

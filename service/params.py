@@ -7,6 +7,7 @@ must be integers (no 1e9 floats, no booleans). `device` is limited to `settings.
 
 `hq_dir` (a server path) is never accepted from the API: a job names a server-configured HQ set with `hq_set`
 (`settings.hq_sets`), which the worker turns into the engine's `hq_dir` (`engine_params`). The CLI still takes a path.
+`validate_params` runs both checks: these bounds, then `AdaptConfig` itself.
 """
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ import math
 import re
 from typing import Any
 
-from app.errors import ApiError, LimitExceeded
-from restoration.settings import Settings
+from restoration.adaptation.engine import AdaptConfig
+from service.errors import LimitExceeded, ServiceError
+from service.settings import ServiceSettings, get_settings
 
 INT_MAX = 2**31 - 1
 
@@ -70,15 +72,15 @@ FINETUNE = {
 }
 
 
-def _bad(path: str, msg: str) -> ApiError:
-    return ApiError(422, "bad_params", f"invalid engine parameter {path}: {msg}", field=path)
+def _bad(path: str, msg: str) -> ServiceError:
+    return ServiceError(422, "bad_params", f"invalid engine parameter {path}: {msg}", field=path)
 
 
-def allowed_devices(settings: Settings) -> list[str]:
+def allowed_devices(settings: ServiceSettings) -> list[str]:
     return [d.strip() for d in settings.allowed_devices.split(",") if d.strip()]
 
 
-def _check_device(path: str, v: Any, settings: Settings) -> None:
+def _check_device(path: str, v: Any, settings: ServiceSettings) -> None:
     allowed = allowed_devices(settings)
     if not isinstance(v, str):
         raise _bad(path, "must be a string")
@@ -97,7 +99,7 @@ def _number(path: str, v: Any, integer: bool) -> float:
     return v
 
 
-def _check(path: str, spec: tuple, v: Any, settings: Settings) -> None:
+def _check(path: str, spec: tuple, v: Any, settings: ServiceSettings) -> None:
     kind = spec[0]
     if kind == "bool":
         if not isinstance(v, bool):
@@ -143,8 +145,8 @@ def _check(path: str, spec: tuple, v: Any, settings: Settings) -> None:
         raise _bad(path, f"must be between {lo} and {hi}, got {v!r}")
 
 
-def check_params(params: Any, settings: Settings) -> dict:
-    """Check API job parameters (type and range of every field); returns them unchanged. Raises ApiError 422."""
+def check_params(params: Any, settings: ServiceSettings) -> dict:
+    """Check API job parameters (type and range of every field); returns them unchanged. Raises ServiceError 422."""
     if not isinstance(params, dict):
         raise _bad("params", "must be an object")
     if "hq_dir" in params:
@@ -166,7 +168,7 @@ def check_params(params: Any, settings: Settings) -> dict:
     return params
 
 
-def engine_params(params: dict, settings: Settings) -> dict:
+def engine_params(params: dict, settings: ServiceSettings) -> dict:
     """The `AdaptConfig` dict for stored job parameters: `hq_set` becomes the server's `hq_dir` for that set.
     A stored `hq_dir` (jobs created before this check) is refused, never read."""
     out = dict(params or {})
@@ -178,3 +180,15 @@ def engine_params(params: dict, settings: Settings) -> dict:
             raise ValueError(f"HQ set {name!r} is not configured on this worker (FACEADAPT_HQ_SETS)")
         out["hq_dir"] = str(settings.hq_sets[name])
     return out
+
+
+def validate_params(params: dict) -> dict:
+    """Engine parameters of a new job: every field typed and bounded (`check_params`), then accepted by AdaptConfig
+    itself. Raises ServiceError 422."""
+    settings = get_settings()
+    check_params(params, settings)
+    try:
+        AdaptConfig.from_dict(engine_params(params, settings))
+    except (TypeError, ValueError) as exc:
+        raise ServiceError(422, "bad_params", f"invalid engine parameters: {exc}") from None
+    return params

@@ -1,4 +1,5 @@
-"""SQLAlchemy 2 models of the service: tenants, api_keys, datasets, images, jobs, job_steps, job_events, models.
+"""The database rows of the service (SQLAlchemy 2): tenants, api_keys, datasets, images, jobs, job_steps, job_events,
+models (the registry), blobs and blob_refs.
 
 Ids are random hex strings (nothing to enumerate). The schema is created by alembic (alembic/versions); never by
 `create_all` outside tests.
@@ -10,7 +11,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint,
                         text)
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 
 def new_id() -> str:
@@ -80,7 +81,9 @@ class ImageRow(Base):
     dataset: Mapped[Dataset] = relationship(back_populates="images")
 
 
-ACTIVE_JOB = "status NOT IN ('succeeded', 'failed', 'cancelled')"
+JOB_STATUSES = ("queued", "preparing", "generating_targets", "finetuning", "evaluating", "succeeded", "failed", "cancelled")
+FINAL_STATUSES = ("succeeded", "failed", "cancelled")  # a job in one of these is over
+ACTIVE_JOB = "status NOT IN ('succeeded', 'failed', 'cancelled')"  # not FINAL_STATUSES: the index's SQL text
 
 
 class Job(Base):
@@ -178,3 +181,9 @@ class BlobRef(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     key: Mapped[str] = mapped_column(String(64), index=True)
     owner: Mapped[str] = mapped_column(String(48), index=True)
+
+
+def owned(session: Session, row_type: type, row_id: str, tenant_id: str):
+    """The row `row_id` of `row_type` when it belongs to the tenant, else None (another tenant's is never found)."""
+    row = session.get(row_type, row_id)
+    return row if row is not None and row.tenant_id == tenant_id else None

@@ -1,4 +1,5 @@
-"""Dataset ingestion: unpack, check every limit, decode, detect faces, then store blobs and rows in one go."""
+"""Datasets: ingest an upload (unpack, check every limit, decode, detect faces, then store blobs and rows in one
+go), read one of a tenant's, delete one."""
 from __future__ import annotations
 
 import threading
@@ -7,30 +8,29 @@ from pathlib import PurePosixPath
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.db import session_factory
-from app.errors import ApiError
-from app.limits import UploadedFile, check_image_count, check_pixels, is_zip, unpack_zip
-from app.models import Dataset, ImageRow, Job, new_id
-from app.schemas import FINAL_STATUSES
-from restoration.settings import Settings
+from restoration.faces.helper import FaceHelper
+from restoration.faces.imageio import ImageError, load_image
+from service import blobs
+from service.db import session_factory
+from service.errors import ServiceError
+from service.limits import UploadedFile, check_image_count, check_pixels, is_zip, unpack_zip
+from service.rows import FINAL_STATUSES, Dataset, ImageRow, Job, new_id, owned
+from service.settings import ServiceSettings
 
 _helper = None
 _helper_lock = threading.Lock()
 
 
-def face_helper():
+def face_helper() -> FaceHelper:
     global _helper
     with _helper_lock:
         if _helper is None:
-            from restoration.faces.helper import FaceHelper
-
             _helper = FaceHelper(size=512)
         return _helper
 
 
-def ingest(tenant_id: str, name: str, uploads: list[UploadedFile], settings: Settings) -> dict:
-    from restoration.faces.imageio import ImageError, load_image
-
+def ingest(tenant_id: str, name: str, uploads: list[UploadedFile], settings: ServiceSettings) -> Dataset:
+    """A new dataset of the uploads' images that show a face (the others are listed in `rejected` with a reason)."""
     accepted, rejected = [], []
     if len(uploads) == 1 and is_zip(uploads[0].data):
         uploads = unpack_zip(uploads[0].data, settings, rejected)  # non-image entries are rejected, not unpacked
@@ -53,15 +53,13 @@ def ingest(tenant_id: str, name: str, uploads: list[UploadedFile], settings: Set
             continue
         accepted.append((u, img.shape, faces))
     if not accepted:  # nothing usable: a 4xx, and no empty dataset
-        raise ApiError(422, "no_images", f"none of the {len(rejected)} uploaded files is an image with a face; "
-                       "nothing was stored", rejected=rejected[:100])
-    from app import blobs
-
+        raise ServiceError(422, "no_images", f"none of the {len(rejected)} uploaded files is an image with a face; "
+                           "nothing was stored", rejected=rejected[:100])
     with session_factory()() as s:
         ds = Dataset(id=new_id(), tenant_id=tenant_id, name=name or "", rejected=rejected, image_count=len(accepted),
                      face_count=sum(len(f) for _, _, f in accepted))
         s.add(ds)
-        # blobs, their references and the rows: one transaction (app.blobs)
+        # blobs, their references and the rows: one transaction (service.blobs)
         keys = blobs.store_many(s, [u.data for u, _, _ in accepted], f"dataset:{ds.id}")
         for i, ((u, shape, faces), key) in enumerate(zip(accepted, keys)):
             ds.images.append(ImageRow(
@@ -69,13 +67,13 @@ def ingest(tenant_id: str, name: str, uploads: list[UploadedFile], settings: Set
                 height=int(shape[0]), faces=[f.to_dict() for f in faces],
             ))
         s.commit()
-        return dataset_out(ds)
+        return ds
 
 
 def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:
-    ds = session.get(Dataset, dataset_id)
-    if ds is None or ds.tenant_id != tenant_id:
-        raise ApiError(404, "dataset_not_found", f"no dataset {dataset_id!r}")
+    ds = owned(session, Dataset, dataset_id, tenant_id)
+    if ds is None:
+        raise ServiceError(404, "dataset_not_found", f"no dataset {dataset_id!r}")
     return ds
 
 
@@ -83,16 +81,9 @@ def delete_dataset(session: Session, tenant_id: str, dataset_id: str) -> None:
     ds = get_dataset(session, tenant_id, dataset_id)
     running = session.scalar(select(Job.id).where(Job.dataset_id == ds.id, Job.status.not_in(FINAL_STATUSES)).limit(1))
     if running:
-        raise ApiError(409, "dataset_in_use", f"job {running} is still using this dataset; cancel it first")
-    from app import blobs
-
+        raise ServiceError(409, "dataset_in_use", f"job {running} is still using this dataset; cancel it first")
     keys = {im.blob_key for im in ds.images} | blobs.drop_refs(session, f"dataset:{ds.id}")
     session.delete(ds)
     session.commit()
-    # blobs are content-addressed: `collect` deletes only those nothing references (race-free, see app.blobs)
+    # blobs are content-addressed: `collect` deletes only those nothing references (race-free, see service.blobs)
     blobs.collect(keys)
-
-
-def dataset_out(ds: Dataset) -> dict:
-    return {"id": ds.id, "name": ds.name, "images_accepted": ds.image_count, "faces_found": ds.face_count,
-            "rejected": ds.rejected or [], "created_at": ds.created_at}

@@ -1,4 +1,5 @@
-"""Blob references and garbage collection, race-free against concurrent writers of the same bytes.
+"""Blob references and garbage collection, race-free against concurrent writers of the same bytes; a job step's
+outputs to and from the store (`upload`, `restore_blobs`).
 
 Every blob written by the service has a `blobs` row and one `blob_refs` row per owner ('dataset:<id>',
 'job:<id>' for a job's step outputs until the job ends, 'model:<id>'). The protocol:
@@ -20,24 +21,24 @@ table existed, or by a writer whose transaction rolled back after the write).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Iterable
 
 from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from app.models import Blob, BlobRef, Dataset, Job, JobStep, ModelRow, utcnow
-from app.storage import get_storage
+from service.db import session_factory
+from service.rows import FINAL_STATUSES, Blob, BlobRef, Dataset, Job, JobStep, ModelRow, utcnow
+from service.storage import content_key, get_storage
 
 log = logging.getLogger("faceadapt.blobs")
-FINAL = ("succeeded", "failed", "cancelled")
 
 
 def _insert(session: Session):
-    if session.get_bind().dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert
+    """The INSERT with ON CONFLICT of the session's database (PostgreSQL, else SQLite)."""
+    return pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
 
 
 def _touch(session: Session, key: str) -> None:
@@ -55,8 +56,6 @@ def add_ref(session: Session, key: str, owner: str) -> None:
 
 def store(session: Session, data: bytes, owner: str) -> str:
     """Write `data` for `owner` and return its key. The caller commits (with the rows that use the key)."""
-    from app.storage import content_key
-
     key = content_key(data)
     add_ref(session, key, owner)  # row lock first: no collector can delete the blob until we commit
     get_storage().put(data)
@@ -66,8 +65,6 @@ def store(session: Session, data: bytes, owner: str) -> str:
 def store_many(session: Session, items: list, owner: str) -> list[str]:
     """`store` for several blobs: `items` are bytes or callables returning bytes (read when written). The rows are
     locked in key order, so two transactions storing overlapping sets never deadlock."""
-    from app.storage import content_key
-
     loaded = [(it() if callable(it) else it) for it in items]
     keys = [content_key(d) for d in loaded]
     for key in sorted(set(keys)):
@@ -87,8 +84,6 @@ def drop_refs(session: Session, owner: str) -> set[str]:
 
 def collect(keys: Iterable[str]) -> int:
     """Delete the blobs among `keys` that nothing references; returns how many were deleted."""
-    from app.db import session_factory
-
     storage, n = get_storage(), 0
     for key in sorted(set(keys)):
         if not isinstance(key, str) or len(key) != 64:
@@ -113,11 +108,9 @@ def collect(keys: Iterable[str]) -> int:
 
 def collect_job(job_id: str) -> int:
     """A job ended: its step outputs are no longer needed (the model has its own references). Idempotent."""
-    from app.db import session_factory
-
     with session_factory()() as s:
         job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
-        if job is None or job.status not in FINAL:
+        if job is None or job.status not in FINAL_STATUSES:
             return 0
         keys = drop_refs(s, f"job:{job_id}")
         for res in s.scalars(select(JobStep.result).where(JobStep.job_id == job_id)):
@@ -131,10 +124,8 @@ def collect_job(job_id: str) -> int:
 
 
 def collect_finished_jobs(limit: int = 50) -> int:
-    from app.db import session_factory
-
     with session_factory()() as s:
-        ids = s.scalars(select(Job.id).where(Job.status.in_(FINAL), Job.blobs_collected_at.is_(None))
+        ids = s.scalars(select(Job.id).where(Job.status.in_(FINAL_STATUSES), Job.blobs_collected_at.is_(None))
                         .order_by(Job.finished_at).limit(limit)).all()
     return sum(collect_job(j) for j in ids)
 
@@ -154,15 +145,13 @@ def _stale_owners(s: Session) -> list[str]:
         have = set(s.scalars(select(ModelRow.id).where(ModelRow.id.in_(by_kind["model"]))))
         stale += [f"model:{i}" for i in by_kind["model"] - have]
     if by_kind.get("job"):
-        live = set(s.scalars(select(Job.id).where(Job.id.in_(by_kind["job"]), Job.status.not_in(FINAL))))
+        live = set(s.scalars(select(Job.id).where(Job.id.in_(by_kind["job"]), Job.status.not_in(FINAL_STATUSES))))
         stale += [f"job:{i}" for i in by_kind["job"] - live]
     return stale
 
 
 def sweep(list_store: bool = True) -> int:
     """The periodic collection; returns how many blobs were deleted."""
-    from app.db import session_factory
-
     n = collect_finished_jobs(limit=1000)
     keys: set[str] = set()
     with session_factory()() as s:
@@ -175,3 +164,27 @@ def sweep(list_store: bool = True) -> int:
             known = set(s.scalars(select(Blob.key)))
             keys.update(k for k in get_storage().list_keys() if k not in known)  # `collect` adds their rows first
     return n + collect(keys)
+
+
+def upload(wd: Path, files: list[Path], job_id: str) -> dict[str, str]:
+    """Store a job step's outputs, referenced by the job until it ends (blob, reference, one transaction); returns
+    {path relative to the work dir `wd`: key} for the files that exist."""
+    files = [f for f in files if f.is_file()]
+    with session_factory()() as s:
+        keys = store_many(s, [f.read_bytes for f in files], f"job:{job_id}")
+        s.commit()
+    return {str(f.relative_to(wd)): k for f, k in zip(files, keys)}
+
+
+def restore_blobs(job_id: str, wd: Path) -> int:
+    """Fetch the outputs of the job's finished steps that the work dir `wd` lacks; returns how many were fetched."""
+    storage, n = get_storage(), 0
+    with session_factory()() as s:
+        results = s.scalars(select(JobStep.result).where(JobStep.job_id == job_id, JobStep.status == "done")).all()
+    for res in results:
+        for rel, key in (res or {}).get("blobs", {}).items():
+            target = wd / rel
+            if not target.is_file():
+                storage.fetch_to(key, target)
+                n += 1
+    return n

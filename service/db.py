@@ -1,6 +1,7 @@
 """Database engine and sessions (SQLAlchemy 2), and `migrate()` = `alembic upgrade head`.
 
-PostgreSQL in production and tests, SQLite (WAL) for the embedded mode. The URL is `settings.db_url`.
+PostgreSQL in production and tests, SQLite (WAL) for the embedded mode. The URL is `settings.db_url`;
+`existing_url()` says whether this home has a service database at all (for the CLI, which must not create one).
 """
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import create_engine, event, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from restoration.settings import get_settings
+from service.settings import ServiceSettings, get_settings
 
 REPO = Path(__file__).resolve().parents[1]
 _lock = threading.Lock()
@@ -59,6 +62,19 @@ def session_factory(url: str | None = None) -> sessionmaker[Session]:
     return sessionmaker(get_engine(url), expire_on_commit=False)
 
 
+def session() -> Session:
+    """A new session of the configured database (the caller closes it: `with session() as s:`)."""
+    return session_factory()()
+
+
+def existing_url(settings: ServiceSettings) -> str | None:
+    """The service database of this home, when there is one: FACEADAPT_DATABASE_URL, or the embedded SQLite file if
+    it exists (None otherwise; nothing is created)."""
+    if settings.database_url:
+        return settings.database_url
+    return settings.db_url if settings.embedded_db_path.is_file() else None
+
+
 @contextmanager
 def session_scope() -> Iterator[Session]:
     """A session that commits on success and rolls back on error."""
@@ -74,7 +90,7 @@ def session_scope() -> Iterator[Session]:
 
 
 def migrations_dir() -> Path:
-    """The project's alembic/ folder: beside app/ in a checkout or an editable install (the Dockerfile's)."""
+    """The project's alembic/ folder: beside service/ in a checkout or an editable install (the Dockerfile's)."""
     for base in (REPO, Path.cwd()):
         if (base / "alembic" / "env.py").is_file() and (base / "alembic.ini").is_file():
             return base
@@ -82,9 +98,7 @@ def migrations_dir() -> Path:
                        "editable (pip install -e .) from its source tree")
 
 
-def alembic_config(url: str | None = None):
-    from alembic.config import Config
-
+def alembic_config(url: str | None = None) -> Config:
     base = migrations_dir()
     cfg = Config(str(base / "alembic.ini"))
     cfg.set_main_option("script_location", str(base / "alembic"))
@@ -94,8 +108,6 @@ def alembic_config(url: str | None = None):
 
 def migrate(url: str | None = None) -> None:
     """`alembic upgrade head`; concurrent starts are serialised by a PostgreSQL advisory lock (see alembic/env.py)."""
-    from alembic import command
-
     command.upgrade(alembic_config(url), "head")
 
 

@@ -1,0 +1,155 @@
+"""The service settings: database, broker, storage, limits, serving, jobs, quotas and garbage collection.
+
+`ServiceSettings` extends the ML settings of `restoration.settings`, so every FACEADAPT_* variable stays in one
+namespace (`FACEADAPT_<FIELD>`, e.g. `FACEADAPT_DATABASE_URL`). The ML core never reads these fields.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from pydantic import Field
+
+from restoration.settings import Settings, folder
+from restoration.settings import get_settings as ml_settings
+
+
+class ServiceSettings(Settings):
+    # --- database, broker, storage -------------------------------------------------------
+    database_url: str | None = Field(
+        default=None, description="SQLAlchemy URL, e.g. postgresql+psycopg://user@host/db (default: SQLite at HOME/faceadapt.db)."
+    )
+    broker_url: str | None = Field(
+        default=None, description="Celery broker, e.g. redis://host:6379/0 (default: a filesystem transport under HOME/broker, no server)."
+    )
+    broker_key_prefix: str = Field(default="", description="Prefix for every broker key (Redis global_keyprefix); isolates deployments sharing a Redis.")
+    storage_backend: str = Field(default="local", description="'local' (a directory) or 's3' (any S3-compatible store).")
+    storage_dir: Path | None = Field(default=None, description="Blob folder for the local backend (default: HOME/storage).")
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint, e.g. http://minio:9000.")
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+    work_dir: Path | None = Field(default=None, description="Job work folders, shared by every worker (default: HOME/work).")
+    cache_dir: Path | None = Field(default=None, description="Per-process cache of registry models fetched from storage (default: HOME/cache).")
+    require_keys: bool = Field(default=False, description="Require `Authorization: Bearer <key>` on /v1 (always on when binding a non-loopback address).")
+    public_tenant: str = Field(default="public", description="Tenant used for every request when keys are not required.")
+    # limits (each violation is a 4xx naming the limit)
+    max_upload_bytes: int = Field(default=50 * 1024 * 1024, description="Largest request body (one image, or one zip).")
+    max_image_pixels: int = Field(default=40_000_000, description="Largest image width*height, checked before decoding.")
+    max_dataset_images: int = Field(default=500, description="Most images in one dataset.")
+    max_zip_entries: int = Field(default=1000, description="Most entries in an uploaded zip.")
+    max_unpacked_bytes: int = Field(default=500 * 1024 * 1024, description="Largest total uncompressed size of an uploaded zip.")
+    max_faces_per_image: int = Field(default=32, ge=1, description="Most faces restored in one image by /v1/restore: "
+                                     "the largest ones; the response says how many were found and restored.")
+    # serving
+    model_cache_size: int = Field(default=4, description="Models kept loaded per API process (LRU).")
+    batch_max_size: int = Field(default=8, description="Most face crops restored in one micro-batch.")
+    batch_max_wait_ms: float = Field(default=10.0, description="Longest wait for more requests to join a micro-batch.")
+    restore_timeout_s: float = Field(default=120.0, description="Longest wait of a restore request for a model load "
+                                     "or for its micro-batch; past it the request gets a 503 `restore_timeout`.")
+    shutdown_timeout_s: float = Field(default=30.0, description="`faceadapt serve`: on SIGTERM/Ctrl-C, how long "
+                                      "requests in flight may take to finish before their connections are closed.")
+    # jobs
+    queue_default: str = Field(default="faceadapt", description="Celery queue for orchestration tasks.")
+    queue_gpu: str = Field(default="faceadapt-gpu", description="Celery queue for the ML stages (GPU workers consume it).")
+    target_shards: int = Field(default=4, description="Pseudo-target generation is split into this many parallel shards.")
+    visibility_timeout_s: int = Field(default=12 * 3600, description="Broker redelivery timeout for unacknowledged tasks; longer than the longest job.")
+    task_max_attempts: int = Field(default=3, description="Attempts per stage (redeliveries included) before the job fails.")
+    lease_ttl_s: float = Field(default=60.0, description="A stage whose worker has not sent a heartbeat for this long is taken over by another worker.")
+    heartbeat_s: float = Field(default=10.0, description="Worker heartbeat period while a stage runs.")
+    reaper_interval_s: float = Field(default=15.0, description="How often each worker looks for stages whose worker died.")
+    # security, quotas and garbage collection (issue 10)
+    hq_sets: dict[str, Path] = Field(
+        default_factory=dict,
+        description="Named sets of clean HQ faces a job may use for the discriminator (`params.hq_set` names one), as "
+                    "JSON, e.g. {\"ffhq\": \"/data/ffhq512\"}. The API never takes a path.")
+    allowed_devices: str = Field(default="auto,cpu,cuda", description="Comma-separated devices a job may ask for "
+                                 "(`params.device`); 'cuda' also allows 'cuda:N'.")
+    max_active_jobs_per_tenant: int = Field(default=4, description="Jobs a tenant may have queued or running at once.")
+    max_finetune_steps: int = Field(default=20_000, description="Largest `params.finetune.steps` of a job.")
+    max_job_runtime_s: float = Field(default=24 * 3600.0, description="A job still not finished this long after it "
+                                     "was created is failed by the reaper (its running stage stops at its next batch).")
+    public_models: str = Field(default="", description="Comma-separated zoo models (FACEADAPT_MODELS_DIR) published to "
+                               "every tenant; the bundled models and the configured defaults always are, others never.")
+    metrics_token: str | None = Field(default=None, description="Bearer token for /metrics when API keys are required "
+                                      "(unset: /metrics is closed then).")
+    public_docs: bool = Field(default=False, description="Serve /docs, /redoc and /openapi.json without an API key even "
+                              "when keys are required.")
+    blob_gc_interval_s: float = Field(default=3600.0, description="How often a worker sweeps the blob store for blobs "
+                                      "nothing references any more (blobs of finished jobs are collected at job end).")
+    max_zip_ratio: float = Field(default=200.0, description="Largest uncompressed/compressed size ratio of one zip entry.")
+    max_zip_member_bytes: int = Field(default=50 * 1024 * 1024, description="Largest uncompressed size of one zip entry.")
+
+    @property
+    def embedded_db_path(self) -> Path:
+        """The SQLite file of the embedded mode (used when no database URL is set)."""
+        return self.home_dir / "faceadapt.db"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.embedded_db_path}"
+
+    @property
+    def broker(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def storage_path(self) -> Path:
+        return folder(self.storage_dir, self.home_dir / "storage")
+
+    @property
+    def work_path(self) -> Path:
+        return folder(self.work_dir, self.home_dir / "work")
+
+    @property
+    def cache_path(self) -> Path:
+        return folder(self.cache_dir, self.home_dir / "cache")
+
+
+_lock = threading.Lock()
+_built: tuple[Settings, ServiceSettings] | None = None
+
+
+def get_settings() -> ServiceSettings:
+    """The service settings, read from the environment once. They are read again whenever the ML settings are
+    (`restoration.settings.get_settings.cache_clear()`), and `get_settings.cache_clear()` clears both: the two
+    objects always come from the same environment."""
+    global _built
+    base = ml_settings()
+    with _lock:
+        if _built is None or _built[0] is not base:
+            _built = (base, ServiceSettings())
+        return _built[1]
+
+
+def _cache_clear() -> None:
+    global _built
+    with _lock:
+        _built = None
+    ml_settings.cache_clear()
+
+
+get_settings.cache_clear = _cache_clear
+
+
+T = TypeVar("T")
+
+
+def per_settings(make: Callable[[ServiceSettings], T]) -> Callable[[], T]:
+    """A getter of `make(settings)`, made once per settings object: after the settings are read again (a cache clear),
+    the next call makes a new one."""
+    lock = threading.Lock()
+    made: list[tuple[ServiceSettings, T]] = []
+
+    def get() -> T:
+        settings = get_settings()
+        with lock:
+            if not made or made[0][0] is not settings:
+                made[:] = [(settings, make(settings))]
+            return made[0][1]
+
+    get.__doc__ = f"`{make.__name__}(settings)`, made once per settings object."
+    return get
