@@ -19,7 +19,7 @@ log = logging.getLogger("faceadapt.api")
 def validate_params(params: dict) -> dict:
     """Engine parameters: every field typed and bounded (app.params), then accepted by AdaptConfig itself."""
     from app.params import check_params, engine_params
-    from restoration.adaptation.engine import AdaptConfig
+    from restoration.adaptation.config import AdaptConfig
 
     settings = get_settings()
     check_params(params, settings)

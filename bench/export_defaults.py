@@ -42,15 +42,15 @@ KEEP_EXTRA = ("finetune_defaults", "finetune_defaults_note", "pseudo_target_defa
 
 
 def face_color_stats() -> dict:
-    """The prior card's clean-face colour reference (`restoration.adaptation.engine.color_correction` without HQ faces)."""
+    """The prior card's clean-face colour reference (`restoration.adaptation.color.color_correction` without HQ faces)."""
     from restoration.data import faces as data
-    from restoration.adaptation.engine import _load_rgb
-    from restoration.adaptation.pseudo import color_stats
+    from restoration.adaptation.color import color_stats
+    from restoration.faces.imageio import load_image
 
     names = data.load_split("train")[::4]
     root = data.default_faces_root()
-    return {**color_stats(_load_rgb(root / n) for n in names),
-            "how": f"restoration.adaptation.pseudo.color_stats of {len(names):,} of its training faces (every 4th of the "
+    return {**color_stats(load_image(root / n) for n in names),
+            "how": f"restoration.adaptation.color.color_stats of {len(names):,} of its training faces (every 4th of the "
                    "faces-utk200 train split): the clean-face colour reference of pseudo.color_correction when no "
                    "HQ faces are configured"}
 

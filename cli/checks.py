@@ -112,7 +112,7 @@ def check_zoo_model(zoo, name: str, kind: str, option: str) -> object:
 
 def check_image_folder(folder: Path, option: str) -> list[Path]:
     """A folder holding at least one image (directly in it); returns the images."""
-    from restoration.adaptation.engine import list_images
+    from restoration.adaptation.sources import list_images
 
     if not folder.exists():
         fail(f"{option} {folder}: no such folder", 2)

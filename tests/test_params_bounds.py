@@ -8,7 +8,7 @@ import pytest
 
 from app.errors import ApiError
 from app.params import FINETUNE, PSEUDO, TOP, check_params, engine_params
-from restoration.adaptation.engine import AdaptConfig
+from restoration.adaptation.config import AdaptConfig
 from restoration.training.finetune import FinetuneConfig
 from restoration.adaptation.pseudo import PseudoTargetParams
 from restoration.settings import Settings

@@ -1,11 +1,11 @@
-"""A job's steps: claim (lease), run a `restoration.adaptation.engine` stage, record progress and events, advance.
+"""A job's steps: claim (lease), run a `restoration.adaptation.stages` stage, record progress and events, advance.
 
 Steps: prepare -> targets[0..n-1] (in parallel: a Celery group, joined here in the database) -> finetune -> evaluate
 -> register. A step is claimed under a row lock: a step already done, or held by a live worker (fresh heartbeat), is
 left alone, so duplicate deliveries are harmless; a step whose worker stopped sending heartbeats is taken over and
 the engine resumes it (finished images are skipped, fine-tuning continues from its last checkpoint). `attempts`
 bounds redelivery. Finished steps upload their outputs to the blob storage (content keys recorded in the step), so a
-worker with an empty work dir can rebuild what it needs. No ML here: the stage functions come from restoration.adaptation.engine.
+worker with an empty work dir can rebuild what it needs. No ML here: the stages come from restoration.adaptation.stages.
 """
 from __future__ import annotations
 
@@ -23,14 +23,14 @@ from sqlalchemy.orm import Session
 
 from app.db import session_factory
 from app.models import Job, JobEvent, JobStep, utcnow
+from restoration.adaptation.stages import STAGES
 from restoration.runtime import Cancelled
 from restoration.settings import get_settings
 
 log = logging.getLogger("faceadapt.worker")
 
-ORDER = ["prepare", "targets", "finetune", "evaluate", "register"]
-STATUS = {"prepare": "preparing", "targets": "generating_targets", "finetune": "finetuning",
-          "evaluate": "evaluating", "register": "evaluating"}
+ORDER = [st.name for st in STAGES]  # the engine's stage list, in order
+STATUS = {st.name: st.status for st in STAGES}
 FINAL = ("succeeded", "failed", "cancelled")
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 

@@ -1,4 +1,4 @@
-"""Celery tasks: thin wrappers over worker.steps (claim, run a restoration.adaptation.engine stage, advance)."""
+"""Celery tasks: thin wrappers over worker.steps (claim, run a restoration.adaptation.stages stage, advance)."""
 from __future__ import annotations
 
 import logging
