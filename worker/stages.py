@@ -23,7 +23,7 @@ from restoration.adaptation.card import register as register_card
 from restoration.adaptation.config import crop_size, default_config
 from restoration.adaptation.stages import (PREPARE_STAGE, REGISTER_STAGE, EvaluateResult, PrepareInputs, StageContext,
                                            get_stage)
-from restoration.adaptation.workdir import INPUTS
+from restoration.adaptation.workdir import INPUTS, ZOO
 from restoration.runtime import Cancelled
 from restoration.settings import get_settings
 from worker.steps import Lease, session, workdir
@@ -89,7 +89,7 @@ def job_zoo(job: Job, wd: Path):
     """A zoo rooted in the work dir, holding the job's base restorer and prior (the adapted model lands there too)."""
     from restoration.models.zoo import Zoo
 
-    root = wd / "zoo"
+    root = wd / ZOO
     root.mkdir(parents=True, exist_ok=True)
     settings = get_settings()
     with session() as s:

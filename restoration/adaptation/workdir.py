@@ -1,6 +1,7 @@
 """The work-dir layout of an adaptation: every file name in one place, and reading job.json and the manifest.
 
     inputs/                     the source images a service job fetched from storage (the CLI reads its folder)
+    zoo/                        a service job's zoo: its base restorer and prior, then the adapted model
     job.json                    {"base", "prior", "name", "config": AdaptConfig.to_dict(), "created_at"}
     prepare/manifest.json       items [{id, source, source_sha256, split, crop, gt?, face?}], data_sha256, data_count
     prepare/crops/<id>.png      aligned low-quality crops at `size`
@@ -22,12 +23,13 @@ from restoration.adaptation.files import read_json
 from restoration.adaptation.pseudo import manifest_name
 
 __all__ = [
-    "INPUTS", "JOB", "PREPARE", "MANIFEST", "CROPS", "GT", "TARGETS", "COLOR", "FINETUNE", "CHECKPOINTS", "MODEL",
+    "INPUTS", "ZOO", "JOB", "PREPARE", "MANIFEST", "CROPS", "GT", "TARGETS", "COLOR", "FINETUNE", "CHECKPOINTS", "MODEL",
     "FINETUNE_RESULT", "EVAL", "EVAL_TARGETS", "METRICS", "GRID", "REGISTERED", "shard_manifest", "shard_summary",
     "read_job", "read_prepare_manifest", "items", "prepared_file",
 ]
 
 INPUTS = "inputs"
+ZOO = "zoo"
 JOB = "job.json"
 PREPARE = "prepare"
 MANIFEST = f"{PREPARE}/manifest.json"
