@@ -1,4 +1,4 @@
-"""The stage bodies: materialise what a stage needs in the job's work dir, run `restoration.adaptation.stages`, upload results.
+"""The stage bodies: fetch what a stage needs, run it (`restoration.adaptation.stages`), store the files it names.
 
 The work dir (`settings.work_path/<job id>`) is a cache: everything a finished step produced is also in the blob
 storage (content keys in `job_steps.result["blobs"]`), so a worker on another host rebuilds the inputs of its stage
@@ -127,8 +127,8 @@ def run_stage(job_id: str, stage: str, shard: int, lease: Lease) -> dict:
         grid = wd / res.grid
         with session() as s:
             # the grid travels with the figures (a few dozen KB): the job's blobs are collected when it ends
-            s.get(Job, job_id).metrics = {**res.metrics, **({"grid_png_b64": base64.b64encode(grid.read_bytes()).decode()}
-                                                            if grid.is_file() else {})}
+            grid_b64 = {"grid_png_b64": base64.b64encode(grid.read_bytes()).decode()} if grid.is_file() else {}
+            s.get(Job, job_id).metrics = {**res.metrics, **grid_b64}
             s.commit()
     return {**res.summary, "blobs": upload(wd, [wd / f for f in res.files], job_id)}
 

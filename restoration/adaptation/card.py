@@ -13,7 +13,8 @@ from restoration.adaptation.config import AdaptConfig
 from restoration.adaptation.files import read_json, write_json
 from restoration.adaptation.gate import QualityGateFailed
 from restoration.adaptation.loaders import zoo_or_default
-from restoration.adaptation.workdir import FINETUNE_RESULT, GRID, METRICS, MODEL, REGISTERED, read_job, read_prepare_manifest
+from restoration.adaptation.workdir import (FINETUNE_RESULT, GRID, METRICS, MODEL, REGISTERED, read_job,
+                                            read_prepare_manifest)
 from restoration.faces.helper import template_for_card
 from restoration.models.zoo import ModelCard
 

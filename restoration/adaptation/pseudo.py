@@ -69,7 +69,8 @@ class PseudoTargetParams:
     save_x0: also write `<id>.x0.png` (the restorer output).
     color_correction: strength (0 = off, 1 = full) of the domain white balance applied to x0 before the prior: the
         colour cast that the whole domain shares (a sepia print, a camera's tint), measured against clean reference
-        faces on the face and on its surround (`domain_color_gains`), is not copied into the targets.
+        faces on the face and on its surround (`restoration.adaptation.color.domain_color_gains`), is not copied into
+        the targets.
     """
 
     start: int = 150
@@ -273,8 +274,9 @@ def generate_pseudo_targets(
     steps, generator)`), or None for pseudo target = x0. All images of a batch must have the same size.
     `progress("pseudo_targets", done, total)` is called after each batch (done counts skipped images too);
     `should_cancel()` is checked before each batch and raises `Cancelled` (finished images stay recorded).
-    `color_gains` (R, G, B; `domain_color_gains`) multiply x0 before the prior (with `prior=None` the target is that
-    corrected x0); `<id>.x0.png` stays the restorer's own output.
+    `color_gains` (R, G, B; `restoration.adaptation.color.domain_color_gains`) multiply x0 before the prior (with
+    `prior=None` the target is that corrected x0); `<id>.x0.png` stays the restorer's own output. Inputs are read with
+    `restoration.faces.imageio.load_image`.
     """
     params = params or PseudoTargetParams()
     out_dir = Path(out_dir)

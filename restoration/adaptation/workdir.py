@@ -23,9 +23,9 @@ from restoration.adaptation.files import read_json
 from restoration.adaptation.pseudo import manifest_name
 
 __all__ = [
-    "INPUTS", "ZOO", "JOB", "PREPARE", "MANIFEST", "CROPS", "GT", "TARGETS", "COLOR", "FINETUNE", "CHECKPOINTS", "MODEL",
-    "FINETUNE_RESULT", "EVAL", "EVAL_TARGETS", "METRICS", "GRID", "REGISTERED", "shard_manifest", "shard_summary",
-    "read_job", "read_prepare_manifest", "items", "prepared_file",
+    "INPUTS", "ZOO", "JOB", "PREPARE", "MANIFEST", "CROPS", "GT", "TARGETS", "COLOR", "FINETUNE", "CHECKPOINTS",
+    "MODEL", "FINETUNE_RESULT", "EVAL", "EVAL_TARGETS", "METRICS", "GRID", "REGISTERED", "shard_manifest",
+    "shard_summary", "read_job", "read_prepare_manifest", "items", "prepared_file",
 ]
 
 INPUTS = "inputs"
