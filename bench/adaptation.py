@@ -16,8 +16,9 @@ user would run `faceadapt adapt --aligned` and then `faceadapt restore --aligned
 Rows per domain: the damaged input; the base model; adapted with diffusion pseudo targets (the engine's defaults:
 the prior card's pseudo-target settings, the base card's fine-tuning settings); the ablation "self-training without
 the prior" (pseudo target = the base model's own output x0, same fine-tuning). Every adapted row runs through the
-engine's stage functions (`restoration.adaptation.engine.prepare / generate_targets / finetune / evaluate`) with the same
-configuration the CLI builds (`restoration.adaptation.engine.default_config`), so the figures are the defaults' figures; the
+engine's stage functions (`restoration.adaptation`: `prepare.prepare`, `targets.generate_targets`, `tune.finetune`,
+`evaluate.evaluate`) with the same configuration the CLI builds (`restoration.adaptation.config.default_config`), so the
+figures are the defaults' figures; the
 quality gate's verdict (`evaluate`, no ground truth used) is printed too. Options override single settings for
 tuning.
 
@@ -45,7 +46,13 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from restoration.adaptation import engine as adapt  # noqa: E402
+from restoration.adaptation.config import crop_size, default_config  # noqa: E402
+from restoration.adaptation.evaluate import evaluate  # noqa: E402
+from restoration.adaptation.loaders import load_adapted  # noqa: E402
+from restoration.adaptation.prepare import prepare  # noqa: E402
+from restoration.adaptation.targets import generate_targets  # noqa: E402
+from restoration.adaptation.tune import finetune  # noqa: E402
+from restoration.adaptation.workdir import MANIFEST, read_job  # noqa: E402
 
 from restoration.data import faces as data
 
@@ -136,8 +143,8 @@ def run_domain(domain: str, args, zoo: Zoo, hq_paths: list[Path]) -> list[dict]:
     for m in args.methods:
         if m == "base":
             continue
-        cfg = adapt.default_config(zoo, args.base, args.prior, args.overrides, aligned=True, use_prior=(m == "prior"),
-                                   device="cpu", seed=args.seed)
+        cfg = default_config(zoo, args.base, args.prior, args.overrides, aligned=True, use_prior=(m == "prior"),
+                             device="cpu", seed=args.seed)
         if m == "prior":
             p = cfg.pseudo
             print(f"  pseudo targets: start {p.start}/{p.respacing}, constrain_until {p.constrain_until}, "
@@ -164,22 +171,22 @@ def run_domain(domain: str, args, zoo: Zoo, hq_paths: list[Path]) -> list[dict]:
                 print(f"    [{_m}] {stage} {done}/{total} ({(now - t0) / 60:.1f} min)", flush=True)
 
         # the held-out split of the engine is taken from the adaptation faces (no GT), as for a user
-        adapt.prepare(wd, train_lq, aligned=True, size=int(cfg.size or base_card.input_size), config=cfg,
-                      base=args.base, prior=args.prior, name=f"bench-{domain}-{m}", progress=progress)
-        gen = adapt.generate_targets(wd, 0, 1, zoo=zoo, device="cpu", progress=progress, hq_images=hq_paths)
+        prepare(wd, train_lq, aligned=True, size=crop_size(cfg, base_card), config=cfg,
+                base=args.base, prior=args.prior, name=f"bench-{domain}-{m}", progress=progress)
+        gen = generate_targets(wd, 0, 1, zoo=zoo, device="cpu", progress=progress, hq_images=hq_paths)
         print(f"    [{m}] domain colour gains (R, G, B) of the targets: {gen['color_gains'] or 'none'}", flush=True)
         t_pt = time.perf_counter() - t0
-        items = [it for it in json.loads((wd / "prepare" / "manifest.json").read_text())["items"] if it["split"] == "train"]
+        items = [it for it in json.loads((wd / MANIFEST).read_text())["items"] if it["split"] == "train"]
         tg = [_load(wd / "targets" / f"{it['id']}.png") for it in items]
         gt_train = [data.load_face(out / "data" / "train_gt" / f"{it['id']}.png", tg[0].shape[0]) for it in items]
         pt_psnr, _ = score(tg, gt_train)
         x0_psnr, _ = score([_load(wd / "targets" / f"{it['id']}.x0.png") for it in items], gt_train)
         t1 = time.perf_counter()
-        res = adapt.finetune(wd, zoo=zoo, device="cpu", hq_images=hq_paths, progress=progress)
+        res = finetune(wd, zoo=zoo, device="cpu", hq_images=hq_paths, progress=progress)
         t_ft = time.perf_counter() - t1
-        ev = adapt.evaluate(wd, zoo=zoo, device="cpu")
+        ev = evaluate(wd, zoo=zoo, device="cpu")
         minutes = (time.perf_counter() - t0) / 60
-        model = adapt._load_adapted(wd, adapt.read_job(wd), zoo, torch.device("cpu"))
+        model = load_adapted(wd, read_job(wd), zoo, torch.device("cpu"))
         adapted = Restorer(model, base_card, device="cpu", batch_size=32)
         ps, ss = score(restore_all(adapted, test_lq), test_gt)
         gate = ev.get("gate", {})

@@ -1,8 +1,8 @@
 """When does the domain white balance of the pseudo targets (`pseudo.color_correction`) fire?
 
 It must take out a cast that a whole domain shares and leave clean domains alone, whoever is in them. This prints
-the gains `restoration.adaptation.pseudo.domain_color_gains` computes against the engine's default reference (256 faces of the
-UTKFace train split, as `restoration.adaptation.engine.color_correction` reads them) for:
+the gains `restoration.adaptation.color.domain_color_gains` computes against the engine's default reference (256 faces of the
+UTKFace train split, as `restoration.adaptation.color.color_correction` reads them) for:
 
 * clean test faces of one UTKFace ethnicity label at a time (the file names' third field), which must give no
   correction ("-": inside the dead zone), with the largest |log gain| before the dead zone;
@@ -28,8 +28,9 @@ if str(REPO) not in sys.path:
 from restoration.data import faces as data  # noqa: E402
 
 from restoration.degrade import damage as degrade
-from restoration.adaptation.engine import COLOR_REFERENCE_COUNT, _load_rgb  # noqa: E402
-from restoration.adaptation.pseudo import COLOR_DEAD_ZONE, color_stats, domain_color_gains  # noqa: E402
+from restoration.adaptation.color import (COLOR_DEAD_ZONE, COLOR_REFERENCE_COUNT, color_stats,  # noqa: E402
+                                          domain_color_gains)
+from restoration.faces.imageio import load_image  # noqa: E402
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
     root = data.default_faces_root()
     train = data.load_split("train")
     random.Random(args.seed).shuffle(train)
-    ref = color_stats(_load_rgb(root / n) for n in train[:COLOR_REFERENCE_COUNT])
+    ref = color_stats(load_image(root / n) for n in train[:COLOR_REFERENCE_COUNT])
     test = data.load_split("test")
     print(f"reference: {COLOR_REFERENCE_COUNT} train-split faces; dead zone |log gain| < {COLOR_DEAD_ZONE}")
     print(f"\n{'clean test faces':28} {'faces':>5}  {'max |log g|':>11}  gains (R, G, B)")
@@ -49,7 +50,7 @@ def main() -> None:
         parts = n.split("_")
         groups[parts[2] if len(parts) > 3 else "?"].append(n)
     for g, names in sorted(groups.items()):
-        st = color_stats(_load_rgb(root / n) for n in names[: args.n])
+        st = color_stats(load_image(root / n) for n in names[: args.n])
         raw = domain_color_gains(st, ref, dead_zone=0.0)
         print(f"{'ethnicity label ' + g:28} {min(len(names), args.n):5d}  "
               f"{(np.abs(np.log(raw)).max() if raw else 0.0):11.3f}  {domain_color_gains(st, ref) or '-'}")

@@ -27,10 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from bench.restorer_native import TEST_SEED, measure  # noqa: E402
-from restoration.adaptation.engine import _load_rgb  # noqa: E402
-from restoration.adaptation.pseudo import color_stats  # noqa: E402
+from restoration.adaptation.color import color_stats  # noqa: E402
 from restoration.data import faces as data  # noqa: E402
 from restoration.data.faces import FacesDataset  # noqa: E402
+from restoration.faces.imageio import load_image  # noqa: E402
 from restoration.faces.restore import Restorer  # noqa: E402
 from restoration.models.zoo import Zoo  # noqa: E402
 from restoration.training.evaluate import denoise_psnr, evaluate_restorer  # noqa: E402
@@ -53,11 +53,11 @@ KEEP_EXTRA = ("finetune_defaults", "finetune_defaults_note", "pseudo_target_defa
 
 
 def face_color_stats() -> dict:
-    """The prior card's clean-face colour reference (`restoration.adaptation.engine.color_correction` without HQ faces)."""
+    """The prior card's clean-face colour reference (`restoration.adaptation.color.color_correction` without HQ faces)."""
     names = data.load_split("train")[::4]
     root = data.default_faces_root()
-    return {**color_stats(_load_rgb(root / n) for n in names),
-            "how": f"restoration.adaptation.pseudo.color_stats of {len(names):,} of its training faces (every 4th of the "
+    return {**color_stats(load_image(root / n) for n in names),
+            "how": f"restoration.adaptation.color.color_stats of {len(names):,} of its training faces (every 4th of the "
                    "faces-utk200 train split): the clean-face colour reference of pseudo.color_correction when no "
                    "HQ faces are configured"}
 

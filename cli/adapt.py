@@ -6,8 +6,16 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from tqdm import tqdm
 
 from cli.app import app
+from cli.checks import check_detector, check_device, check_image_folder, check_new_model_name, check_zoo_model
+from cli.errors import fail
+from restoration.adaptation.config import default_config
+from restoration.adaptation.stages import run_adaptation
+from restoration.models.zoo import Zoo, ZooError
+from restoration.runtime import Cancelled
+from restoration.settings import get_settings
 
 
 class _Bars:
@@ -17,8 +25,6 @@ class _Bars:
         self.bars = {}
 
     def __call__(self, stage: str, done: int, total: int) -> None:
-        from tqdm import tqdm
-
         bar = self.bars.get(stage)
         if bar is None:
             for other in self.bars.values():
@@ -61,16 +67,6 @@ def adapt(
     no_quality_gate: bool = typer.Option(False, "--no-quality-gate", help="Register the adapted model even when the held-out evaluation judges it worse than the base."),
 ):
     """Adapt a restorer to your images: pseudo targets from a diffusion prior, then fine-tuning; registers NAME."""
-
-    from restoration.adaptation.engine import default_config, run_adaptation
-    from restoration.runtime import Cancelled
-    from restoration.settings import get_settings
-    from restoration.models.zoo import Zoo, ZooError
-
-    from cli.checks import (check_detector, check_device, check_image_folder, check_new_model_name,
-                                        check_zoo_model)
-    from cli.errors import fail
-
     settings = get_settings()
     base = base or settings.default_restorer
     prior = prior or settings.default_prior

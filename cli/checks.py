@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from cli.errors import fail
-from restoration.adaptation.engine import list_images
+from restoration.adaptation.sources import list_images
 from restoration.faces.detection import RETINAFACE_WEIGHTS
 from restoration.models.zoo import ModelNotFound, ZooError, check_name
 from restoration.settings import get_settings

@@ -15,6 +15,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from restoration.adaptation.stages import STAGES
 from restoration.models.zoo import ZooError, check_name
 from service.datasets import get_dataset
 from service.errors import LimitExceeded, ServiceError
@@ -26,9 +27,9 @@ from service.settings import get_settings
 
 log = logging.getLogger("faceadapt.api")
 
-ORDER = ["prepare", "targets", "finetune", "evaluate", "register"]
-STATUS = {"prepare": "preparing", "targets": "generating_targets", "finetune": "finetuning",
-          "evaluate": "evaluating", "register": "evaluating"}
+ORDER = [st.name for st in STAGES]  # the engine's stage list, in order
+STATUS = {st.name: st.status for st in STAGES}
+SHARDED = {st.name for st in STAGES if st.shardable}
 GRID_KEY = "grid_png_b64"  # the evaluation grid, kept in the job's metrics (the job's blobs are collected at its end)
 
 
@@ -57,14 +58,14 @@ def stage_of(job: Job) -> str:
 
 
 def shard_label(job: Job, stage: str, shard: int) -> str:
-    return f" shard {shard + 1}/{job.num_shards}" if stage == "targets" else ""
+    return f" shard {shard + 1}/{job.num_shards}" if stage in SHARDED else ""
 
 
 def create_steps(s: Session, job: Job) -> None:
     """Every step of a new job, all 'pending': `prepare` becomes 'queued' once its message is sent
     (service.queue.start_job); a job whose first message was never sent is found by the reaper (`requeue_unsent`)."""
     for stage in ORDER:
-        for shard in range(job.num_shards if stage == "targets" else 1):
+        for shard in range(job.num_shards if stage in SHARDED else 1):
             s.add(JobStep(job_id=job.id, stage=stage, shard=shard, status="pending"))
 
 

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 
 from service.blobs import collect_job
 from service.db import session
-from service.jobs import ORDER, STATUS, event, fail, finish_cancelled, shard_label, stage_of, workdir
+from service.jobs import ORDER, SHARDED, STATUS, event, fail, finish_cancelled, shard_label, stage_of, workdir
 from service.queue import enqueue
 from service.rows import FINAL_STATUSES, Job, JobStep, utcnow
 from service.settings import get_settings
@@ -147,10 +147,10 @@ class Lease:
             if prog is not None:
                 step.done_count, step.total_count = prog
                 if job.stage == self.stage:
-                    if self.stage == "targets":
+                    if self.stage in SHARDED:  # the shards' progress adds up
                         s.flush()
                         done, total = s.execute(select(func.sum(JobStep.done_count), func.sum(JobStep.total_count))
-                                                .where(JobStep.job_id == self.job_id, JobStep.stage == "targets")).one()
+                                                .where(JobStep.job_id == self.job_id, JobStep.stage == self.stage)).one()
                         job.progress_done, job.progress_total = int(done or 0), int(total or 0)
                     else:
                         job.progress_done, job.progress_total = prog

@@ -1,7 +1,7 @@
 """Engine parameters a tenant may send (`POST /v1/adaptations` `params`): bounds for every field, and the mapping of
 API-level names to what the engine takes.
 
-Every field of `restoration.adaptation.engine.AdaptConfig` (and its `pseudo` / `finetune` parts) that the API accepts has a type
+Every field of `restoration.adaptation.config.AdaptConfig` (and its `pseudo` / `finetune` parts) that the API accepts has a type
 and a range here; anything else is refused with a 422 naming the field. Numbers must be finite (no NaN/inf), integers
 must be integers (no 1e9 floats, no booleans). `device` is limited to `settings.allowed_devices`.
 
@@ -15,7 +15,7 @@ import math
 import re
 from typing import Any
 
-from restoration.adaptation.engine import AdaptConfig
+from restoration.adaptation.config import AdaptConfig
 from service.errors import LimitExceeded, ServiceError
 from service.settings import ServiceSettings, get_settings
 

@@ -20,6 +20,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from restoration.adaptation.workdir import ZOO
 from restoration.models.zoo import ModelCard, Zoo
 from service import blobs
 from service.db import session_factory
@@ -168,7 +169,7 @@ def place_model(row: ModelRow, zoo_root: Path) -> str:
 def job_zoo(job: Job, wd: Path) -> tuple[Zoo, str, str]:
     """A zoo rooted in the work dir, holding the job's base restorer and prior (the adapted model lands there too);
     returns it with the base's and the prior's names there."""
-    root = wd / "zoo"
+    root = wd / ZOO
     root.mkdir(parents=True, exist_ok=True)
     settings = get_settings()
     with session_factory()() as s:

@@ -17,7 +17,14 @@ import pytest
 import torch
 from PIL import Image
 
-from restoration.adaptation.engine import AdaptConfig, run_adaptation, targets_status
+from restoration.adaptation import stages, tune
+from restoration.adaptation.card import register
+from restoration.adaptation.config import AdaptConfig, default_config
+from restoration.adaptation.evaluate import evaluate
+from restoration.adaptation.gate import QualityGateFailed
+from restoration.adaptation.prepare import prepare
+from restoration.adaptation.stages import run_adaptation
+from restoration.adaptation.targets import generate_targets, targets_status
 from restoration.runtime import Cancelled
 from restoration.training.finetune import CKPT_NAME, FinetuneConfig, finetune
 from restoration.training.state import load as load_state
@@ -67,7 +74,7 @@ def zoo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prior(zoo):
-    from restoration.adaptation.engine import load_prior
+    from restoration.adaptation.loaders import load_prior
 
     return load_prior(zoo, "tiny-prior", torch.device("cpu"), respacing="10")
 
@@ -342,7 +349,6 @@ def test_cancel_during_diffusion_sampling(tmp_path, faces, prior):
 def test_prepare_detects_and_aligns(tmp_path, shared_dir, facexlib_root):
     """Whole photos: faces are detected (RetinaFace from the shared weights) and aligned; a photo without a face is
     recorded as skipped; the data fingerprint does not depend on the file order."""
-    from restoration.adaptation.engine import prepare
     from restoration.faces.helper import FaceHelper
 
     whole = shared_dir / "data" / "realworld" / "whole"
@@ -365,28 +371,26 @@ def test_prepare_detects_and_aligns(tmp_path, shared_dir, facexlib_root):
 
 def test_stages_worker_style_sharded(tmp_path, faces, zoo):
     """The worker's order: prepare, targets shard by shard (finetune refuses until all are done), finetune."""
-    from restoration.adaptation import engine as adapt
-
     wd = tmp_path / "w"
     cfg = _config(use_prior=False)
     paths = sorted((faces / "lq").glob("*.png"))
-    man = adapt.prepare(wd, paths, aligned=True, size=64, config=cfg, base="tiny-restorer", prior="tiny-prior",
-                        name="x")
-    assert adapt.AdaptConfig.from_dict(json.loads((wd / "job.json").read_text())["config"]).use_prior is False
-    r0 = adapt.generate_targets(wd, 0, 2, zoo=zoo, device="cpu")
-    st = adapt.targets_status(wd)
+    man = prepare(wd, paths, aligned=True, size=64, config=cfg, base="tiny-restorer", prior="tiny-prior",
+                  name="x")
+    assert AdaptConfig.from_dict(json.loads((wd / "job.json").read_text())["config"]).use_prior is False
+    r0 = generate_targets(wd, 0, 2, zoo=zoo, device="cpu")
+    st = targets_status(wd)
     assert r0["total"] == 2 and st == {"done": 2, "total": 4, "complete": False, "missing": st["missing"]}
     with pytest.raises(RuntimeError, match="incomplete"):
-        adapt.finetune(wd, zoo=zoo, device="cpu", hq_images=[])
-    adapt.generate_targets(wd, 1, 2, zoo=zoo, device="cpu")
-    assert adapt.targets_status(wd)["complete"] and man["counts"]["train"] == 4
-    res = adapt.finetune(wd, zoo=zoo, device="cpu", hq_images=[])
+        tune.finetune(wd, zoo=zoo, device="cpu", hq_images=[])
+    generate_targets(wd, 1, 2, zoo=zoo, device="cpu")
+    assert targets_status(wd)["complete"] and man["counts"]["train"] == 4
+    res = tune.finetune(wd, zoo=zoo, device="cpu", hq_images=[])
     assert res["steps"] == 2 and res["losses"]["gan"] == 0.0 and (wd / "finetune" / "model.safetensors").is_file()
 
 
 # ------------------------------------------------------------------------------------------------ colour correction
 def test_domain_color_gains():
-    from restoration.adaptation.pseudo import color_stats, domain_color_gains
+    from restoration.adaptation.color import color_stats, domain_color_gains
 
     ref = {"face": [0.67, 0.50, 0.43], "surround": [0.57, 0.45, 0.38]}
     sepia = np.array([1.10, 0.98, 0.78])
@@ -425,8 +429,6 @@ def test_targets_undo_a_domain_cast(tmp_path, faces, zoo):
     """A domain with a shared sepia cast: the gains (color.json) undo the cast measured on the crops against the
     reference faces, and the targets (self-training ablation: target = corrected x0) are x0 times those gains;
     color_correction=0 turns it off (target = x0)."""
-    from restoration.adaptation import engine as adapt
-
     cast_dir = tmp_path / "cast"
     cast_dir.mkdir()
     for p in sorted((faces / "gt").glob("*.png")):
@@ -437,11 +439,11 @@ def test_targets_undo_a_domain_cast(tmp_path, faces, zoo):
         wd = tmp_path / f"w{strength}"
         cfg = _config(use_prior=False)
         cfg.pseudo.color_correction = strength
-        adapt.prepare(wd, sorted(cast_dir.glob("*.png")), aligned=True, size=64, config=cfg, base="tiny-restorer",
-                      prior="tiny-prior", name="x")
-        res = adapt.generate_targets(wd, 0, 1, zoo=zoo, device="cpu", hq_images=hq)
+        prepare(wd, sorted(cast_dir.glob("*.png")), aligned=True, size=64, config=cfg, base="tiny-restorer",
+                prior="tiny-prior", name="x")
+        res = generate_targets(wd, 0, 1, zoo=zoo, device="cpu", hq_images=hq)
         rec = json.loads((wd / "targets" / "color.json").read_text())
-        assert rec["gains"] == res["color_gains"] and adapt.targets_status(wd)["complete"]
+        assert rec["gains"] == res["color_gains"] and targets_status(wd)["complete"]
         ids = sorted(p.stem for p in (wd / "targets").glob("*.x0.png"))
         ids = [i[: -len(".x0")] for i in ids]
         x0 = np.stack([np.asarray(Image.open(wd / "targets" / f"{i}.x0.png")) for i in ids]).astype(np.float64)
@@ -463,9 +465,9 @@ def test_targets_undo_a_domain_cast(tmp_path, faces, zoo):
     try:
         for prior_name, expect in (("tiny-prior-rgb", "prior card tiny-prior-rgb"), ("tiny-prior", "none found")):
             wd = tmp_path / f"p-{prior_name}"
-            adapt.prepare(wd, sorted(cast_dir.glob("*.png")), aligned=True, size=64, config=_config(use_prior=False),
-                          base="tiny-restorer", prior=prior_name, name="x")
-            rec = adapt.generate_targets(wd, 0, 1, zoo=zoo, device="cpu", hq_images=[])
+            prepare(wd, sorted(cast_dir.glob("*.png")), aligned=True, size=64, config=_config(use_prior=False),
+                    base="tiny-restorer", prior=prior_name, name="x")
+            rec = generate_targets(wd, 0, 1, zoo=zoo, device="cpu", hq_images=[])
             cc = json.loads((wd / "targets" / "color.json").read_text())
             assert cc["reference"].startswith(expect) and (cc["gains"] is None) == (expect == "none found")
             assert rec["color_gains"] == cc["gains"]
@@ -490,28 +492,26 @@ class _Smooth(torch.nn.Module):
 
 
 def test_quality_gate_refuses_a_worse_model(tmp_path, faces, zoo):
-    from restoration.adaptation import engine as adapt
-
     wd = tmp_path / "w"
     kw = dict(base="tiny-restorer", prior="tiny-prior", name="gated", workdir=wd, zoo=zoo,
               hq_images=sorted((faces / "gt").glob("*.png")))
     res = run_adaptation(faces / "lq", config=_config(quality_gate=True), register_model=False, **kw)
     assert res["gate"]["verdict"] in ("ok", "worse")
     # the base judged against itself is never worse
-    ev_same = adapt.evaluate(wd, zoo=zoo, base_model=_Smooth(), adapted_model=_Smooth())
+    ev_same = evaluate(wd, zoo=zoo, base_model=_Smooth(), adapted_model=_Smooth())
     assert ev_same["gate"]["verdict"] == "ok" and ev_same["gate"]["reasons"] == []
     assert ev_same["metrics"]["adapted"] == ev_same["metrics"]["base"]
     # a model that wrecks the faces is refused, with the reasons, and nothing is registered
-    ev = adapt.evaluate(wd, zoo=zoo, base_model=_Smooth(), adapted_model=_Broken())
+    ev = evaluate(wd, zoo=zoo, base_model=_Smooth(), adapted_model=_Broken())
     assert ev["gate"]["verdict"] == "worse"
     assert any(r.startswith("consistency_psnr") for r in ev["gate"]["reasons"])
     assert json.loads((wd / "eval" / "metrics.json").read_text())["gate"]["verdict"] == "worse"
-    with pytest.raises(adapt.QualityGateFailed, match="worse than the base.*quality_gate=false"):
-        adapt.register(wd, zoo=zoo)
+    with pytest.raises(QualityGateFailed, match="worse than the base.*quality_gate=false"):
+        register(wd, zoo=zoo)
     with pytest.raises(Exception):
         zoo.get("gated")
     # overridable: force, or the job's quality_gate off
-    card = adapt.register(wd, zoo=zoo, force=True)
+    card = register(wd, zoo=zoo, force=True)
     assert card.extra["evaluation"]["gate"]["verdict"] == "worse"
     zoo.delete("gated")
 
@@ -520,14 +520,13 @@ def test_cli_adapt_reports_a_refused_model(tmp_path, faces, zoo, monkeypatch):
     """The CLI prints the before/after table and the gate verdict; a refused model is one error line, exit 1."""
     from typer.testing import CliRunner
 
-    from restoration.adaptation import engine as adapt
     from cli import app
     from restoration.settings import get_settings
 
     monkeypatch.setenv("FACEADAPT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("FACEADAPT_MODELS_DIR", str(zoo.root))
-    real = adapt.evaluate
-    monkeypatch.setattr(adapt, "evaluate",
+    real = stages.evaluate
+    monkeypatch.setattr(stages, "evaluate",
                         lambda wd, **kw: real(wd, **{**kw, "base_model": _Smooth(), "adapted_model": _Broken()}))
     get_settings.cache_clear()
     try:
@@ -549,16 +548,14 @@ def test_cli_adapt_reports_a_refused_model(tmp_path, faces, zoo, monkeypatch):
 
 def test_default_config_layers(zoo):
     """AdaptConfig defaults < prior card pseudo-target defaults < base card finetune_defaults < given parameters."""
-    from restoration.adaptation import engine as adapt
-
     zoo.register("tiny-restorer-tuned", "swinir_face", TINY_SWINIR, _tiny_restorer().state_dict(), kind="restorer",
                  input_size=64, value_range=(0, 1), license="test", random_init=True,
                  extra={"finetune_defaults": {"steps": 7, "lr": 3e-4, "d_channels": 8}})
-    cfg = adapt.default_config(zoo, "tiny-restorer-tuned", "tiny-prior", {"finetune.lr": 1e-4, "pseudo": {"down_N": 2}},
-                               aligned=True)
+    cfg = default_config(zoo, "tiny-restorer-tuned", "tiny-prior", {"finetune.lr": 1e-4, "pseudo": {"down_N": 2}},
+                         aligned=True)
     assert (cfg.finetune.steps, cfg.finetune.lr, cfg.finetune.d_channels) == (7, 1e-4, 8)
     assert (cfg.pseudo.start, cfg.pseudo.constrain_until, cfg.pseudo.down_N) == (4, 2, 2) and cfg.aligned
-    plain = adapt.default_config(zoo, "tiny-restorer", None, None, use_prior=False)
+    plain = default_config(zoo, "tiny-restorer", None, None, use_prior=False)
     assert plain.finetune == FinetuneConfig() and plain.pseudo == PseudoTargetParams()
     with pytest.raises(ValueError, match="unknown"):
-        adapt.default_config(zoo, "tiny-restorer", "tiny-prior", {"finetune.bogus": 1})
+        default_config(zoo, "tiny-restorer", "tiny-prior", {"finetune.bogus": 1})

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from restoration.adaptation.engine import AdaptConfig, run_adaptation
+from restoration.adaptation.config import AdaptConfig
+from restoration.adaptation.stages import run_adaptation
 from restoration.models.archs import build
 from restoration.training.finetune import FinetuneConfig
 from restoration.adaptation.pseudo import PseudoTargetParams

@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 from restoration.degrade import damage as degrade
-from restoration.adaptation.engine import AdaptConfig, evaluate, run_adaptation
+from restoration.adaptation.config import AdaptConfig
+from restoration.adaptation.evaluate import evaluate
+from restoration.adaptation.stages import run_adaptation
 from restoration.models.archs import build
 from restoration.training.finetune import FinetuneConfig, finetune
 from restoration.faces.restore import Restorer

@@ -8,7 +8,7 @@ import pytest
 
 from service.errors import ServiceError
 from service.params import FINETUNE, PSEUDO, TOP, check_params, engine_params
-from restoration.adaptation.engine import AdaptConfig
+from restoration.adaptation.config import AdaptConfig
 from restoration.training.finetune import FinetuneConfig
 from restoration.adaptation.pseudo import PseudoTargetParams
 from service.settings import ServiceSettings

@@ -1,2 +1,2 @@
 """The Celery workers: the task (`tasks.py`), running one step of a job under its lease (`steps.py`) and the stage
-bodies that call `restoration.adaptation.engine` (`stages.py`). Never imports `app`."""
+bodies that call `restoration.adaptation.stages` (`stages.py`). Never imports `app`."""

@@ -21,14 +21,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
+import torch
 
+from restoration.adaptation.files import append_line, save_png
 from restoration.configs import strict_from_dict
+from restoration.diffusion.samplers import SamplingCancelled
+from restoration.faces.imageio import load_image
+from restoration.models.io import run_restorer
 from restoration.runtime import Cancelled, CancelFn, ProgressFn
 
 
@@ -44,8 +49,10 @@ __all__ = [
     "image_seed",
     "params_fingerprint",
     "PseudoResult",
-    "color_stats",
-    "domain_color_gains",
+    "restore_batch",
+    "manifest_name",
+    "target_name",
+    "recorded_files",
 ]
 
 
@@ -62,7 +69,8 @@ class PseudoTargetParams:
     save_x0: also write `<id>.x0.png` (the restorer output).
     color_correction: strength (0 = off, 1 = full) of the domain white balance applied to x0 before the prior: the
         colour cast that the whole domain shares (a sepia print, a camera's tint), measured against clean reference
-        faces on the face and on its surround (`domain_color_gains`), is not copied into the targets.
+        faces on the face and on its surround (`restoration.adaptation.color.domain_color_gains`), is not copied into
+        the targets.
     """
 
     start: int = 150
@@ -119,62 +127,20 @@ def params_fingerprint(params: PseudoTargetParams, extra: str = "") -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-#: The two regions of an aligned crop whose colour is measured: the face (the central half of the side) and its
-#: surround (outside the central 60 %: hair, background, clothes).
-COLOR_REGIONS = ("face", "surround")
-
-
-def color_stats(images: Iterable[np.ndarray]) -> dict | None:
-    """Mean R, G, B in [0, 1] of HxWx3 uint8 aligned crops, per region: {"face": [r, g, b], "surround": [r, g, b]}
-    (`COLOR_REGIONS`); None for no images."""
-    sums, n = {k: np.zeros(3) for k in COLOR_REGIONS}, 0
-    for im in images:
-        f = im[..., :3].astype(np.float64) / 255.0
-        h, w = f.shape[:2]
-        sums["face"] += f[h // 4:h - h // 4, w // 4:w - w // 4].reshape(-1, 3).mean(0)
-        ring = np.ones((h, w), bool)
-        ring[int(0.2 * h):h - int(0.2 * h), int(0.2 * w):w - int(0.2 * w)] = False
-        sums["surround"] += f[ring].mean(0)
-        n += 1
-    return None if n == 0 else {k: [round(float(v), 5) for v in s / n] for k, s in sums.items()}
-
-
-#: Casts smaller than this (largest per-channel gain, as |log gain|) are left alone: natural variation between
-#: datasets, not a domain's tint (clean UTKFace test faces of one ethnicity against the mixed training faces: at most
-#: 0.023 after the agreement rule of `domain_color_gains`, 0.050 on the face alone).
-COLOR_DEAD_ZONE = 0.04
-
-
-def domain_color_gains(domain: dict | None, reference: dict | None, strength: float = 1.0,
-                       dead_zone: float = COLOR_DEAD_ZONE) -> list[float] | None:
-    """Per-channel gains that take a colour cast shared by a whole domain out, keeping its brightness.
-
-    `domain` / `reference`: `color_stats` of the domain's crops and of clean faces. Per region, the chromaticity
-    deviation d_c = log((ref_c / mean(ref)) / (dom_c / mean(dom))); a cast tints the whole picture, so only what the
-    face and its surround agree on is corrected (same sign: the smaller magnitude; else 0). A domain of darker or
-    warmer skin (face only) or of one coloured wall (surround only) is left alone. `strength` scales the log gains
-    (0: none). None when there is nothing to correct (no statistics, strength 0, every |log g_c| below `dead_zone`).
-    """
-    if domain is None or reference is None or float(strength) <= 0:
-        return None
-
-    def dev(region):
-        dom = np.clip(np.asarray(domain[region], np.float64), 1e-3, None)
-        ref = np.clip(np.asarray(reference[region], np.float64), 1e-3, None)
-        return np.log((ref / ref.mean()) / (dom / dom.mean()))
-
-    a, b = dev("face"), dev("surround")
-    log_g = np.where(np.sign(a) == np.sign(b), np.sign(a) * np.minimum(np.abs(a), np.abs(b)), 0.0)
-    log_g = (log_g - log_g.mean()) * float(strength)  # a tint, not an exposure change
-    if np.abs(log_g).max() < dead_zone:
-        return None
-    return [round(float(v), 4) for v in np.exp(log_g)]
-
-
 def image_seed(seed: int, image_id: str) -> int:
     """The per-image seed: independent of the position of the image in the list, the batch or the shard."""
     h = hashlib.sha256(f"{int(seed)}/{image_id}".encode()).digest()
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def target_name(image_id: str) -> str:
+    """The pseudo target's file of an image in the output folder (its x0: `<id>.x0.png`)."""
+    return f"{image_id}.png"
+
+
+def manifest_name(shard: tuple[int, int]) -> str:
+    """The manifest file of shard (i, n) in the output folder."""
+    return f"manifest.shard-{int(shard[0])}-of-{int(shard[1])}.jsonl"
 
 
 def shard_ids(ids: Iterable[str], shard: tuple[int, int]) -> list[str]:
@@ -210,40 +176,25 @@ def read_manifest(out_dir: str | Path, fingerprint: str | None = None) -> dict[s
                     continue
                 if fingerprint is not None and rec.get("fingerprint") != fingerprint:
                     continue
-                if not (out_dir / rec.get("target", f"{rec['id']}.png")).is_file():
+                if not (out_dir / rec.get("target", target_name(rec["id"]))).is_file():
                     continue
                 done[rec["id"]] = rec
     return done
 
 
-def _load_rgb(path: str | Path) -> np.ndarray:
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I"):
-            arr = np.asarray(im, dtype=np.float64)
-            arr = (arr / max(arr.max(), 1.0) * 255.0).astype(np.uint8)
-            return np.repeat(arr[..., None], 3, axis=2)
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
-
-
-def _save_png_atomic(arr: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(arr).save(tmp, format="PNG")
-    os.replace(tmp, path)
-
-
-def _append_line(path: Path, record: dict) -> None:
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def recorded_files(out_dir: str | Path, shard: tuple[int, int]) -> list[str]:
+    """The images shard (i, n) recorded in its manifest in `out_dir` (names relative to it): each line's pseudo
+    target and x0, in manifest order, lines of earlier parameters included; torn lines are skipped."""
+    mf = Path(out_dir) / manifest_name(shard)
+    names: list[str] = []
+    for line in mf.read_text().splitlines() if mf.is_file() else []:
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict):
+            names += [rec[k] for k in ("target", "x0") if k in rec]
+    return names
 
 
 def _to_uint8(x) -> np.ndarray:
@@ -252,9 +203,7 @@ def _to_uint8(x) -> np.ndarray:
     return np.ascontiguousarray(arr.transpose(1, 2, 0))
 
 
-def _model_device(module) -> "torch.device":  # noqa: F821
-    import torch
-
+def _model_device(module) -> torch.device:
     try:
         return next(module.parameters()).device
     except (StopIteration, AttributeError):
@@ -267,10 +216,6 @@ def restore_batch(restorer, x, value_range=None):
     The model runs in `value_range` (a card's), else in its class's `value_range` (GFPGAN: [-1, 1]), else in
     [0, 1]; a tuple output gives its element 0 (`restoration.models.io.run_restorer`).
     """
-    import torch
-
-    from restoration.models.io import run_restorer
-
     with torch.no_grad():
         out = run_restorer(restorer, x, value_range)
     return out.float().clamp(0.0, 1.0)
@@ -288,16 +233,10 @@ def _prior_targets(prior, x0, params: PseudoTargetParams, generators: list, shou
     never depend on the batch composition. `should_cancel` is passed on (checked every diffusion step) and the
     sampler's `SamplingCancelled` becomes `Cancelled`.
     """
-    import torch
-
     kwargs = dict(start=int(params.start), constrain_until=int(params.constrain_until), down_N=int(params.down_N),
                   schedule=params.schedule, steps=int(params.fast_steps))
     if should_cancel is not None:
         kwargs["should_cancel"] = should_cancel
-    try:
-        from restoration.diffusion.samplers import SamplingCancelled
-    except ImportError:  # pragma: no cover
-        SamplingCancelled = Cancelled  # noqa: N806
     cls = type(prior)
     try:
         if _LIST_GENERATORS.get(cls, True) and len(generators) > 1:
@@ -335,13 +274,10 @@ def generate_pseudo_targets(
     steps, generator)`), or None for pseudo target = x0. All images of a batch must have the same size.
     `progress("pseudo_targets", done, total)` is called after each batch (done counts skipped images too);
     `should_cancel()` is checked before each batch and raises `Cancelled` (finished images stay recorded).
-    `color_gains` (R, G, B; `domain_color_gains`) multiply x0 before the prior (with `prior=None` the target is that
-    corrected x0); `<id>.x0.png` stays the restorer's own output.
+    `color_gains` (R, G, B; `restoration.adaptation.color.domain_color_gains`) multiply x0 before the prior (with
+    `prior=None` the target is that corrected x0); `<id>.x0.png` stays the restorer's own output. Inputs are read with
+    `restoration.faces.imageio.load_image`.
     """
-    import time
-
-    import torch
-
     params = params or PseudoTargetParams()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -360,7 +296,7 @@ def generate_pseudo_targets(
     done = read_manifest(out_dir, fingerprint=fp)
     todo = [i for i in ids if i not in done]
     total, skipped = len(ids), len(ids) - len(todo)
-    manifest = out_dir / f"manifest.shard-{int(shard[0])}-of-{int(shard[1])}.jsonl"
+    manifest = out_dir / manifest_name(shard)
     if progress is not None:
         progress("pseudo_targets", skipped, total)
 
@@ -371,7 +307,7 @@ def generate_pseudo_targets(
         if should_cancel is not None and should_cancel():
             raise Cancelled(f"pseudo-target generation cancelled after {skipped + generated}/{total} images")
         batch_ids = todo[b:b + bs]
-        imgs = [_load_rgb(paths[i]) for i in batch_ids]
+        imgs = [load_image(paths[i]) for i in batch_ids]
         shapes = {im.shape for im in imgs}
         if len(shapes) != 1:
             raise ValueError(f"images of one batch differ in size: {sorted(shapes)}; align/resize them first")
@@ -391,15 +327,15 @@ def generate_pseudo_targets(
             with torch.no_grad():
                 target = _prior_targets(prior, x0c, params, gens, should_cancel)
         for k, i in enumerate(batch_ids):
-            rec = {"id": i, "target": f"{i}.png", "source": str(paths[i]), "fingerprint": fp,
+            rec = {"id": i, "target": target_name(i), "source": str(paths[i]), "fingerprint": fp,
                    "seed": image_seed(params.seed, i)}
             if gains is not None:
                 rec["color_gains"] = gains
             if params.save_x0:
-                _save_png_atomic(_to_uint8(x0[k]), out_dir / f"{i}.x0.png")
+                save_png(_to_uint8(x0[k]), out_dir / f"{i}.x0.png")
                 rec["x0"] = f"{i}.x0.png"
-            _save_png_atomic(_to_uint8(target[k]), out_dir / f"{i}.png")
-            _append_line(manifest, rec)
+            save_png(_to_uint8(target[k]), out_dir / target_name(i))
+            append_line(manifest, rec)
         generated += len(batch_ids)
         if progress is not None:
             progress("pseudo_targets", skipped + generated, total)

@@ -2,7 +2,7 @@
 value range (the one place where each of these conversions lives).
 
 * `resize_for_model`, `to_tensor`, `to_uint8`: what the network is fed and what comes out of it. Serving
-  (`restoration.faces.restore.Restorer`), training (`restoration.training.train.degrade_native_batch`) and adaptation
+  (`restoration.faces.restore.Restorer`), training (`restoration.training.batches.degrade_native_batch`) and adaptation
   resize with these, so that a model learns on what it is served.
 * `run_restorer`: the archs keep the reference forward exactly (for checkpoint numerics): the face SwinIR takes and
   returns [0, 1], GFPGAN takes and returns [-1, 1] and returns a tuple ``(image, extras)``. Callers

@@ -1,0 +1,59 @@
+"""What an adaptation job must satisfy before any work starts; the CLI (`run_adaptation`) and the API both call it.
+
+`check_job(zoo, base, prior, config, name=...)` raises `restoration.models.zoo.ModelNotFound` (a `ZooError` and a
+`KeyError`) for a model the zoo does not hold and `ValueError` for everything else, with the messages the CLI has
+always printed; it returns the side of the job's face crops. `check_cards` is the same rule on model cards already
+read (a service that keeps its cards elsewhere than in a `Zoo`).
+"""
+from __future__ import annotations
+
+from restoration.adaptation.config import AdaptConfig, crop_size
+from restoration.models.zoo import ModelNotFound
+
+__all__ = ["FIXED_SIZE_ARCHS", "check_cards", "check_job"]
+
+#: restorer archs that take one input size only (the base card's input_size): GFPGAN (out_size), CodeFormer (img_size)
+FIXED_SIZE_ARCHS = ("gfpgan_v1_4", "codeformer")
+
+
+def _check_kind(card, kind: str, label: str) -> None:
+    if card.kind != kind:
+        raise ValueError(f"{label} is a {card.kind}, not a {kind}")
+
+
+def _check_size(base_card, config: AdaptConfig, label: str) -> int:
+    size = crop_size(config, base_card)
+    if base_card.arch in FIXED_SIZE_ARCHS and size != int(base_card.input_size):
+        raise ValueError(f"{label} ({base_card.arch}) takes {base_card.input_size}x{base_card.input_size} faces only, "
+                         f"not {size}x{size}: leave size unset")
+    return size
+
+
+def check_cards(base_card, prior_card, config: AdaptConfig) -> int:
+    """The model kinds and the input size: `base_card` must be a restorer, `prior_card` (None when
+    `config.use_prior` is off) a prior, and a fixed-size base (`FIXED_SIZE_ARCHS`) takes only its own input size.
+    Returns the crop side (`crop_size`). Raises ValueError."""
+    _check_kind(base_card, "restorer", base_card.name)
+    if config.use_prior:
+        _check_kind(prior_card, "prior", prior_card.name)
+    return _check_size(base_card, config, base_card.name)
+
+
+def check_job(zoo, base: str, prior: str | None, config: AdaptConfig, *, name: str | None = None,
+              overwrite: bool = False) -> int:
+    """What `check_cards` checks, on the zoo's cards of `base` and (when `config.use_prior`) `prior`, and, given the
+    `name` the adapted model will be registered under, that the zoo has no model of that name (unless `overwrite`).
+    Returns the crop side. Raises ModelNotFound (unknown base or prior) or ValueError, in this order: base, prior,
+    name, size."""
+    base_card = zoo.get(base)
+    _check_kind(base_card, "restorer", base)
+    if config.use_prior:
+        _check_kind(zoo.get(prior), "prior", prior)
+    if name is not None and not overwrite:
+        try:
+            zoo.get(name)
+        except ModelNotFound:
+            pass
+        else:
+            raise ValueError(f"a model named {name!r} already exists in the zoo; choose another name or overwrite")
+    return _check_size(base_card, config, base)
