@@ -8,6 +8,7 @@ from pathlib import PurePosixPath
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from restoration.adaptation.prepare import face_record
 from restoration.faces.helper import FaceHelper
 from restoration.faces.imageio import ImageError, load_image
 from service import blobs
@@ -64,7 +65,7 @@ def ingest(tenant_id: str, name: str, uploads: list[UploadedFile], settings: Ser
         for i, ((u, shape, faces), key) in enumerate(zip(accepted, keys)):
             ds.images.append(ImageRow(
                 position=i, filename=PurePosixPath(u.name).name[:512], blob_key=key, width=int(shape[1]),
-                height=int(shape[0]), faces=[f.to_dict() for f in faces],
+                height=int(shape[0]), faces=[face_record(f) for f in faces],
             ))
         s.commit()
         return ds

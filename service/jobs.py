@@ -15,14 +15,16 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from restoration.adaptation.checks import check_cards
+from restoration.adaptation.config import AdaptConfig
 from restoration.adaptation.stages import STAGES
-from restoration.models.zoo import ZooError, check_name
+from restoration.models.zoo import ModelCard, ZooError, check_name
 from service.datasets import get_dataset
 from service.errors import LimitExceeded, ServiceError
-from service.params import validate_params
+from service.params import engine_params, validate_params
 from service.queue import start_job
 from service.registry import name_taken, resolve_model
-from service.rows import FINAL_STATUSES, Job, JobEvent, JobStep, Tenant, owned, utcnow
+from service.rows import FINAL_STATUSES, Job, JobEvent, JobStep, ModelRow, Tenant, owned, utcnow
 from service.settings import get_settings
 
 log = logging.getLogger("faceadapt.api")
@@ -83,6 +85,23 @@ def check_active_jobs(session: Session, tenant_id: str) -> None:
                             f"({settings.max_active_jobs_per_tenant}); wait for one to finish or cancel one", status=429)
 
 
+def check_models(session: Session, base: ModelRow, params: dict) -> None:
+    """The engine's own checks before any work (`restoration.adaptation.checks.check_cards`: the kinds of the base and
+    the prior, the fixed input size of GFPGAN/CodeFormer bases) on the registry's cards, so the API refuses what the
+    CLI refuses. Raises ServiceError 422."""
+    settings = get_settings()
+    config = AdaptConfig.from_dict(engine_params(params, settings))
+    prior = session.scalar(select(ModelRow).where(ModelRow.name == settings.default_prior, ModelRow.tenant_id.is_(None)))
+    if config.use_prior and prior is None:
+        raise ServiceError(503, "prior_unavailable", f"the diffusion prior {settings.default_prior!r} is not in the "
+                           "model registry; set use_prior=false or ask the operator to install it")
+    try:
+        check_cards(ModelCard.from_json(base.card), ModelCard.from_json(prior.card) if prior is not None else None,
+                    config)
+    except ValueError as exc:
+        raise ServiceError(422, "bad_params", f"invalid engine parameters: {exc}") from None
+
+
 def create_job(session: Session, tenant_id: str, dataset_id: str, base_model: str, name: str, params: dict,
                shards: int | None = None) -> Job:
     """Create a job adapting `base_model` to a dataset under the model name `name`, with its steps, and queue it.
@@ -101,6 +120,7 @@ def create_job(session: Session, tenant_id: str, dataset_id: str, base_model: st
     if name_taken(session, tenant_id, name) or busy:
         raise ServiceError(409, "name_taken", f"a model (or a running job) already uses the name {name!r}")
     params = validate_params(dict(params))
+    check_models(session, base, params)
     check_active_jobs(session, tenant_id)
     job = Job(tenant_id=tenant_id, dataset_id=ds.id, base_model=base.id, name=name, params=params,
               num_shards=min(shards or settings.target_shards, ds.image_count))
