@@ -17,8 +17,8 @@ from app.errors import UnexpectedErrorMiddleware
 from app.limits import BodyLimitMiddleware
 from app.metrics import LATENCY, REQUESTS
 from app.serving import get_cache
-from restoration.faces.fidelity import demo_model_warning
-from restoration.models.zoo import Zoo
+from restoration.faces import demo_model_warning
+from restoration.models import Zoo
 from service.db import migrate, session_factory, startup_lock
 from service.errors import ServiceError
 from service.registry import sync_zoo_models

@@ -25,8 +25,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from app.metrics import BATCH_SIZE, MODEL_LOADS
-from restoration.faces.restore import Restorer
-from restoration.models.zoo import ModelCard
+from restoration.faces import Restorer
+from restoration.models import ModelCard
 from service.errors import ServiceError
 from service.registry import open_zoo
 from service.rows import ModelRow

@@ -25,8 +25,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.adaptation import _load, _save, make_data, score  # noqa: E402
-from restoration.data import faces as data  # noqa: E402
-from restoration.degrade import damage as degrade
+from restoration import data
+from restoration import degrade
 
 
 def main() -> None:

@@ -46,22 +46,17 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from restoration.adaptation.config import crop_size, default_config  # noqa: E402
-from restoration.adaptation.evaluate import evaluate  # noqa: E402
-from restoration.adaptation.loaders import load_adapted  # noqa: E402
-from restoration.adaptation.prepare import prepare  # noqa: E402
-from restoration.adaptation.targets import generate_targets  # noqa: E402
-from restoration.adaptation.tune import finetune  # noqa: E402
-from restoration.adaptation.workdir import MANIFEST, read_job  # noqa: E402
+from restoration.adaptation import (MANIFEST, crop_size, default_config, evaluate, finetune, generate_targets,
+                                    load_adapted, prepare, read_job)  # noqa: E402
 
-from restoration.data import faces as data
+from restoration import data
 
-from restoration.degrade import damage as degrade
+from restoration import degrade
 
-from restoration.metrics import quality as metrics
-from restoration.faces.restore import Restorer  # noqa: E402
+from restoration import metrics
+from restoration.faces import Restorer  # noqa: E402
 from restoration.settings import get_settings  # noqa: E402
-from restoration.models.zoo import Zoo  # noqa: E402
+from restoration.models import Zoo  # noqa: E402
 
 METHODS = {
     "base": "base (no adaptation)",
@@ -152,7 +147,7 @@ def run_domain(domain: str, args, zoo: Zoo, hq_paths: list[Path]) -> list[dict]:
                   flush=True)
         f = cfg.finetune
         if base_card.arch == "codeformer":  # only the schedule fields apply; the rest is CodeFormer's own stage II
-            from restoration.training.finetune_codeformer import CodeFormerFinetuneConfig
+            from restoration.training import CodeFormerFinetuneConfig
 
             c = CodeFormerFinetuneConfig()
             print(f"  [{m}] fine-tuning (CodeFormer code prediction): {f.steps} steps x batch {f.batch_size}, Adam lr "

@@ -25,12 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from restoration.data import faces as data  # noqa: E402
+from restoration import data
 
-from restoration.degrade import damage as degrade
-from restoration.adaptation.color import (COLOR_DEAD_ZONE, COLOR_REFERENCE_COUNT, color_stats,  # noqa: E402
-                                          domain_color_gains)
-from restoration.faces.imageio import load_image  # noqa: E402
+from restoration import degrade
+from restoration.adaptation import COLOR_DEAD_ZONE, COLOR_REFERENCE_COUNT, color_stats, domain_color_gains
+from restoration.faces import load_image  # noqa: E402
 
 
 def main() -> None:

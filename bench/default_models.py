@@ -23,12 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from restoration.data.faces import FacesDataset
-from restoration.models.zoo import Zoo
-from restoration.training.evaluate import (
-    degrade_pair, denoise_psnr, evaluate_restorer, psnr_ssim, sample_prior, save_grid,
-)
-from restoration.training.recipes import make_diffusion
+from restoration.data import FacesDataset
+from restoration.models import Zoo
+from restoration.training import (degrade_pair, denoise_psnr, evaluate_restorer, make_diffusion, psnr_ssim,
+                                  sample_prior, save_grid)
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_SEED = 2_000_000

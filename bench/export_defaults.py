@@ -27,15 +27,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from bench.restorer_native import TEST_SEED, measure  # noqa: E402
-from restoration.adaptation.color import color_stats  # noqa: E402
-from restoration.data import faces as data  # noqa: E402
-from restoration.data.faces import FacesDataset  # noqa: E402
-from restoration.faces.imageio import load_image  # noqa: E402
-from restoration.faces.restore import Restorer  # noqa: E402
-from restoration.models.zoo import Zoo  # noqa: E402
-from restoration.training.evaluate import denoise_psnr, evaluate_restorer  # noqa: E402
-from restoration.training.export import export  # noqa: E402
-from restoration.training.runs import load_run_model  # noqa: E402
+from restoration.adaptation import color_stats  # noqa: E402
+from restoration import data
+from restoration.data import FacesDataset  # noqa: E402
+from restoration.faces import Restorer, load_image  # noqa: E402
+from restoration.models import Zoo  # noqa: E402
+from restoration.training import denoise_psnr, evaluate_restorer, export, load_run_model  # noqa: E402
 
 VAL_SEED = 3_000_000
 # the commands of the last training run behind the shipped weights (docs/MODELS.md); run from the repo root. Each

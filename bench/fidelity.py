@@ -33,6 +33,10 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SHARED = Path(os.environ.get("FACEADAPT_SHARED", REPO.parent / "shared")).resolve()
+from restoration import data as D  # noqa: E402
+from restoration import metrics as M  # noqa: E402
+from restoration.degrade import PRESETS, degrade  # noqa: E402
+from restoration.faces import DETAIL_RATIO, Restorer, load_image  # noqa: E402
 
 INF = 1e9
 
@@ -42,14 +46,10 @@ def lapvar(img: np.ndarray) -> float:
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    from restoration.metrics import quality as M
-
     return float(M.psnr(a.astype(np.float64) / 255.0, b.astype(np.float64) / 255.0))
 
 
 def ssim(a: np.ndarray, b: np.ndarray) -> float:
-    from restoration.metrics import quality as M
-
     return float(M.ssim(a.astype(np.float64) / 255.0, b.astype(np.float64) / 255.0))
 
 
@@ -68,10 +68,6 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     os.environ.setdefault("FACEADAPT_FACEXLIB_MODEL_ROOT", str(SHARED / "weights" / "facexlib"))
-    from restoration.data import faces as D
-    from restoration.degrade.damage import PRESETS, degrade
-    from restoration.faces.fidelity import DETAIL_RATIO
-    from restoration.faces.restore import Restorer
 
     t_all = time.perf_counter()
     r = Restorer.from_zoo(args.model, device="cpu")
@@ -129,8 +125,6 @@ def main() -> None:
     t0 = time.perf_counter()
     agg = {"plain": [], "default": []}
     for p in photos:
-        from restoration.faces.imageio import load_image
-
         img = load_image(p)
         plain = r.restore_image(img, detector="retinaface", detail_ratio=INF)
         new = r.restore_image(img, detector="retinaface")

@@ -49,13 +49,11 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from restoration.data import faces as data  # noqa: E402
+from restoration import data
 
-from restoration.metrics import quality as metrics
-from restoration.models.archs import build  # noqa: E402
-from restoration.training.finetune_codeformer import CodeFormerFinetuneConfig, HQCodes, code_losses, trainable_parameters  # noqa: E402
-from restoration.models.io import run_restorer  # noqa: E402
-from restoration.models.zoo import Zoo  # noqa: E402
+from restoration import metrics
+from restoration.models import Zoo, build, run_restorer  # noqa: E402
+from restoration.training import CodeFormerFinetuneConfig, HQCodes, code_losses, trainable_parameters  # noqa: E402
 from bench.make_tiny_gfpgan import _degraded, _t  # noqa: E402  (standard damage; uint8/float NHWC -> NCHW)
 
 SIZE = 64

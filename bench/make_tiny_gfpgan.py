@@ -32,14 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from restoration.data import faces as data  # noqa: E402
+from restoration import data
 
-from restoration.degrade import damage as degrade
+from restoration import degrade
 
-from restoration.metrics import quality as metrics
-from restoration.models.archs import build  # noqa: E402
-from restoration.models.io import run_restorer  # noqa: E402
-from restoration.models.zoo import Zoo  # noqa: E402
+from restoration import metrics
+from restoration.models import Zoo, build, run_restorer  # noqa: E402
 
 TINY_GFPGAN = dict(out_size=64, num_style_feat=32, channel_multiplier=2, decoder_load_path=None, fix_decoder=False,
                    num_mlp=8, input_is_latent=True, different_w=True, narrow=0.0625, sft_half=True)

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from restoration.models.checkpoints import SWINIR_FACE_CONFIG
+from restoration.models import SWINIR_FACE_CONFIG
 from restoration.runtime import resolve_device
 
 
@@ -29,12 +29,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     if args.model:
-        from restoration.models.zoo import Zoo
+        from restoration.models import Zoo, build
 
         zoo = Zoo()
         size, model, label = zoo.get(args.model).input_size, zoo.load(args.model), args.model
     else:
-        from restoration.models.archs import build
 
         torch.manual_seed(0)
         size, model, label = 512, build("swinir_face", SWINIR_FACE_CONFIG), "swinir_face full config (random weights)"

@@ -22,13 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from restoration.data.faces import FacesDataset
-from restoration.faces.restore import Restorer
-from restoration.metrics.quality import sharpness as one_sharpness
-from restoration.models.zoo import CARD, Zoo
-from restoration.training.batches import degradation_params
-from restoration.training.evaluate import degrade_pair, psnr_ssim
-from restoration.training.runs import last_checkpoint, load_run_model
+from restoration.data import FacesDataset
+from restoration.faces import Restorer
+from restoration.metrics import sharpness as one_sharpness
+from restoration.models import CARD, Zoo
+from restoration.training import degradation_params, degrade_pair, last_checkpoint, load_run_model, psnr_ssim
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_SEED = 2_000_000

@@ -6,7 +6,7 @@
 
 For N val faces of the UTK200 split (64x64), each damaged with the standard degradation
 (`restoration.degrade.damage.DEFAULT`, seeds `--seed + i`), the DT-BFR ancestral sampler
-(`diffusion.samplers.constrained_sample`, 250-step respacing) makes pseudo targets from x0 = the damaged face (`--x0 input`) or
+(`diffusion.diffusion.constrained_sample`, 250-step respacing) makes pseudo targets from x0 = the damaged face (`--x0 input`) or
 from the restorer's output (`--x0 restorer --restorer ...`), and PSNR / SSIM against the ground truth are printed
 next to those of x0 itself. Every image uses its own generator (seeded from `--seed` and its index), so results do
 not depend on batching.
@@ -21,12 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from restoration.data.faces import FacesDataset
-from restoration.diffusion import gaussian as dm
-from restoration.diffusion import resample, samplers
-from restoration.models.zoo import Zoo
-from restoration.training.evaluate import degrade_pair, psnr_ssim, save_grid
-from restoration.training.runs import load_run_model
+from restoration.data import FacesDataset
+from restoration import diffusion
+from restoration.models import Zoo
+from restoration.training import degrade_pair, load_run_model, psnr_ssim, save_grid
 
 
 def _load_prior(args):
@@ -45,14 +43,14 @@ def _load_restorer(spec: str):
 
 
 def pseudo_targets(prior, x0_01: torch.Tensor, start: int, until: int, down_n: int, seed: int, batch: int = 16):
-    diff = dm.create_gaussian_diffusion(timestep_respacing="250")
-    lp = resample.LowPass(tuple(x0_01.shape[-2:]), down_n)
+    diff = diffusion.create_gaussian_diffusion(timestep_respacing="250")
+    lp = diffusion.LowPass(tuple(x0_01.shape[-2:]), down_n)
     outs = []
     for b in range(0, len(x0_01), batch):
         x = x0_01[b:b + batch].clamp(0, 1) * 2 - 1
         gens = [torch.Generator().manual_seed(seed * 100003 + b + i) for i in range(len(x))]
         with torch.no_grad():
-            y = samplers.constrained_sample(prior, x, start, until, lp, gens, diffusion=diff)
+            y = diffusion.constrained_sample(prior, x, start, until, lp, gens, diffusion=diff)
         outs.append((y * 0.5 + 0.5).clamp(0, 1))
     return torch.cat(outs)
 

@@ -11,9 +11,8 @@ from tqdm import tqdm
 from cli.app import app
 from cli.checks import check_detector, check_device, check_image_folder, check_new_model_name, check_zoo_model
 from cli.errors import fail
-from restoration.adaptation.config import default_config
-from restoration.adaptation.stages import run_adaptation
-from restoration.models.zoo import Zoo, ZooError
+from restoration.adaptation import default_config, run_adaptation
+from restoration.models import Zoo, ZooError
 from restoration.runtime import Cancelled
 from restoration.settings import get_settings
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from cli.errors import fail
-from restoration.adaptation.sources import list_images
-from restoration.faces.detection import RETINAFACE_WEIGHTS
-from restoration.models.zoo import ModelNotFound, ZooError, check_name
+from restoration.adaptation import list_images
+from restoration.faces import RETINAFACE_WEIGHTS
+from restoration.models import ModelNotFound, ZooError, check_name
 from restoration.settings import get_settings
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N, auto"

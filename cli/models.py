@@ -12,8 +12,7 @@ from tqdm import tqdm
 
 from cli.app import app
 from cli.errors import fail
-from restoration.models.checkpoints import KNOWN_CHECKPOINTS, CheckpointError
-from restoration.models.zoo import Zoo, ZooError
+from restoration.models import CheckpointError, KNOWN_CHECKPOINTS, Zoo, ZooError
 from service.db import existing_url, session_factory
 from service.errors import ServiceError
 from service.registry import open_zoo, resolve_for_tenant, service_models

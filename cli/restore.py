@@ -13,10 +13,9 @@ from cli.app import app
 from cli.checks import check_detector, check_device, check_outdir
 from cli.errors import fail
 from cli.models import service_model
-from restoration.faces.fidelity import DETAIL_RATIO, demo_model_warning, mode_counts
-from restoration.faces.imageio import ImageError, load_image, save_image
-from restoration.faces.restore import Restorer
-from restoration.models.zoo import ZooError
+from restoration.faces import (DETAIL_RATIO, ImageError, Restorer, demo_model_warning, load_image, mode_counts,
+                               save_image)
+from restoration.models import ZooError
 from service.registry import open_zoo
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}

@@ -14,12 +14,9 @@ import typer
 from cli.app import app
 from cli.checks import check_device
 from cli.errors import fail
-from restoration.models.zoo import ModelNotFound
-from restoration.training.export import export
-from restoration.training.prior import train_prior
-from restoration.training.recipes import PIXEL_LOSSES, PriorTrainConfig, RestorerTrainConfig
-from restoration.training.restorer import train_restorer
-from restoration.training.runs import TrainSetupError, last_checkpoint
+from restoration.models import ModelNotFound
+from restoration.training import (PIXEL_LOSSES, PriorTrainConfig, RestorerTrainConfig, TrainSetupError, export,
+                                  last_checkpoint, train_prior, train_restorer)
 
 train_app = typer.Typer(
     help=("Train the small default models on the UTK200 faces (64x64): the diffusion prior (iddpm_unet) and the "

@@ -8,9 +8,8 @@ from pathlib import PurePosixPath
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from restoration.adaptation.prepare import face_record
-from restoration.faces.helper import FaceHelper
-from restoration.faces.imageio import ImageError, load_image
+from restoration.adaptation import face_record
+from restoration.faces import FaceHelper, ImageError, load_image
 from service import blobs
 from service.db import session_factory
 from service.errors import ServiceError

@@ -15,10 +15,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from restoration.adaptation.checks import check_cards
-from restoration.adaptation.config import AdaptConfig
-from restoration.adaptation.stages import STAGES
-from restoration.models.zoo import ModelCard, ZooError, check_name
+from restoration.adaptation import AdaptConfig, STAGES, check_cards
+from restoration.models import ModelCard, ZooError, check_name
 from service.datasets import get_dataset
 from service.errors import LimitExceeded, ServiceError
 from service.params import engine_params, validate_params

@@ -21,7 +21,7 @@ from pathlib import PurePosixPath
 
 from PIL import Image
 
-from restoration.faces.imageio import INPUT_FORMATS, UnsupportedFormat, allowed_formats, check_format, sniff_format
+from restoration.faces import INPUT_FORMATS, UnsupportedFormat, allowed_formats, check_format, sniff_format
 from service.errors import LimitExceeded, ServiceError
 from service.settings import ServiceSettings
 

@@ -15,7 +15,7 @@ import math
 import re
 from typing import Any
 
-from restoration.adaptation.config import AdaptConfig
+from restoration.adaptation import AdaptConfig
 from service.errors import LimitExceeded, ServiceError
 from service.settings import ServiceSettings, get_settings
 

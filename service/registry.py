@@ -20,8 +20,8 @@ from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from restoration.adaptation.workdir import ZOO
-from restoration.models.zoo import ModelCard, Zoo
+from restoration.adaptation import ZOO
+from restoration.models import ModelCard, Zoo
 from service import blobs
 from service.db import session_factory
 from service.errors import ServiceError

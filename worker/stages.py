@@ -1,4 +1,5 @@
-"""The stage bodies: materialise what a stage needs in the job's work dir, run the engine's stage (`restoration.adaptation.stages`), upload exactly the files it names.
+"""The stage bodies: materialise what a stage needs in the job's work dir, run the engine's stage
+(`restoration.adaptation.STAGES`), upload exactly the files it names.
 
 The work dir (`settings.work_path/<job id>`) is a cache: everything a finished step produced is also in the blob
 storage (content keys in `job_steps.result["blobs"]`), so a worker on another host rebuilds the inputs of its stage
@@ -11,11 +12,9 @@ import base64
 import re
 from pathlib import Path, PurePosixPath
 
-from restoration.adaptation.card import register as register_card
-from restoration.adaptation.config import crop_size, default_config
-from restoration.adaptation.stages import (PREPARE_STAGE, REGISTER_STAGE, EvaluateResult, PrepareInputs, StageContext,
-                                           get_stage)
-from restoration.adaptation.workdir import INPUTS
+from restoration.adaptation import (INPUTS, PREPARE_STAGE, REGISTER_STAGE, EvaluateResult, PrepareInputs, StageContext,
+                                    crop_size, default_config, get_stage)
+from restoration.adaptation import register as register_card
 from restoration.runtime import Cancelled
 from service.blobs import restore_blobs, upload
 from service.db import session

@@ -12,8 +12,7 @@ from app.api.deps import CurrentPrincipal, Principal
 from app.limits import read_upload
 from app.schemas import ErrorBody, RestoreJSON
 from app.serving import get_cache
-from restoration.faces.fidelity import mode_counts
-from restoration.faces.imageio import ImageError, encode_image, load_image
+from restoration.faces import ImageError, encode_image, load_image, mode_counts
 from service.db import session_factory
 from service.errors import ServiceError
 from service.limits import check_image_format, check_pixels

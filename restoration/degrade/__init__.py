@@ -1,2 +1,15 @@
 """Synthetic degradations of clean faces (`damage`: the random blur / downsample / noise / JPEG / colour-cast pipeline,
-its presets and `degrade_batch`, the one batch version the restorer trainer uses)."""
+its presets and `degrade_batch`, the one batch version the restorer trainer uses).
+
+The public surface of the subpackage: code outside `restoration` imports these names from here.
+"""
+from __future__ import annotations
+
+from restoration.degrade.damage import (DegradationParams, DEFAULT, DOMAIN_SHIFT, CAMERA, SCAN, PRESETS,
+                                        domain_shift_params, sample_degradation, apply_degradation, degrade,
+                                        degrade_batch)
+
+__all__ = [
+    "DegradationParams", "DEFAULT", "DOMAIN_SHIFT", "CAMERA", "SCAN", "PRESETS", "domain_shift_params",
+    "sample_degradation", "apply_degradation", "degrade", "degrade_batch",
+]
