@@ -24,7 +24,15 @@ import pytest
 
 pytest_plugins = ["test_service_harness"]
 
-from test_service_harness import REPO, SHARED, TINY_PARAMS, ensure_default_models, face_files, free_port  # noqa: E402
+from test_service_harness import (
+    REPO,
+    SHARED,
+    TINY_PARAMS,
+    ensure_default_models,
+    face_files,
+    free_port,
+    wait_ready,
+)
 
 CHROMIUM = os.environ.get("FACEADAPT_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -52,17 +60,11 @@ class WebServe:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = home / "serve.log"
         (home / "cwd").mkdir(exist_ok=True)
+        self.log_file = self.log.open("wb")  # closed by stop()
         self.proc = subprocess.Popen([FACEADAPT, "serve", "--port", str(self.port)], env=env, cwd=home / "cwd",
-                                     stdout=subprocess.DEVNULL, stderr=open(self.log, "wb"), start_new_session=True)
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(self.url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert self.proc.poll() is None and time.time() < deadline, self.log.read_text()[-3000:]
-            time.sleep(0.5)
+                                     stdout=subprocess.DEVNULL, stderr=self.log_file, start_new_session=True)
+        self.proc.url = self.url
+        wait_ready(self.proc, self.log)
         out = subprocess.run([FACEADAPT, "keys", "create", "--tenant", "web"], env=env, cwd=home / "cwd",
                              capture_output=True, text=True, check=True)
         self.key = out.stdout.strip()
@@ -74,6 +76,7 @@ class WebServe:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
+        self.log_file.close()
 
 
 @pytest.fixture(scope="module")
@@ -313,12 +316,24 @@ def test_adapt_to_success(server, browser, tmp_path):
     page.close()
 
 
+STREAM = (": GET /v1/adaptations/{id}/stream as the page reads it (a stand-in until the service serves it)\n\n"
+          "event: progress\n"
+          'data: {"stage": "prepare", "done": 1, "total": 4, "stage_elapsed_s": 0.5, "eta_s": 1.5}\n\n'
+          "event: event\r\n"
+          'data: {"ts": "2026-01-01T00:00:00Z", "stage": "prepare", "kind": "info",\r\n'
+          'data:  "message": "from the stream"}\r\n\r\n')
+
+
 def test_cancel_adaptation(server, browser, tmp_path):
+    """Cancel a running job. Its stream answers two messages, then ends: the page shows them and goes on polling."""
     page = open_page(browser, server)
+    page.route("**/v1/adaptations/*/stream", lambda route: route.fulfill(
+        status=200, headers={"Content-Type": "text/event-stream"}, body=STREAM))
     upload_domain(page, [str(zip_of(face_files(4, offset=60), tmp_path / "faces.zip"))], "web-cancel")
     params = {**TINY_PARAMS, "finetune": {**TINY_PARAMS["finetune"], "steps": 2000, "ckpt_every": 100}}
     start_adaptation(page, "web-cancelled", params)
     view = page.locator("#job-view")
+    expect(view).to_have_attribute("data-streamed", "2")  # both messages parsed (LF and CRLF lines, 2 data lines)
     expect(view).to_have_attribute("data-status", "finetuning", timeout=120_000)
     page.click("#job-cancel")
     expect(page.locator("#adapt-status")).to_contain_text("Cancel requested")

@@ -692,7 +692,7 @@
     if (!res.ok || !(res.headers.get('content-type') || '').startsWith('text/event-stream') || !res.body) return false;
     $('job-transport').textContent = '(live: server-sent events)';
     const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buf = '', type = 'message', data = [];
+    let buf = '', type = 'message', data = [], count = 0;
     for (;;) {
       let chunk;
       try { chunk = await reader.read(); } catch (e) { return false; }
@@ -706,6 +706,7 @@
           if (data.length) {
             let parsed = null;
             try { parsed = JSON.parse(data.join('\n')); } catch (e) { parsed = null; }
+            if (parsed) $('job-view').dataset.streamed = String(++count);  // messages taken from the stream
             if (parsed && applyStreamMessage(type, parsed)) { reader.cancel().catch(() => {}); return true; }
           }
           type = 'message'; data = [];
