@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import web
 from app.api import adaptations, datasets, health, models, restore
 from app.auth import DOC_PATHS, keys_required, private_route_error
 from app.errors import UnexpectedErrorMiddleware
@@ -66,7 +67,7 @@ def create_app(run_startup: bool = True) -> FastAPI:
         get_cache().clear()
 
     app = FastAPI(
-        title="FaceAdapt", version="1.0", lifespan=lifespan,
+        title="FaceAdapt", version="1.0", lifespan=lifespan, docs_url=None, redoc_url=None,  # offline: app.web
         description="Blind face restoration that adapts to a customer's own images with a diffusion prior.",
     )
 
@@ -113,6 +114,7 @@ def create_app(run_startup: bool = True) -> FastAPI:
 
     for module in (health, restore, datasets, adaptations, models):
         app.include_router(module.router)
+    web.install(app)  # the page at / and the API docs with their assets served by the app
     app.openapi = _openapi_with_error_bodies(app)
     # outermost: any other error is the documented JSON error (Starlette's own would be plain text, and it re-raises
     # to the server, which then drops the connection)
