@@ -204,13 +204,19 @@ class ModelCache:
         with self._lock:
             return list(self._items)
 
+    def _take_locked(self, key: str) -> _Entry | None:
+        """The loaded entry of `key`, marked in use and most recently used (the lock held), or None."""
+        self._check_open()
+        entry = self._items.get(key)
+        if entry is not None:
+            self._items.move_to_end(key)
+            entry.users += 1
+        return entry
+
     def _acquire(self, row: ModelRow) -> _Entry:
         key = f"{row.id}:{row.sha256}"
         with self._lock:
-            self._check_open()
-            if (entry := self._items.get(key)) is not None:
-                self._items.move_to_end(key)
-                entry.users += 1
+            if (entry := self._take_locked(key)) is not None:
                 return entry
             load_lock = self._loading.setdefault(key, threading.Lock())
         # one load per model, however many requests ask at once; the others wait for it, but not forever
@@ -220,10 +226,7 @@ class ModelCache:
                            limit="restore_timeout_s", limit_value=self.timeout_s)
         try:
             with self._lock:
-                self._check_open()
-                if (entry := self._items.get(key)) is not None:
-                    self._items.move_to_end(key)
-                    entry.users += 1
+                if (entry := self._take_locked(key)) is not None:  # loaded while we waited
                     return entry
             loaded = self._load(row)
             with self._lock:
