@@ -20,7 +20,7 @@ from restoration.adaptation.targets import targets_status
 from restoration.adaptation.pseudo import target_name
 from restoration.adaptation.workdir import CHECKPOINTS, FINETUNE_RESULT, MODEL, TARGETS, items, prepared_file, read_job
 from restoration.runtime import CancelFn, ProgressFn
-from restoration.training import finetune as ft
+from restoration.training.finetune import finetune as finetune_restorer
 from restoration.training.finetune_codeformer import CodeFormerFinetuneConfig, finetune_codeformer
 
 __all__ = ["finetune"]
@@ -74,7 +74,7 @@ def finetune(
         hq_source = "not used (CodeFormer: code cross-entropy + feature loss, no discriminator)"
         extra_result["codeformer_config"] = ccfg.to_dict()
     else:
-        res = ft.finetune(restorer, pairs, list(hq_images), fcfg, workdir / CHECKPOINTS, progress=progress,
+        res = finetune_restorer(restorer, pairs, list(hq_images), fcfg, workdir / CHECKPOINTS, progress=progress,
                           should_cancel=should_cancel, value_range=base_value_range(zoo, job))
     sd = {k: v.detach().to("cpu").contiguous() for k, v in res.ema.state_dict().items()}
     tmp = model_path.with_name(f".{model_path.name}.tmp{os.getpid()}")

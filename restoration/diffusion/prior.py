@@ -31,7 +31,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from restoration.diffusion import gaussian as dm
+from restoration.diffusion.gaussian import (GaussianDiffusion, create_gaussian_diffusion, get_named_beta_schedule,
+                                            linear_beta_schedule, space_timesteps)
 from restoration.diffusion.resample import LowPass
 from restoration.diffusion.samplers import constrained_sample, constrained_sample_ddim
 from restoration.models.zoo import Zoo
@@ -49,7 +50,7 @@ class Prior:
     ``self.image_size`` and implement :meth:`model_fn` and :attr:`device`.
     """
 
-    diffusion: dm.GaussianDiffusion
+    diffusion: GaussianDiffusion
     image_size: int
 
     # -- to implement -------------------------------------------------------------------
@@ -161,10 +162,10 @@ class IDDPMPrior(Prior):
         image_size: default ``unet.image_size`` if the module has it, else 512.
     """
 
-    def __init__(self, unet: torch.nn.Module, diffusion: dm.GaussianDiffusion | None = None,
+    def __init__(self, unet: torch.nn.Module, diffusion: GaussianDiffusion | None = None,
                  image_size: int | None = None):
         self.unet = unet.eval() if isinstance(unet, torch.nn.Module) else unet
-        self.diffusion = diffusion or dm.create_gaussian_diffusion()
+        self.diffusion = diffusion or create_gaussian_diffusion()
         self.image_size = int(image_size or getattr(unet, "image_size", 512))
         if not self.diffusion.learn_sigma:
             raise ValueError("IDDPMPrior expects a learned-range diffusion (6-channel iddpm_unet)")
@@ -203,11 +204,11 @@ class IDDPMPrior(Prior):
             d["timestep_respacing"] = respacing
         if isinstance(d.get("timestep_respacing"), int):
             d["timestep_respacing"] = str(d["timestep_respacing"])
-        known = set(inspect.signature(dm.create_gaussian_diffusion).parameters)
+        known = set(inspect.signature(create_gaussian_diffusion).parameters)
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"prior {name!r}: unknown diffusion settings in its card: {unknown}")
-        diff = dm.create_gaussian_diffusion(**d)
+        diff = create_gaussian_diffusion(**d)
         return cls(zoo.load(name, device=device), diff, image_size=card.input_size)
 
 
@@ -243,13 +244,13 @@ class DiffusersPrior(Prior):
             raise ValueError(f"UNet2DModel with in={in_ch}, out={out_ch} channels is neither eps (out=in) "
                              f"nor eps+learned-range (out=2*in)")
         if beta_schedule == "linear":
-            betas = dm.linear_beta_schedule(num_train_timesteps, beta_start, beta_end)
+            betas = linear_beta_schedule(num_train_timesteps, beta_start, beta_end)
         elif beta_schedule in ("squaredcos_cap_v2", "cosine"):
-            betas = dm.get_named_beta_schedule("cosine", num_train_timesteps)
+            betas = get_named_beta_schedule("cosine", num_train_timesteps)
         else:
             raise ValueError(f"unsupported beta_schedule {beta_schedule!r} (linear or squaredcos_cap_v2)")
-        use = dm.space_timesteps(num_train_timesteps, timestep_respacing) if timestep_respacing else None
-        self.diffusion = dm.GaussianDiffusion(betas, use, learn_sigma=learn_sigma, sigma_small=sigma_small)
+        use = space_timesteps(num_train_timesteps, timestep_respacing) if timestep_respacing else None
+        self.diffusion = GaussianDiffusion(betas, use, learn_sigma=learn_sigma, sigma_small=sigma_small)
         size = cfg.sample_size
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
 

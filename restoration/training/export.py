@@ -9,7 +9,7 @@ import torch
 
 from restoration.data import faces as D
 from restoration.models.zoo import Zoo
-from restoration.training import state
+import restoration.training.state as state
 from restoration.training.recipes import DIFFUSION_DEFAULT, PSEUDO_TARGET_DEFAULTS_REFERENCE
 from restoration.training.runs import last_checkpoint
 

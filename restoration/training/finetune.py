@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from restoration.configs import strict_from_dict
 from restoration.models.io import run_restorer
 from restoration.runtime import Cancelled, CancelFn, ProgressFn, resolve_device
-from restoration.training import state
+import restoration.training.state as state
 from restoration.training.batches import sample_pairs, stack_uint8, to_float
 from restoration.training.discriminators import UNetDiscriminatorSN
 from restoration.training.ema import ema_update, make_ema, warmup_decay

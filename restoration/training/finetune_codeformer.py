@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from restoration.configs import strict_from_dict
 from restoration.runtime import CancelFn, ProgressFn, resolve_device
-from restoration.training import state
+import restoration.training.state as state
 from restoration.training.batches import sample_pairs
 from restoration.training.ema import ema_update, make_ema
 from restoration.training.finetune import (

@@ -28,7 +28,7 @@ from restoration.models.archs import build
 from restoration.models.checkpoints import load_strict
 from restoration.models.zoo import CARD, Zoo
 from restoration.runtime import ProgressFn
-from restoration.training import state
+import restoration.training.state as state
 from restoration.training.batches import EpochBatches, load_faces
 from restoration.training.recipes import TrainConfig
 
