@@ -12,12 +12,12 @@ import torch
 
 from restoration.adaptation.color import color_correction
 from restoration.adaptation.config import AdaptConfig, apply_prior_defaults
-from restoration.adaptation.files import save_png, write_json
+from restoration.adaptation.files import write_json
 from restoration.adaptation.gate import GATE, gate_verdict, prior_naturalness
 from restoration.adaptation.loaders import base_value_range, job_device, load_adapted, load_prior, zoo_or_default
 from restoration.adaptation.pseudo import generate_pseudo_targets, restore_batch, target_name
 from restoration.adaptation.workdir import EVAL_TARGETS, GRID, METRICS, items, prepared_file, read_job
-from restoration.faces.imageio import load_image
+from restoration.faces.imageio import load_image, save_image
 from restoration.models.io import to_uint8
 from restoration.metrics import quality as M
 from restoration.runtime import CancelFn, ProgressFn, check_cancel
@@ -156,6 +156,6 @@ def evaluate(
     out = {"split": split, "count": len(its), "has_gt": has_gt, "lowpass_down_N": lp_factor,
            "metrics": summary, "gate": gate, "color_correction": color_correction(workdir, zoo=zoo), "grid": GRID,
            "grid_columns": ["input", "base", "adapted"] + (["pseudo target"] if targets else []) + (["gt"] if has_gt else [])}
-    save_png(_grid(grid_rows), workdir / GRID)
+    save_image(workdir / GRID, _grid(grid_rows))
     write_json(workdir / METRICS, out)
     return out

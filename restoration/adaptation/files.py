@@ -1,4 +1,5 @@
-"""Crash-safe file writes of the adaptation work dirs: JSON, PNG (temp file + rename) and fsync'ed JSON lines.
+"""Crash-safe file writes of the adaptation work dirs: JSON (temp file + rename) and fsync'ed JSON lines; images go
+through `restoration.faces.save_image` (temp file + rename too).
 
 A killed stage leaves every file either whole or absent (the temp files start with '.'), and at worst a torn last
 line in an append-only manifest, which its reader ignores.
@@ -9,10 +10,8 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 
-__all__ = ["write_json", "read_json", "save_png", "append_line"]
+__all__ = ["write_json", "read_json", "append_line"]
 
 
 def _tmp(path: Path) -> Path:
@@ -29,14 +28,6 @@ def write_json(path: Path, obj) -> None:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
-
-
-def save_png(arr: np.ndarray, path: Path) -> None:
-    """An HxWx3 uint8 array as a PNG, written atomically; parent folders are made."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp(path)
-    Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
-    os.replace(tmp, path)
 
 
 def append_line(path: Path, record: dict) -> None:

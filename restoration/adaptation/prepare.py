@@ -15,13 +15,13 @@ from typing import Sequence
 import numpy as np
 
 from restoration.adaptation.config import AdaptConfig
-from restoration.adaptation.files import read_json, save_png, write_json
+from restoration.adaptation.files import read_json, write_json
 from restoration.adaptation.loaders import zoo_or_default
 from restoration.adaptation.workdir import CROPS, GT, JOB, MANIFEST
 from restoration.faces.alignment import template_for_card
 from restoration.faces.detection import Face
 from restoration.faces.helper import FaceHelper
-from restoration.faces.imageio import load_image
+from restoration.faces.imageio import load_image, save_image
 from restoration.models.io import to_tensor, to_uint8
 from restoration.models.zoo import sha256_file
 from restoration.runtime import CancelFn, ProgressFn, check_cancel
@@ -192,11 +192,11 @@ def prepare(
             used_ids.add(iid)
             rec = {"id": iid, "source": str(p), "source_sha256": shas[str(p)], "split": split,
                    "crop": f"{Path(CROPS).name}/{iid}.png"}
-            save_png(crop, workdir / CROPS / f"{iid}.png")
+            save_image(workdir / CROPS / f"{iid}.png", crop)
             if info is not None:
                 rec["face"] = info
             if str(p) in gt_map:
-                save_png(_resize(load_image(gt_map[str(p)]), size), workdir / GT / f"{iid}.png")
+                save_image(workdir / GT / f"{iid}.png", _resize(load_image(gt_map[str(p)]), size))
                 rec["gt"] = f"{Path(GT).name}/{iid}.png"
             items.append(rec)
         if progress is not None:

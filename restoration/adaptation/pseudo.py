@@ -29,10 +29,10 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from restoration.adaptation.files import append_line, save_png
+from restoration.adaptation.files import append_line
 from restoration.configs import strict_from_dict
 from restoration.diffusion.samplers import SamplingCancelled
-from restoration.faces.imageio import load_image
+from restoration.faces.imageio import load_image, save_image
 from restoration.models.io import run_restorer
 from restoration.runtime import Cancelled, CancelFn, ProgressFn
 
@@ -332,9 +332,9 @@ def generate_pseudo_targets(
             if gains is not None:
                 rec["color_gains"] = gains
             if params.save_x0:
-                save_png(_to_uint8(x0[k]), out_dir / f"{i}.x0.png")
+                save_image(out_dir / f"{i}.x0.png", _to_uint8(x0[k]))
                 rec["x0"] = f"{i}.x0.png"
-            save_png(_to_uint8(target[k]), out_dir / target_name(i))
+            save_image(out_dir / target_name(i), _to_uint8(target[k]))
             append_line(manifest, rec)
         generated += len(batch_ids)
         if progress is not None:
