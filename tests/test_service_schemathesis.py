@@ -56,8 +56,10 @@ def test_openapi_fuzzing_no_5xx(service_stack, tenant_b, tmp_path):
     report = tmp_path / "report"
     cmd = [str(Path(PY).parent / "schemathesis"), "run", str(tmp_path / "openapi.json"), "--url", st.url, "-H", auth,
            "--checks", CHECKS, "--max-examples", str(EXAMPLES_PER_OPERATION), "--seed", SEED,
-           "--phases", "examples,coverage,fuzzing", "--workers", "2", "--request-timeout", "60", "--no-shrink",
+           "--phases", "examples,coverage,fuzzing", "--workers", "1", "--request-timeout", "60", "--no-shrink",
            "--suppress-health-check", "all", "--report", "ndjson,junit", "--report-dir", str(report)]
+    # one worker thread: under CPython 3.11, hypothesis' lambda descriptions call ast.parse from several threads at
+    # once and can fail with "SystemError: AST constructor recursion depth mismatch" (a CI run stopped on it)
     env = {**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"}
     before = {j["id"] for j in st.client.get("/v1/adaptations", headers=st.auth(tenant_b)).json()}
     try:
