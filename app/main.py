@@ -14,9 +14,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from app import web
 from app.api import adaptations, datasets, health, models, restore
 from app.auth import DOC_PATHS, keys_required, private_route_error
-from app.errors import UnexpectedErrorMiddleware
+from app.errors import UnexpectedErrorMiddleware, document_errors
 from app.limits import BodyLimitMiddleware
 from app.metrics import LATENCY, REQUESTS
+from app.schemas import ErrorBody
 from app.serving import get_cache
 from restoration.faces import demo_model_warning
 from restoration.models import Zoo
@@ -109,8 +110,11 @@ def create_app(run_startup: bool = True) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        if exc.status_code == 405:  # Allow: every method of the path, not only those of the first route that matched
+            headers = {**(headers or {}), "Allow": ", ".join(_path_methods(request.app, request.url.path))}
         return JSONResponse({"error": "http_error", "detail": str(exc.detail)}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers)
 
     for module in (health, restore, datasets, adaptations, models):
         app.include_router(module.router)
@@ -122,11 +126,62 @@ def create_app(run_startup: bool = True) -> FastAPI:
     return app
 
 
+def _path_methods(app: FastAPI, path: str) -> list[str]:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        regex = getattr(route, "path_regex", None)
+        if regex is not None and getattr(route, "methods", None) and regex.match(path):
+            methods |= route.methods
+    return sorted(methods)
+
+
+TEXT = {"schema": {"type": "string"}}
+HEALTH_SCHEMAS = {
+    ("/healthz", "200"): {"description": "the process is up", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok"]}}}}}},
+    ("/readyz", "200"): {"description": "ready: every check is ok", "content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/Readiness"}}}},
+    ("/readyz", "503"): {"description": "not ready: `checks` says which check failed", "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}},
+    ("/metrics", "200"): {"description": "Prometheus metrics (text exposition format)",
+                          "content": {"text/plain": TEXT}},
+    ("/metrics", "401"): {"description": "keys are required and the metrics token is missing or wrong",
+                          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}},
+}
+READINESS = {"title": "Readiness", "type": "object", "required": ["status", "checks"], "properties": {
+    "status": {"type": "string", "enum": ["ready", "not ready"]},
+    "checks": {"type": "object", "additionalProperties": {"type": "string"},
+               "description": "database, broker, storage, default_model: 'ok' or the error"}}}
+
+
+def _strict_forms(schema: dict) -> None:
+    """Multipart forms as strict as the server: a form field is never null (leave it out for its default), and a
+    file part is never empty."""
+    for name, comp in schema.get("components", {}).get("schemas", {}).items():
+        if not name.startswith("Body_"):
+            continue
+        for prop in comp.get("properties", {}).values():
+            options = prop.get("anyOf")
+            if options and {"type": "null"} in options:
+                rest = [o for o in options if o != {"type": "null"}]
+                prop.pop("anyOf")
+                prop.update(rest[0] if len(rest) == 1 else {"anyOf": rest})
+            for part in (prop, prop.get("items") or {}):
+                if part.get("type") == "string" and (part.get("format") == "binary" or "contentMediaType" in part):
+                    part["minLength"] = 1
+            if prop.get("type") == "array":
+                prop["minItems"] = 1
+
+
 def _openapi_with_error_bodies(app: FastAPI):
-    """The spec documents the 422 body the API really sends (`validation_error` above), not FastAPI's default."""
+    """The spec tells what the API really answers: the 422 body of `validation_error` above (not FastAPI's default),
+    every error status of each operation with its JSON body (app.errors.document_errors), /metrics as text, the
+    health answers, and multipart forms as strict as the server."""
     base = app.openapi
 
     def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
         schema = base()
         comps = schema.get("components", {}).get("schemas", {})
         if "HTTPValidationError" in comps:
@@ -139,6 +194,14 @@ def _openapi_with_error_bodies(app: FastAPI):
                         "type": "object", "properties": {"loc": {"type": "array", "items": {}}, "msg": {"type": "string"}}}},
                 },
             }
+        document_errors(schema, ErrorBody.model_json_schema(), keys_always=get_settings().require_keys)
+        schema["components"]["schemas"]["Readiness"] = READINESS
+        for (path, code), resp in HEALTH_SCHEMAS.items():
+            op = schema["paths"].get(path, {}).get("get")
+            if op is not None:
+                op["responses"][code] = resp
+        _strict_forms(schema)
+        app.openapi_schema = schema
         return schema
 
     return openapi

@@ -4,16 +4,21 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.rows import JOB_STATUSES
+from service.webhooks import EVENT_TYPES, URL_PATTERN
 
 JobStatus = Literal[JOB_STATUSES]  # the OpenAPI enum of a job's status
+WebhookEvent = Literal[EVENT_TYPES]
 
 
 class ErrorBody(BaseModel):
-    error: str
-    detail: str
+    """Every error answer: a stable code, a sentence for people, and extra fields of some codes (e.g. `limit`)."""
+    model_config = ConfigDict(extra="allow")
+
+    error: str = Field(description="stable error code, e.g. job_not_found, limit_exceeded, unauthorized")
+    detail: str = Field(description="what went wrong and what to do about it")
 
 
 class FaceOut(BaseModel):
@@ -64,6 +69,18 @@ class AdaptationIn(BaseModel):
     name: str = Field(description="name the adapted model is registered under (lowercase letters, digits, '.', '_', '-')")
     params: dict[str, Any] = Field(default_factory=dict, description="optional engine parameters (AdaptConfig fields)")
     shards: int | None = Field(default=None, ge=1, le=64, description="parallel pseudo-target shards (default: settings)")
+    webhook: str | None = Field(default=None, max_length=2048, pattern=URL_PATTERN, description=(
+        "URL called back (POST, JSON, signed: see docs/SERVICE.md) on the job's `webhook_events`; it must be under "
+        "one of the server's FACEADAPT_WEBHOOK_ALLOWED_URLS prefixes (none by default: 403 webhook_not_allowed)"))
+    webhook_events: list[WebhookEvent] | None = Field(default=None, min_length=1, description=(
+        "which changes call the webhook (default [\"completed\"]): start (the first stage started), stage (a stage "
+        "started), logs (every job event), completed (succeeded, failed or cancelled)"))
+
+    @model_validator(mode="after")
+    def _events_need_a_webhook(self):
+        if self.webhook_events is not None and self.webhook is None:
+            raise ValueError("webhook_events needs a webhook URL")
+        return self
 
 
 class Progress(BaseModel):
@@ -75,6 +92,7 @@ class Progress(BaseModel):
 
 
 class EventOut(BaseModel):
+    id: int = Field(description="the event's id: increasing within a job, the cursor of `after` and Last-Event-ID")
     ts: datetime
     stage: str | None
     kind: str
@@ -98,6 +116,21 @@ class AdaptationOut(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+
+
+class EventPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventOut] = Field(description="the events after the cursor, oldest first")
+    has_more: bool = Field(description="more events follow: ask again with after=last_id")
+    last_id: int | None = Field(description="the id of the last event of this page (the next `after`); null when "
+                                "the page is empty")
+
+
+class WebhookSecretOut(BaseModel):
+    secret: str = Field(description="the HMAC-SHA256 key of the FaceAdapt-Signature header of this tenant's webhooks")
+    created_at: datetime
+    previous_valid_until: datetime | None = Field(None, description="after a rotation: until when deliveries also "
+                                                  "carry a signature made with the previous secret")
 
 
 class ModelOut(BaseModel):
