@@ -17,7 +17,7 @@ from app.auth import DOC_PATHS, keys_required, private_route_error
 from app.errors import UnexpectedErrorMiddleware, document_errors
 from app.limits import BodyLimitMiddleware
 from app.metrics import LATENCY, REQUESTS
-from app.schemas import ErrorBody
+from app.schemas import ErrorBody, params_schema
 from app.serving import get_cache
 from restoration.faces import demo_model_warning
 from restoration.models import Zoo
@@ -92,7 +92,8 @@ def create_app(run_startup: bool = True) -> FastAPI:
     async def guard_private_routes(request: Request, call_next):
         """/metrics and the API docs are not open when API keys are required (app.auth.private_route_error)."""
         path = request.url.path
-        if (path == "/metrics" or path in DOC_PATHS) and keys_required(request.scope):
+        private = path == "/metrics" or path in DOC_PATHS
+        if private and request.method in ("GET", "HEAD") and keys_required(request.scope):  # others: the router's 405
             err = await run_in_threadpool(private_route_error, path, request.headers.get("authorization"))
             if err is not None:
                 return JSONResponse(err.body(), status_code=err.status, headers={"WWW-Authenticate": "Bearer"})
@@ -173,6 +174,41 @@ def _strict_forms(schema: dict) -> None:
                 prop["minItems"] = 1
 
 
+#: OpenAPI links: where an answer's id goes next (generated clients and stateful testers follow them)
+LINKS = {
+    ("/v1/datasets", "post", "201"): {
+        "GetDataset": ("get", "/v1/datasets/{dataset_id}", {"dataset_id": "$response.body#/id"}, None),
+        "DeleteDataset": ("delete", "/v1/datasets/{dataset_id}", {"dataset_id": "$response.body#/id"}, None),
+        "AdaptToDataset": ("post", "/v1/adaptations", None, {"dataset_id": "$response.body#/id", "name": "adapted"}),
+    },
+    ("/v1/adaptations", "post", "202"): {
+        "GetAdaptation": ("get", "/v1/adaptations/{job_id}", {"job_id": "$response.body#/id"}, None),
+        "ListEvents": ("get", "/v1/adaptations/{job_id}/events", {"job_id": "$response.body#/id"}, None),
+        "GetGrid": ("get", "/v1/adaptations/{job_id}/grid", {"job_id": "$response.body#/id"}, None),
+        "CancelAdaptation": ("post", "/v1/adaptations/{job_id}/cancel", {"job_id": "$response.body#/id"}, None),
+    },
+    ("/v1/models", "get", "200"): {
+        "GetModel": ("get", "/v1/models/{model_id}", {"model_id": "$response.body#/0/id"}, None),
+    },
+}
+
+
+def _add_links(schema: dict) -> None:
+    for (path, method, code), links in LINKS.items():
+        resp = schema["paths"].get(path, {}).get(method, {}).get("responses", {}).get(code)
+        if resp is None:
+            continue
+        out = resp.setdefault("links", {})
+        for name, (to_method, to_path, params, body) in links.items():
+            op_id = schema["paths"][to_path][to_method]["operationId"]
+            link = {"operationId": op_id}
+            if params:
+                link["parameters"] = params
+            if body:
+                link["requestBody"] = body
+            out[name] = link
+
+
 def _openapi_with_error_bodies(app: FastAPI):
     """The spec tells what the API really answers: the 422 body of `validation_error` above (not FastAPI's default),
     every error status of each operation with its JSON body (app.errors.document_errors), /metrics as text, the
@@ -196,11 +232,13 @@ def _openapi_with_error_bodies(app: FastAPI):
             }
         document_errors(schema, ErrorBody.model_json_schema(), keys_always=get_settings().require_keys)
         schema["components"]["schemas"]["Readiness"] = READINESS
+        schema["components"]["schemas"]["AdaptationIn"]["properties"]["params"] = params_schema(get_settings())
         for (path, code), resp in HEALTH_SCHEMAS.items():
             op = schema["paths"].get(path, {}).get("get")
             if op is not None:
                 op["responses"][code] = resp
         _strict_forms(schema)
+        _add_links(schema)
         app.openapi_schema = schema
         return schema
 

@@ -111,9 +111,10 @@ def get_secret(s: Session, tenant_id: str) -> WebhookSecret:
 
 def rotate_secret(s: Session, tenant_id: str) -> WebhookSecret:
     """A new signing secret; the old one still signs (a second `v1=`) for `webhook_secret_grace_s`."""
-    row = get_secret(s, tenant_id)
+    get_secret(s, tenant_id)
     row = s.scalar(select(WebhookSecret).where(WebhookSecret.tenant_id == tenant_id).with_for_update())
-    row.previous_secret, row.previous_until = row.secret, utcnow() + timedelta(seconds=get_settings().webhook_secret_grace_s)
+    grace = timedelta(seconds=get_settings().webhook_secret_grace_s)
+    row.previous_secret, row.previous_until = row.secret, utcnow() + grace
     row.secret, row.created_at = _new_secret(), utcnow()
     s.commit()
     return row

@@ -121,10 +121,10 @@ def _poll(tenant_id: str, job_id: str, cursor: int, limit: int = 200) -> tuple[d
 def _resume_point(after: int | None, last_event_id: str | None) -> int:
     if last_event_id is not None and last_event_id.strip():
         v = last_event_id.strip()
-        if not v.isdigit() or int(v) > MAX_EVENT_ID:
+        if not (v.isascii() and v.isdigit()):
             raise ServiceError(422, "bad_last_event_id", "Last-Event-ID must be an event id this stream sent "
-                               f"(an integer 0..{MAX_EVENT_ID})")
-        return int(v)
+                               "(digits only)")
+        return min(int(v), MAX_EVENT_ID)  # past every event: only what comes next
     return after or 0
 
 
@@ -135,10 +135,10 @@ def _resume_point(after: int | None, last_event_id: str | None) -> int:
     "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
 async def stream_adaptation(
         request: Request, job_id: str, principal: Principal = CurrentPrincipal,
-        after: int | None = Query(None, ge=0, le=MAX_EVENT_ID, description="start after this event id (as "
+        after: int = Query(None, ge=0, le=MAX_EVENT_ID, description="start after this event id (as "
                                   "Last-Event-ID, for clients that cannot set headers)"),
-        last_event_id: str | None = Header(None, description="resume after this event id (browsers send it when they "
-                                            "reconnect)")):
+        last_event_id: str = Header(None, json_schema_extra={"pattern": "^[0-9]+$"}, description=(
+            "resume after this event id (browsers send it when they reconnect)"))):
     """Follow a job live as server-sent events: its state at once, then every change and every event until the job
     ends. A reconnect with `Last-Event-ID` resumes after the last event received. The stream holds no database
     session between its looks at the job (every `stream_poll_s`) and closes after `stream_max_s` (reconnect)."""
