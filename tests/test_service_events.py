@@ -136,3 +136,84 @@ def test_stream_ends_when_a_job_is_cancelled(service_stack, tenant_a):
     msgs = stream(st, tenant_a, job_id)
     assert msgs[-1]["event"] == "end" and msgs[-1]["data"]["status"] == "cancelled"
     assert any(m.get("event") == "event" and "cancel" in m["data"]["message"] for m in msgs)
+
+
+# ------------------------------------------------------------------------------------------------ in-process
+@pytest.fixture()
+def quiet_db(tmp_path):
+    """A fresh PostgreSQL database (migrated) that no worker watches, and this process's settings pointing at it with
+    a fast stream (poll 0.1 s, heartbeat 0.3 s, at most 2 s) and fast webhook retries; restored afterwards."""
+    import os
+
+    import psycopg
+
+    from service.settings import get_settings
+    from test_service_harness import PG_ADMIN
+
+    name = f"faceadapt_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    env = {"FACEADAPT_HOME": str(tmp_path), "FACEADAPT_DATABASE_URL": url, "FACEADAPT_REQUIRE_KEYS": "true",
+           "FACEADAPT_STREAM_POLL_S": "0.1", "FACEADAPT_STREAM_HEARTBEAT_S": "0.3", "FACEADAPT_STREAM_MAX_S": "2",
+           "FACEADAPT_WEBHOOK_RETRY_BASE_S": "0.05", "FACEADAPT_WEBHOOK_MAX_ATTEMPTS": "2",
+           "FACEADAPT_WEBHOOK_TIMEOUT_S": "2"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    get_settings.cache_clear()
+    from service.db import migrate
+
+    migrate(url)
+    try:
+        yield url
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        get_settings.cache_clear()
+        from service.db import dispose_engines
+
+        dispose_engines()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def running_job(webhook: str | None = None, events: list[str] | None = None) -> tuple[str, str]:
+    """A tenant with a key and a job that is 'finetuning' with no worker behind it (nothing will change it)."""
+    from service.db import session
+    from service.rows import Job, JobEvent
+    from service.tenants import create_key, find_tenant
+
+    with session() as s:
+        key = create_key(s, "quiet")
+        tenant = find_tenant(s, "quiet")
+        job = Job(tenant_id=tenant.id, base_model="m", name=f"j-{uuid.uuid4().hex[:6]}", status="finetuning",
+                  stage="finetune", progress_done=3, progress_total=10)
+        s.add(job)
+        s.flush()
+        s.add(JobEvent(job_id=job.id, stage="finetune", message="finetune: started"))
+        s.commit()
+        job.webhook_url, job.webhook_events = webhook, events  # from now on (no change of the job itself)
+        s.commit()
+        return key, job.id
+
+
+def test_stream_sends_heartbeats_and_closes_after_its_longest_time(quiet_db):
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    key, job_id = running_job()
+    with TestClient(create_app(run_startup=False)) as client:
+        with client.stream("GET", f"/v1/adaptations/{job_id}/stream", headers={"Authorization": f"Bearer {key}"}) as r:
+            assert r.status_code == 200 and r.headers["cache-control"] == "no-cache"
+            msgs = read_sse(r)
+    kinds = [m.get("event") or ("heartbeat" if m.get("comment") == "heartbeat" else "other") for m in msgs]
+    assert kinds.count("status") == 1 and kinds.count("event") == 1, kinds  # nothing changed: one status only
+    assert kinds.count("heartbeat") >= 3, kinds  # 2 s of silence at one heartbeat per 0.3 s
+    assert "end" not in kinds  # the job goes on: the stream closed at stream_max_s, the client reconnects
+    status = next(m for m in msgs if m.get("event") == "status")
+    assert status["data"]["progress"]["done"] == 3 and status["data"]["status"] == "finetuning"
+    assert status["id"] == next(m for m in msgs if m.get("event") == "event")["id"]

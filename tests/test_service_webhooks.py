@@ -24,6 +24,7 @@ class Receiver:
     def __init__(self, port: int):
         self.calls: list[dict] = []
         self.fail: dict[str, int] = {}
+        self.redirect: dict[str, str] = {}
         self.lock = threading.Lock()
         outer = self
 
@@ -36,7 +37,9 @@ class Receiver:
                     failing = outer.fail.get(self.path, 0) > 0
                     if failing:
                         outer.fail[self.path] -= 1
-                self.send_response(500 if failing else 204)
+                self.send_response(302 if self.path in outer.redirect else 500 if failing else 204)
+                if self.path in outer.redirect:
+                    self.send_header("Location", outer.redirect[self.path])
                 self.end_headers()
 
             def log_message(self, *args):
@@ -211,3 +214,101 @@ def test_live_stream_and_webhooks_of_one_job(service_stack, tenant_a, dataset, r
     assert done["job"]["status"] == "succeeded" and done["job"]["model_id"]
     key = secret(st, tenant_a)
     assert all(verify(key, c["headers"]["FaceAdapt-Signature"], c["body"]) for c in calls)
+
+
+# ------------------------------------------------------------------------------------------------ in-process
+from test_service_events import quiet_db, running_job  # noqa: E402,F401 - the fixture and its job
+
+
+def deliveries(job_id: str) -> list:
+    from sqlalchemy import select
+
+    from service.db import session
+    from service.rows import WebhookDelivery
+
+    with session() as s:
+        return list(s.scalars(select(WebhookDelivery).where(WebhookDelivery.job_id == job_id)
+                              .order_by(WebhookDelivery.created_at)).all())
+
+
+def test_outbox_rows_live_and_die_with_the_jobs_transaction(quiet_db):
+    from service.db import session
+    from service.jobs import event, fail
+    from service.rows import Job
+
+    _, job_id = running_job("http://127.0.0.1:9/hooks/x", ["stage", "logs", "completed"])
+    assert deliveries(job_id) == []  # made before any change
+    with session() as s:  # a change rolled back leaves no delivery behind
+        job = s.get(Job, job_id)
+        fail(s, job, "finetune", "boom")
+        s.flush()
+        assert len(deliveries(job_id)) == 0  # not visible outside the transaction
+        s.rollback()
+    assert deliveries(job_id) == []
+    with session() as s:
+        job = s.get(Job, job_id)
+        job.stage = "evaluate"
+        event(s, job_id, "evaluate: started", "evaluate")
+        fail(s, job, "evaluate", "boom")
+        s.commit()
+    rows = deliveries(job_id)
+    kinds = sorted(r.event for r in rows)
+    assert kinds == ["completed", "logs", "logs", "stage"], kinds
+    done = next(r for r in rows if r.event == "completed")
+    assert done.payload["job"]["status"] == "failed" and done.payload["job"]["error"] == "boom"
+    assert done.status == "pending" and done.url == "http://127.0.0.1:9/hooks/x"
+
+
+def test_delivery_retries_then_gives_up_and_never_follows_redirects(quiet_db, tmp_path):
+    import os
+
+    from service.settings import get_settings
+    from service.webhooks import deliver_due
+
+    port = __import__("test_service_harness").free_port()
+    receiver = Receiver(port)
+    os.environ["FACEADAPT_WEBHOOK_ALLOWED_URLS"] = f"http://127.0.0.1:{port}/hooks/"
+    get_settings.cache_clear()
+    try:
+        receiver.fail["/hooks/down"] = 10
+        _, job_id = running_job(f"http://127.0.0.1:{port}/hooks/down", ["completed"])
+        from service.db import session
+        from service.jobs import fail
+        from service.rows import Job
+
+        with session() as s:
+            fail(s, s.get(Job, job_id), "finetune", "boom")
+            s.commit()
+        deadline = time.time() + 20
+        while deliveries(job_id)[0].status == "pending":
+            assert time.time() < deadline
+            deliver_due()
+            time.sleep(0.05)
+        row = deliveries(job_id)[0]
+        assert (row.status, row.attempts, row.last_error) == ("failed", 2, "HTTP 500")  # max attempts 2
+        assert len(receiver.on("/hooks/down")) == 2
+        # a redirect is a failure, never followed (it could point anywhere)
+        receiver.redirect["/hooks/moved"] = f"http://127.0.0.1:{port}/hooks/target"
+        _, job3 = running_job(f"http://127.0.0.1:{port}/hooks/moved", ["completed"])
+        with session() as s:
+            fail(s, s.get(Job, job3), "finetune", "boom")
+            s.commit()
+        deliver_due()
+        row = deliveries(job3)[0]
+        assert row.last_error == "HTTP 302" and row.status == "pending" and row.attempts == 1
+        assert len(receiver.on("/hooks/moved")) == 1 and not receiver.on("/hooks/target")
+        # a URL taken off the allow-list after the job was made is not called at all
+        _, job2 = running_job(f"http://127.0.0.1:{port}/hooks/gone", ["completed"])
+        os.environ["FACEADAPT_WEBHOOK_ALLOWED_URLS"] = f"http://127.0.0.1:{port}/other/"
+        get_settings.cache_clear()
+        with session() as s:
+            fail(s, s.get(Job, job2), "finetune", "boom")
+            s.commit()
+        deliver_due()
+        row = deliveries(job2)[0]
+        assert row.status == "failed" and "no longer allowed" in row.last_error and not receiver.on("/hooks/gone")
+    finally:
+        os.environ.pop("FACEADAPT_WEBHOOK_ALLOWED_URLS", None)
+        get_settings.cache_clear()
+        receiver.server.shutdown()
+        receiver.server.server_close()
