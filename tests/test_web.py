@@ -325,10 +325,13 @@ STREAM = (": a stream cut by a proxy after two messages (the stream's format: GE
           'data:  "message": "from the stream"}\r\n\r\n')
 
 
-def stream_stub(route, calls=[]):  # noqa: B006 - counts the page's connections
+STREAM_CALLS: list[str | None] = []  # the Last-Event-ID of each connection the page made to the stand-in
+
+
+def stream_stub(route, request=None):
     """The first connection gets STREAM (then it is cut); the page reconnects, gets a 503 and falls back to polling."""
-    calls.append(route.request.headers.get("last-event-id"))
-    if len(calls) == 1:
+    STREAM_CALLS.append(route.request.headers.get("last-event-id"))
+    if len(STREAM_CALLS) == 1:
         return route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=STREAM)
     return route.fulfill(status=503, headers={"Content-Type": "application/json"},
                          body='{"error": "unavailable", "detail": "stand-in"}')
@@ -345,7 +348,7 @@ def test_cancel_adaptation(server, browser, tmp_path):
     view = page.locator("#job-view")
     expect(view).to_have_attribute("data-streamed", "2")  # both messages parsed (LF and CRLF lines, 2 data lines)
     expect(page.locator("#job-transport")).to_contain_text("polling")  # the reconnect was refused: polling
-    assert stream_stub.__defaults__[0][-1] == "999999"  # it reconnected after the last event it had
+    assert STREAM_CALLS[-1] == "999999"  # it reconnected after the last event it had
     expect(view).to_have_attribute("data-status", "finetuning", timeout=120_000)
     page.click("#job-cancel")
     expect(page.locator("#adapt-status")).to_contain_text("Cancel requested")
