@@ -215,9 +215,11 @@ def _openapi_with_error_bodies(app: FastAPI):
     health answers, and multipart forms as strict as the server."""
     base = app.openapi
 
+    made: list[dict] = []
+
     def openapi() -> dict:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
+        if made:
+            return made[0]
         schema = base()
         comps = schema.get("components", {}).get("schemas", {})
         if "HTTPValidationError" in comps:
@@ -239,7 +241,7 @@ def _openapi_with_error_bodies(app: FastAPI):
                 op["responses"][code] = resp
         _strict_forms(schema)
         _add_links(schema)
-        app.openapi_schema = schema
+        made.append(schema)
         return schema
 
     return openapi
