@@ -10,6 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 
 from app import web
 from app.api import adaptations, datasets, health, models, restore
@@ -112,8 +113,9 @@ def create_app(run_startup: bool = True) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         headers = getattr(exc, "headers", None)
-        if exc.status_code == 405:  # Allow: every method of the path, not only those of the first route that matched
-            headers = {**(headers or {}), "Allow": ", ".join(_path_methods(request.app, request.url.path))}
+        methods = _path_methods(request) if exc.status_code == 405 else None
+        if methods:  # Allow: every method of the path, not only those of the first route that matched
+            headers = {**(headers or {}), "Allow": ", ".join(methods)}
         return JSONResponse({"error": "http_error", "detail": str(exc.detail)}, status_code=exc.status_code,
                             headers=headers)
 
@@ -127,13 +129,14 @@ def create_app(run_startup: bool = True) -> FastAPI:
     return app
 
 
-def _path_methods(app: FastAPI, path: str) -> list[str]:
-    methods: set[str] = set()
-    for route in app.router.routes:
-        regex = getattr(route, "path_regex", None)
-        if regex is not None and getattr(route, "methods", None) and regex.match(path):
-            methods |= route.methods
-    return sorted(methods)
+def _path_methods(request: Request) -> list[str]:
+    """The methods some route (not a mount) of the app fully matches for this request's path."""
+    out = []
+    for method in ("DELETE", "GET", "PATCH", "POST", "PUT"):
+        scope = {**request.scope, "method": method}
+        if any(not isinstance(r, Mount) and r.matches(scope)[0] == Match.FULL for r in request.app.router.routes):
+            out.append(method)
+    return out
 
 
 TEXT = {"schema": {"type": "string"}}

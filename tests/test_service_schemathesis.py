@@ -93,3 +93,40 @@ def test_openapi_fuzzing_no_5xx(service_stack, tenant_b, tmp_path):
     assert out.returncode == 0, summary
     assert n >= MIN_CASES, (n, summary)
     assert st.client.get("/healthz").status_code == 200
+
+
+def test_405_allow_names_every_method_of_the_path(service_stack, tenant_b):
+    """A method a path does not have is 405 with `Allow` listing all the methods the path has (the router alone named
+    only those of the first route that matched the path, e.g. `OPTIONS /v1/adaptations` -> `Allow: POST`)."""
+    st = service_stack
+    for method, path, allow in [("OPTIONS", "/v1/adaptations", "GET, POST"), ("PUT", "/v1/datasets/x", "DELETE, GET"),
+                                ("PATCH", "/v1/models/x", "DELETE, GET"), ("POST", "/metrics", "GET"),
+                                ("DELETE", "/v1/adaptations/x/events", "GET"), ("TRACE", "/v1/restore", "POST")]:
+        r = st.client.request(method, path, headers=st.auth(tenant_b))
+        assert r.status_code == 405 and r.headers.get("allow") == allow, (method, path, r.headers.get("allow"))
+        assert r.json()["error"] == "http_error"
+
+
+def test_openapi_documents_errors_and_content_types(service_stack, tenant_b):
+    st = service_stack
+    spec = st.client.get("/openapi.json", headers=st.auth(tenant_b)).json()
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            codes = op["responses"]
+            if path.startswith("/v1/"):
+                assert codes["401"]["content"]["application/json"]["schema"] == error_ref, (method, path)
+                assert op["security"], (method, path)
+            if "{" in path:
+                assert "404" in codes, (method, path)
+            if method == "post":
+                assert "413" in codes, (method, path)
+    ops = spec["paths"]
+    assert set(ops["/v1/restore"]["post"]["responses"]) >= {"200", "400", "401", "404", "413", "415", "422", "503"}
+    assert set(ops["/v1/adaptations"]["post"]["responses"]) >= {"202", "403", "404", "409", "422", "429", "503"}
+    assert "403" in ops["/v1/models/{model_id}"]["delete"]["responses"]
+    assert list(ops["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    assert list(ops["/v1/adaptations/{job_id}/stream"]["get"]["responses"]["200"]["content"]) == ["text/event-stream"]
+    form = spec["components"]["schemas"]["Body_restore_v1_restore_post"]["properties"]
+    assert form["fidelity"]["type"] == "number" and "anyOf" not in form["fidelity"]  # a form field is never null
+    assert form["image"]["minLength"] == 1  # an empty upload is refused
