@@ -10,13 +10,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match, Mount
 
 from app import web
 from app.api import adaptations, datasets, health, models, restore
 from app.auth import DOC_PATHS, keys_required, private_route_error
-from app.errors import UnexpectedErrorMiddleware
+from app.errors import UnexpectedErrorMiddleware, document_errors
 from app.limits import BodyLimitMiddleware
 from app.metrics import LATENCY, REQUESTS
+from app.schemas import ErrorBody, params_schema
 from app.serving import get_cache
 from restoration.faces import demo_model_warning
 from restoration.models import Zoo
@@ -91,7 +93,8 @@ def create_app(run_startup: bool = True) -> FastAPI:
     async def guard_private_routes(request: Request, call_next):
         """/metrics and the API docs are not open when API keys are required (app.auth.private_route_error)."""
         path = request.url.path
-        if (path == "/metrics" or path in DOC_PATHS) and keys_required(request.scope):
+        private = path == "/metrics" or path in DOC_PATHS
+        if private and request.method in ("GET", "HEAD") and keys_required(request.scope):  # others: the router's 405
             err = await run_in_threadpool(private_route_error, path, request.headers.get("authorization"))
             if err is not None:
                 return JSONResponse(err.body(), status_code=err.status, headers={"WWW-Authenticate": "Bearer"})
@@ -109,8 +112,12 @@ def create_app(run_startup: bool = True) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        headers = getattr(exc, "headers", None)
+        methods = _path_methods(request) if exc.status_code == 405 else None
+        if methods:  # Allow: every method of the path, not only those of the first route that matched
+            headers = {**(headers or {}), "Allow": ", ".join(methods)}
         return JSONResponse({"error": "http_error", "detail": str(exc.detail)}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers)
 
     for module in (health, restore, datasets, adaptations, models):
         app.include_router(module.router)
@@ -122,11 +129,100 @@ def create_app(run_startup: bool = True) -> FastAPI:
     return app
 
 
+def _path_methods(request: Request) -> list[str]:
+    """The methods some route (not a mount) of the app fully matches for this request's path."""
+    out = []
+    for method in ("DELETE", "GET", "PATCH", "POST", "PUT"):
+        scope = {**request.scope, "method": method}
+        if any(not isinstance(r, Mount) and r.matches(scope)[0] == Match.FULL for r in request.app.router.routes):
+            out.append(method)
+    return out
+
+
+TEXT = {"schema": {"type": "string"}}
+HEALTH_SCHEMAS = {
+    ("/healthz", "200"): {"description": "the process is up", "content": {"application/json": {"schema": {
+        "type": "object", "required": ["status"], "properties": {"status": {"type": "string", "enum": ["ok"]}}}}}},
+    ("/readyz", "200"): {"description": "ready: every check is ok", "content": {"application/json": {"schema": {
+        "$ref": "#/components/schemas/Readiness"}}}},
+    ("/readyz", "503"): {"description": "not ready: `checks` says which check failed", "content": {
+        "application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}}}},
+    ("/metrics", "200"): {"description": "Prometheus metrics (text exposition format)",
+                          "content": {"text/plain": TEXT}},
+    ("/metrics", "401"): {"description": "keys are required and the metrics token is missing or wrong",
+                          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}},
+}
+READINESS = {"title": "Readiness", "type": "object", "required": ["status", "checks"], "properties": {
+    "status": {"type": "string", "enum": ["ready", "not ready"]},
+    "checks": {"type": "object", "additionalProperties": {"type": "string"},
+               "description": "database, broker, storage, default_model: 'ok' or the error"}}}
+
+
+def _strict_forms(schema: dict) -> None:
+    """Multipart forms as strict as the server: a form field is never null (leave it out for its default), and a
+    file part is never empty."""
+    for name, comp in schema.get("components", {}).get("schemas", {}).items():
+        if not name.startswith("Body_"):
+            continue
+        for prop in comp.get("properties", {}).values():
+            options = prop.get("anyOf")
+            if options and {"type": "null"} in options:
+                rest = [o for o in options if o != {"type": "null"}]
+                prop.pop("anyOf")
+                prop.update(rest[0] if len(rest) == 1 else {"anyOf": rest})
+            for part in (prop, prop.get("items") or {}):
+                if part.get("type") == "string" and (part.get("format") == "binary" or "contentMediaType" in part):
+                    part["minLength"] = 1
+            if prop.get("type") == "array":
+                prop["minItems"] = 1
+
+
+#: OpenAPI links: where an answer's id goes next (generated clients and stateful testers follow them)
+LINKS = {
+    ("/v1/datasets", "post", "201"): {
+        "GetDataset": ("get", "/v1/datasets/{dataset_id}", {"dataset_id": "$response.body#/id"}, None),
+        "DeleteDataset": ("delete", "/v1/datasets/{dataset_id}", {"dataset_id": "$response.body#/id"}, None),
+        "AdaptToDataset": ("post", "/v1/adaptations", None, {"dataset_id": "$response.body#/id", "name": "adapted"}),
+    },
+    ("/v1/adaptations", "post", "202"): {
+        "GetAdaptation": ("get", "/v1/adaptations/{job_id}", {"job_id": "$response.body#/id"}, None),
+        "ListEvents": ("get", "/v1/adaptations/{job_id}/events", {"job_id": "$response.body#/id"}, None),
+        "GetGrid": ("get", "/v1/adaptations/{job_id}/grid", {"job_id": "$response.body#/id"}, None),
+        "CancelAdaptation": ("post", "/v1/adaptations/{job_id}/cancel", {"job_id": "$response.body#/id"}, None),
+    },
+    ("/v1/models", "get", "200"): {
+        "GetModel": ("get", "/v1/models/{model_id}", {"model_id": "$response.body#/0/id"}, None),
+    },
+}
+
+
+def _add_links(schema: dict) -> None:
+    for (path, method, code), links in LINKS.items():
+        resp = schema["paths"].get(path, {}).get(method, {}).get("responses", {}).get(code)
+        if resp is None:
+            continue
+        out = resp.setdefault("links", {})
+        for name, (to_method, to_path, params, body) in links.items():
+            op_id = schema["paths"][to_path][to_method]["operationId"]
+            link = {"operationId": op_id}
+            if params:
+                link["parameters"] = params
+            if body:
+                link["requestBody"] = body
+            out[name] = link
+
+
 def _openapi_with_error_bodies(app: FastAPI):
-    """The spec documents the 422 body the API really sends (`validation_error` above), not FastAPI's default."""
+    """The spec tells what the API really answers: the 422 body of `validation_error` above (not FastAPI's default),
+    every error status of each operation with its JSON body (app.errors.document_errors), /metrics as text, the
+    health answers, and multipart forms as strict as the server."""
     base = app.openapi
 
+    made: list[dict] = []
+
     def openapi() -> dict:
+        if made:
+            return made[0]
         schema = base()
         comps = schema.get("components", {}).get("schemas", {})
         if "HTTPValidationError" in comps:
@@ -139,6 +235,16 @@ def _openapi_with_error_bodies(app: FastAPI):
                         "type": "object", "properties": {"loc": {"type": "array", "items": {}}, "msg": {"type": "string"}}}},
                 },
             }
+        document_errors(schema, ErrorBody.model_json_schema(), keys_always=get_settings().require_keys)
+        schema["components"]["schemas"]["Readiness"] = READINESS
+        schema["components"]["schemas"]["AdaptationIn"]["properties"]["params"] = params_schema(get_settings())
+        for (path, code), resp in HEALTH_SCHEMAS.items():
+            op = schema["paths"].get(path, {}).get("get")
+            if op is not None:
+                op["responses"][code] = resp
+        _strict_forms(schema)
+        _add_links(schema)
+        made.append(schema)
         return schema
 
     return openapi

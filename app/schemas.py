@@ -4,16 +4,23 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from service.params import FINETUNE, PSEUDO, TOP, allowed_devices
 from service.rows import JOB_STATUSES
+from service.settings import ServiceSettings
+from service.webhooks import EVENT_TYPES, URL_PATTERN
 
 JobStatus = Literal[JOB_STATUSES]  # the OpenAPI enum of a job's status
+WebhookEvent = Literal[EVENT_TYPES]
 
 
 class ErrorBody(BaseModel):
-    error: str
-    detail: str
+    """Every error answer: a stable code, a sentence for people, and extra fields of some codes (e.g. `limit`)."""
+    model_config = ConfigDict(extra="allow")
+
+    error: str = Field(description="stable error code, e.g. job_not_found, limit_exceeded, unauthorized")
+    detail: str = Field(description="what went wrong and what to do about it")
 
 
 class FaceOut(BaseModel):
@@ -57,13 +64,28 @@ class DatasetOut(BaseModel):
 
 
 class AdaptationIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+    # a misspelt field is an error, not silently ignored; webhook_events only with a webhook (as the server checks)
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"dependentRequired": {"webhook_events": ["webhook"]}})
 
     dataset_id: str
     base_model: str = "default"
-    name: str = Field(description="name the adapted model is registered under (lowercase letters, digits, '.', '_', '-')")
+    name: str = Field(json_schema_extra={"pattern": r"^[a-z0-9][a-z0-9._-]{0,63}$"},  # checked: 422 bad_name
+                      description="name the adapted model is registered under: 1-64 lowercase letters, digits, '.', "
+                      "'_' or '-', starting with a letter or digit")
     params: dict[str, Any] = Field(default_factory=dict, description="optional engine parameters (AdaptConfig fields)")
     shards: int | None = Field(default=None, ge=1, le=64, description="parallel pseudo-target shards (default: settings)")
+    webhook: str = Field(default=None, max_length=2048, pattern=URL_PATTERN, description=(
+        "URL called back (POST, JSON, signed: see docs/SERVICE.md) on the job's `webhook_events`; it must be under "
+        "one of the server's FACEADAPT_WEBHOOK_ALLOWED_URLS prefixes (none by default: 403 webhook_not_allowed)"))
+    webhook_events: list[WebhookEvent] = Field(default=None, min_length=1, description=(
+        "which changes call the webhook (default [\"completed\"]): start (the first stage started), stage (a stage "
+        "started), logs (every job event), completed (succeeded, failed or cancelled)"))
+
+    @model_validator(mode="after")
+    def _events_need_a_webhook(self):
+        if self.webhook_events is not None and self.webhook is None:
+            raise ValueError("webhook_events needs a webhook URL")
+        return self
 
 
 class Progress(BaseModel):
@@ -75,6 +97,7 @@ class Progress(BaseModel):
 
 
 class EventOut(BaseModel):
+    id: int = Field(description="the event's id: increasing within a job, the cursor of `after` and Last-Event-ID")
     ts: datetime
     stage: str | None
     kind: str
@@ -100,6 +123,21 @@ class AdaptationOut(BaseModel):
     finished_at: datetime | None = None
 
 
+class EventPage(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EventOut] = Field(description="the events after the cursor, oldest first")
+    has_more: bool = Field(description="more events follow: ask again with after=last_id")
+    last_id: int | None = Field(description="the id of the last event of this page (the next `after`); null when "
+                                "the page is empty")
+
+
+class WebhookSecretOut(BaseModel):
+    secret: str = Field(description="the HMAC-SHA256 key of the FaceAdapt-Signature header of this tenant's webhooks")
+    created_at: datetime
+    previous_valid_until: datetime | None = Field(None, description="after a rotation: until when deliveries also "
+                                                  "carry a signature made with the previous secret")
+
+
 class ModelOut(BaseModel):
     id: str
     name: str
@@ -114,3 +152,49 @@ class ModelOut(BaseModel):
 
 class ModelDetail(ModelOut):
     card: dict
+
+
+def _param_schema(spec: tuple, settings: ServiceSettings) -> dict | None:
+    kind = spec[0]
+    if kind == "bool":
+        return {"type": "boolean"}
+    if kind == "choice":
+        return {"enum": list(spec[1])}
+    if kind == "device":
+        allowed = allowed_devices(settings)
+        cuda = [{"type": "string", "pattern": "^cuda:[0-9]{1,2}$"}] if "cuda" in allowed else []
+        return {"anyOf": [{"type": "string", "enum": allowed}, *cuda]}
+    if kind == "hq_set":
+        return {"type": "string", "enum": sorted(settings.hq_sets)} if settings.hq_sets else None
+    if kind == "respacing":
+        return {"anyOf": [{"type": "string", "pattern": "^(ddim)?[0-9]{1,4}(,[0-9]{1,4}){0,15}$"},
+                          {"type": "integer", "minimum": 1, "maximum": 1000}],
+                "description": "diffusion steps: '250', 'ddim25' or comma-separated counts, 1 to 1000 in all"}
+    lo, hi = spec[1], spec[2]
+    hi = hi(settings) if callable(hi) else hi
+    if kind == "pair":
+        return {"type": "array", "items": {"type": "number", "minimum": lo, "maximum": hi}, "minItems": 2,
+                "maxItems": 2}
+    if kind in ("int", "int_or_none"):
+        out = {"type": "integer", "minimum": lo, "maximum": hi}
+        return {"anyOf": [out, {"type": "null"}]} if kind == "int_or_none" else out
+    if kind == "float_pos":
+        return {"type": "number", "exclusiveMinimum": lo, "maximum": hi}
+    return {"type": "number", "minimum": lo, "maximum": hi}
+
+
+def _table_schema(table: dict, settings: ServiceSettings) -> dict:
+    props = {k: s for k, s in ((k, _param_schema(spec, settings)) for k, spec in table.items()) if s is not None}
+    return {"type": "object", "additionalProperties": False, "properties": props}
+
+
+def params_schema(settings: ServiceSettings) -> dict:
+    """The JSON schema of `AdaptationIn.params` from the server's own bounds (service/params.py, this server's
+    settings: devices, HQ sets, the most fine-tuning steps); AdaptConfig's checks across fields stay the server's
+    (422 bad_params)."""
+    out = _table_schema(TOP, settings)
+    out["properties"]["pseudo"] = {**_table_schema(PSEUDO, settings), "description": "pseudo-target generation"}
+    out["properties"]["finetune"] = {**_table_schema(FINETUNE, settings), "description": "fine-tuning"}
+    out["description"] = ("optional engine parameters (AdaptConfig fields), each typed and bounded; unknown fields, "
+                          "values out of range and combinations AdaptConfig refuses are a 422 bad_params")
+    return out

@@ -24,6 +24,7 @@ from service.queue import start_job
 from service.registry import name_taken, resolve_model
 from service.rows import FINAL_STATUSES, Job, JobEvent, JobStep, ModelRow, Tenant, owned, utcnow
 from service.settings import get_settings
+from service.webhooks import DEFAULT_EVENTS  # importing it installs the webhook outbox hook on every Session
 
 log = logging.getLogger("faceadapt.api")
 
@@ -101,7 +102,7 @@ def check_models(session: Session, base: ModelRow, params: dict) -> None:
 
 
 def create_job(session: Session, tenant_id: str, dataset_id: str, base_model: str, name: str, params: dict,
-               shards: int | None = None) -> Job:
+               shards: int | None = None, webhook: str | None = None, webhook_events: list[str] | None = None) -> Job:
     """Create a job adapting `base_model` to a dataset under the model name `name`, with its steps, and queue it.
     Raises ServiceError (404 dataset or model, 409 name taken, 422 parameters, 429 quota, 503 broker down)."""
     settings = get_settings()
@@ -121,7 +122,8 @@ def create_job(session: Session, tenant_id: str, dataset_id: str, base_model: st
     check_models(session, base, params)
     check_active_jobs(session, tenant_id)
     job = Job(tenant_id=tenant_id, dataset_id=ds.id, base_model=base.id, name=name, params=params,
-              num_shards=min(shards or settings.target_shards, ds.image_count))
+              num_shards=min(shards or settings.target_shards, ds.image_count),
+              webhook_url=webhook, webhook_events=(webhook_events or list(DEFAULT_EVENTS)) if webhook else None)
     session.add(job)
     try:
         session.flush()
@@ -182,6 +184,13 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
         session.add(JobEvent(job_id=job.id, stage=None, kind="info", message="cancelled before it started"))
     session.commit()
     return job
+
+
+def events_after(session: Session, job_id: str, after: int, limit: int) -> list[JobEvent]:
+    """A page of a job's events, oldest first: the first `limit` with an id above `after` (the cursor). Every writer
+    of a job's events holds the job's row lock, so ids grow in commit order and a cursor never skips a late event."""
+    return list(session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+                                .order_by(JobEvent.id).limit(limit)).all())
 
 
 def status_counts(session: Session) -> dict[str, int]:

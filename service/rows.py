@@ -1,5 +1,5 @@
 """The database rows of the service (SQLAlchemy 2): tenants, api_keys, datasets, images, jobs, job_steps, job_events,
-models (the registry), blobs and blob_refs.
+models (the registry), blobs and blob_refs, webhook_secrets and webhook_deliveries (the webhook outbox).
 
 Ids are random hex strings (nothing to enumerate). The schema is created by alembic (alembic/versions); never by
 `create_all` outside tests.
@@ -111,6 +111,8 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     blobs_collected_at: Mapped[datetime | None] = mapped_column(default=None)  # its step blobs were collected (final)
+    webhook_url: Mapped[str | None] = mapped_column(Text, default=None)  # called back on `webhook_events` (webhooks.py)
+    webhook_events: Mapped[list | None] = mapped_column(default=None)
     events: Mapped[list["JobEvent"]] = relationship(cascade="all, delete-orphan", passive_deletes=True, order_by="JobEvent.id")
 
 
@@ -145,6 +147,35 @@ class JobEvent(Base):
     kind: Mapped[str] = mapped_column(String(16), default="info")  # info | progress | warning | error
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict] = mapped_column(default=dict)
+
+
+class WebhookSecret(Base):
+    """A tenant's webhook signing secret; after a rotation the previous one also signs until `previous_until`."""
+    __tablename__ = "webhook_secrets"
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    previous_secret: Mapped[str | None] = mapped_column(String(128), default=None)
+    previous_until: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class WebhookDelivery(Base):
+    """The webhook outbox: one call to make, written in the transaction of the job change it reports
+    (service/webhooks.py), sent and retried by the workers' delivery loop (worker/webhooks.py)."""
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)  # the receiver's idempotency key
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(Text)
+    event: Mapped[str] = mapped_column(String(16))  # start | stage | logs | completed
+    payload: Mapped[dict] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class ModelRow(Base):

@@ -82,6 +82,24 @@ class ServiceSettings(Settings):
                                       "nothing references any more (blobs of finished jobs are collected at job end).")
     max_zip_ratio: float = Field(default=200.0, description="Largest uncompressed/compressed size ratio of one zip entry.")
     max_zip_member_bytes: int = Field(default=50 * 1024 * 1024, description="Largest uncompressed size of one zip entry.")
+    # job events, their stream and webhooks (issue 19)
+    webhook_allowed_urls: str = Field(default="", description="Comma-separated URL prefixes a job's `webhook` may "
+                                      "start with (same scheme, host and port; the path under the prefix's), e.g. "
+                                      "'https://hooks.example.com/faceadapt/'. Empty: no webhook is allowed.")
+    webhook_timeout_s: float = Field(default=5.0, description="Longest wait for a webhook receiver's answer.")
+    webhook_max_attempts: int = Field(default=8, ge=1, description="Tries of one webhook delivery before it is "
+                                      "marked failed.")
+    webhook_retry_base_s: float = Field(default=2.0, description="Wait before the first retry of a failed webhook; "
+                                        "doubled after each failure.")
+    webhook_retry_max_s: float = Field(default=600.0, description="Longest wait between two tries of a webhook.")
+    webhook_poll_s: float = Field(default=1.0, description="How often each worker looks for webhooks to send.")
+    webhook_secret_grace_s: float = Field(default=24 * 3600.0, description="After a rotation, how long the previous "
+                                          "webhook secret still signs deliveries (a second v1= signature).")
+    stream_poll_s: float = Field(default=1.0, description="How often an open /stream looks for news of its job.")
+    stream_heartbeat_s: float = Field(default=15.0, description="A /stream with no news sends a comment line this "
+                                      "often, so proxies keep it open.")
+    stream_max_s: float = Field(default=900.0, description="A /stream closes after this long; the client reconnects "
+                                "with Last-Event-ID and goes on where it stopped.")
 
     @property
     def embedded_db_path(self) -> Path:

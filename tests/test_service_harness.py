@@ -232,6 +232,7 @@ def service_stack(tmp_path_factory):
     db_url = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{dbname}"
     home = tmp_path_factory.mktemp("faceadapt-home")
     prefix = f"fatest-{tag}:"
+    hook_port = free_port()  # webhooks may call a loopback receiver on this port only (tests/test_service_webhooks.py)
     env = dict(os.environ)
     env.update({
         "FACEADAPT_HOME": str(home),
@@ -260,6 +261,8 @@ def service_stack(tmp_path_factory):
         "FACEADAPT_REAPER_INTERVAL_S": "2",
         "FACEADAPT_TASK_MAX_ATTEMPTS": "3",
         "FACEADAPT_BLOB_GC_INTERVAL_S": "20",  # the workers' blob sweep runs all through the tests
+        "FACEADAPT_WEBHOOK_ALLOWED_URLS": f"http://127.0.0.1:{hook_port}/hooks/",
+        "FACEADAPT_WEBHOOK_RETRY_BASE_S": "1",
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
@@ -278,6 +281,7 @@ def service_stack(tmp_path_factory):
     workers.start()
     workers.start()
     stack = Stack(api.url, env, home, workers, db_url)
+    stack.webhook_port = hook_port
     try:
         wait_ready(api, logdir / "api.log")
         yield stack

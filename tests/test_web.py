@@ -293,6 +293,7 @@ def test_adapt_to_success(server, browser, tmp_path):
         details.update(t for t in page.locator(".stage.running .detail").all_inner_texts() if t)
         time.sleep(0.2)
     assert status == "succeeded", page.locator("#job-error").inner_text()
+    assert int(view.get_attribute("data-streamed") or 0) >= 3  # followed through the server's event stream
     running = [s for s in seen if s not in ("queued",)]
     assert len(running) >= 2, seen  # the progress moved through the stages on the page
     assert any(" / " in d for d in details), details  # done / total of a running stage
@@ -316,24 +317,38 @@ def test_adapt_to_success(server, browser, tmp_path):
     page.close()
 
 
-STREAM = (": GET /v1/adaptations/{id}/stream as the page reads it (a stand-in until the service serves it)\n\n"
-          "event: progress\n"
-          'data: {"stage": "prepare", "done": 1, "total": 4, "stage_elapsed_s": 0.5, "eta_s": 1.5}\n\n'
-          "event: event\r\n"
-          'data: {"ts": "2026-01-01T00:00:00Z", "stage": "prepare", "kind": "info",\r\n'
+STREAM = (": a stream cut by a proxy after two messages (the stream's format: GET /v1/adaptations/{id}/stream)\n\n"
+          "id: 0\nevent: status\n"
+          'data: {"id": "x", "status": "preparing", "progress": {"stage": "prepare", "done": 1, "total": 4}}\n\n'
+          "id: 999999\r\nevent: event\r\n"
+          'data: {"id": 999999, "ts": "2026-01-01T00:00:00Z", "stage": "prepare", "kind": "info",\r\n'
           'data:  "message": "from the stream"}\r\n\r\n')
 
 
+STREAM_CALLS: list[str | None] = []  # the Last-Event-ID of each connection the page made to the stand-in
+
+
+def stream_stub(route, request=None):
+    """The first connection gets STREAM (then it is cut); the page reconnects, gets a 503 and falls back to polling."""
+    STREAM_CALLS.append(route.request.headers.get("last-event-id"))
+    if len(STREAM_CALLS) == 1:
+        return route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=STREAM)
+    return route.fulfill(status=503, headers={"Content-Type": "application/json"},
+                         body='{"error": "unavailable", "detail": "stand-in"}')
+
+
 def test_cancel_adaptation(server, browser, tmp_path):
-    """Cancel a running job. Its stream answers two messages, then ends: the page shows them and goes on polling."""
+    """Cancel a running job. Its stream is cut after two messages and then refused: the page shows the messages,
+    reconnects after the last event it has, and goes on polling."""
     page = open_page(browser, server)
-    page.route("**/v1/adaptations/*/stream", lambda route: route.fulfill(
-        status=200, headers={"Content-Type": "text/event-stream"}, body=STREAM))
+    page.route("**/v1/adaptations/*/stream", stream_stub)
     upload_domain(page, [str(zip_of(face_files(4, offset=60), tmp_path / "faces.zip"))], "web-cancel")
     params = {**TINY_PARAMS, "finetune": {**TINY_PARAMS["finetune"], "steps": 2000, "ckpt_every": 100}}
     start_adaptation(page, "web-cancelled", params)
     view = page.locator("#job-view")
     expect(view).to_have_attribute("data-streamed", "2")  # both messages parsed (LF and CRLF lines, 2 data lines)
+    expect(page.locator("#job-transport")).to_contain_text("polling")  # the reconnect was refused: polling
+    assert STREAM_CALLS[-1] == "999999"  # it reconnected after the last event it had
     expect(view).to_have_attribute("data-status", "finetuning", timeout=120_000)
     page.click("#job-cancel")
     expect(page.locator("#adapt-status")).to_contain_text("Cancel requested")

@@ -9,4 +9,4 @@ from __future__ import annotations
 
 from service.queue import make_celery
 
-app = make_celery(include=("worker.tasks",))
+app = make_celery(include=("worker.tasks", "worker.webhooks"))  # the task; the webhook loop

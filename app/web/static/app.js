@@ -674,29 +674,37 @@
     });
   }
   function applyStreamMessage(type, data) {
-    // GET /v1/adaptations/{id}/stream: a message is a job snapshot, or a status, a progress or an event
+    // GET /v1/adaptations/{id}/stream: `status` (status and progress), `event` (one job event), `end` (it finished)
     const job = { ...state.job };
-    if (data && data.id && data.status) Object.assign(job, data);
-    else if (type === 'progress') job.progress = data;
-    else if (type === 'event') job.events = (job.events || []).concat([data]);
-    else if (data && typeof data === 'object') Object.assign(job, data);
+    if (type === 'event') {
+      const evs = job.events || [];
+      if (!evs.some((e) => e.id === data.id)) job.events = evs.concat([data]);
+    } else if (type === 'status' || type === 'end') {
+      for (const k of ['status', 'progress', 'error', 'model_id', 'cancel_requested']) if (k in data) job[k] = data[k];
+    }
     renderJob(job);
-    return FINAL.includes(job.status);
+    return type === 'end' || FINAL.includes(job.status);
   }
-  async function streamJob(id, signal) {  // true: the stream followed the job to its end
+  function lastEventId(job) {
+    return (job.events || []).reduce((m, e) => (typeof e.id === 'number' && e.id > m ? e.id : m), 0);
+  }
+  async function streamJob(id, signal) {
+    // one connection to the stream, resuming after the last event shown (Last-Event-ID); {done: the job ended,
+    // got: messages taken}. fetch() rather than EventSource: it sends the API key header.
     let res;
+    const result = { done: false, got: 0 };
     try {
-      res = await fetch(`/v1/adaptations/${encodeURIComponent(id)}/stream`,
-        { headers: authHeaders({ Accept: 'text/event-stream' }), signal });
-    } catch (e) { return false; }
-    if (!res.ok || !(res.headers.get('content-type') || '').startsWith('text/event-stream') || !res.body) return false;
+      res = await fetch(`/v1/adaptations/${encodeURIComponent(id)}/stream`, { signal,
+        headers: authHeaders({ Accept: 'text/event-stream', 'Last-Event-ID': String(lastEventId(state.job)) }) });
+    } catch (e) { return result; }
+    if (!res.ok || !(res.headers.get('content-type') || '').startsWith('text/event-stream') || !res.body) return result;
     $('job-transport').textContent = '(live: server-sent events)';
     const reader = res.body.pipeThrough(new TextDecoderStream()).getReader();
-    let buf = '', type = 'message', data = [], count = 0;
+    let buf = '', type = 'message', data = [];
     for (;;) {
       let chunk;
-      try { chunk = await reader.read(); } catch (e) { return false; }
-      if (chunk.done) return false;
+      try { chunk = await reader.read(); } catch (e) { return result; }
+      if (chunk.done) return result;
       buf += chunk.value;
       let nl;
       while ((nl = buf.search(/\r\n|\r|\n/)) >= 0) {
@@ -706,8 +714,15 @@
           if (data.length) {
             let parsed = null;
             try { parsed = JSON.parse(data.join('\n')); } catch (e) { parsed = null; }
-            if (parsed) $('job-view').dataset.streamed = String(++count);  // messages taken from the stream
-            if (parsed && applyStreamMessage(type, parsed)) { reader.cancel().catch(() => {}); return true; }
+            if (parsed) {
+              result.got += 1;
+              $('job-view').dataset.streamed = String(++state.streamed);  // messages taken from the stream
+            }
+            if (parsed && applyStreamMessage(type, parsed)) {
+              reader.cancel().catch(() => {});
+              result.done = true;
+              return result;
+            }
           }
           type = 'message'; data = [];
         } else if (line.startsWith('data:')) data.push(line.slice(5).replace(/^ /, ''));
@@ -720,11 +735,18 @@
     const ctl = new AbortController();
     state.watch = ctl;
     state.gridFor = null;
+    state.streamed = 0;
+    delete $('job-view').dataset.streamed;
     $('job-events').replaceChildren();
     $('job-result').replaceChildren();
     try {
       renderJob(await apiJSON(`/v1/adaptations/${encodeURIComponent(id)}`));
-      if (!FINAL.includes(state.job.status)) await streamJob(id, ctl.signal);
+      // follow the stream; when it is cut after some messages, reconnect where it stopped; when it gives nothing
+      // (an old server, a proxy that buffers), poll
+      for (let tries = 0; tries < 50 && !FINAL.includes(state.job.status) && !ctl.signal.aborted; tries++) {
+        const r = await streamJob(id, ctl.signal);
+        if (r.done || !r.got) break;
+      }
       $('job-transport').textContent = FINAL.includes(state.job.status) ? '' : `(polling every ${POLL_MS / 1000} s)`;
       while (!ctl.signal.aborted) {  // the fallback, and the final full answer (figures) after a stream
         const job = await apiJSON(`/v1/adaptations/${encodeURIComponent(id)}`, { signal: ctl.signal });
