@@ -3,6 +3,7 @@ the service registered on this home (its database: FACEADAPT_DATABASE_URL, or HO
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -92,9 +93,13 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="Print the mo
                    "`faceadapt restore ... --model NAME --tenant TENANT`.")
 
 
-def _short(text: str, width: int = 100) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= width else text[: width - 3].rstrip() + "..."
+def _wrap(text: str, lines: int | None = None, width: int = 100) -> str:
+    """``text`` on lines of ``width`` under a 15-column label; at most ``lines`` of them (the last ending '...')."""
+    out = textwrap.wrap(" ".join(str(text).split()), width - 15) or [""]
+    if lines is not None and len(out) > lines:
+        out = out[:lines]
+        out[-1] = out[-1][: width - 18].rstrip() + "..."
+    return ("\n" + " " * 15).join(out)
 
 
 def card_lines(card: dict, where: str) -> list[str]:
@@ -102,12 +107,12 @@ def card_lines(card: dict, where: str) -> list[str]:
     lines = [f"{card['name']}  ({where})",
              f"  kind:        {card['kind']} ({card['arch']}, {card['input_size']} px input)"]
     if card.get("description"):
-        lines.append(f"  what:        {_short(card['description'])}")
+        lines.append(f"  what:        {_wrap(card['description'], 2)}")
     if card.get("random_init"):
         lines.append("  weights:     RANDOM (an untrained stand-in)")
-    lines.append(f"  licence:     {_short(card.get('license') or 'unknown')}")
+    lines.append(f"  licence:     {_wrap(card.get('license') or 'unknown')}")
     if card.get("provenance"):
-        lines.append(f"  provenance:  {_short(card['provenance'])}")
+        lines.append(f"  provenance:  {_wrap(card['provenance'], 2)}")
     extra = card.get("extra") or {}
     for key, label in (("pseudo_target_defaults", "adapt uses"), ("finetune_defaults", "fine-tuning")):
         if extra.get(key):
@@ -146,7 +151,7 @@ def show(
         if others:
             fail(f"{exc}; the service has a model {name!r} of tenant(s) {', '.join(sorted(set(map(str, others))))}: "
                   "give --tenant", 2)
-        fail(f"{exc} (`faceadapt models list` shows the models)", 2)
+        fail(str(exc), 2)
     except ZooError as exc:
         fail(str(exc))
     out = {"card": card.to_json() | {"builtin": card.builtin, "path": card.path}, "config": cfg}

@@ -69,8 +69,8 @@ def not_an_image(f: Path) -> str | None:
     fmt = sniff_format(head)
     if fmt is None:
         text = all(32 <= b < 127 or b in (9, 10, 13) for b in head)
-        return ("not an image: the file holds text" if text else "not an image of a known format") + \
-            f" (whatever its name {f.suffix or 'says'})"
+        what = "it holds text" if text else "not a format we know"
+        return f"not an image ({what}, whatever its name says); restore reads PNG, JPEG, WebP, BMP and TIFF"
     if fmt not in ("png", "jpeg", "webp", "bmp", "tiff"):
         return f"a {fmt.upper()} file; restore reads PNG, JPEG, WebP, BMP and TIFF"
     return None
@@ -118,14 +118,14 @@ def restore(
     if not files:
         fail("no images found in the inputs", 2)
     check_outdir(outdir)
-    refused = {f: why for f in files if (why := not_an_image(f))}
+    device = check_device(device)
+    if not aligned or detector is not None:
+        detector = check_detector(detector, need_weights=not aligned)  # aligned crops need no detector
+    refused = {f: why for f in files if (why := not_an_image(f))}  # from the first bytes: nothing decoded yet
     if len(refused) == len(files):
         if len(files) == 1:
             fail(f"{files[0]}: {refused[files[0]]}", 1)
         fail(f"none of the {len(files)} inputs is an image we read (e.g. {files[0]}: {refused[files[0]]})", 1)
-    device = check_device(device)
-    if not aligned or detector is not None:
-        detector = check_detector(detector, need_weights=not aligned)  # aligned crops need no detector
     zoo = None
     if tenant is not None:  # the tenant's registered model, by the API's rules, fetched through the registry
         zoo, model = open_zoo(service_model(model or "default", tenant))
