@@ -384,7 +384,7 @@ class Restorer:
                         color: bool = False) -> list[RestoreResult]:
         """Aligned face crops of any size (many files, one network pass per `batch_size`): what `restore_image` does
         with ``aligned=True`` for each, in batches."""
-        helper = self.face_helper()
+        helper = self.face_helper("auto")  # no detection runs: any detector (and no weights) will do
         f = fidelity if fidelity is not None else self.fidelity
         results = []
         for img, (out, face) in zip(imgs, restore_aligned_crops(helper, imgs, self.restore_crops, fidelity=f,
