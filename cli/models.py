@@ -143,12 +143,8 @@ def show(
         if known is not None:  # a public checkpoint that is not pulled yet
             _show_pullable(known, as_json)
             return
-        rows = [(row, t) for row, t in registered() or [] if name in (row.name, row.id)]
-        if len(rows) == 1:  # one service model of that name: shown as `models list` named it
-            _show_service(*rows[0], as_json)
-            return
-        others = [t for _, t in rows]
-        if others:
+        others = [t for row, t in registered() or [] if name in (row.name, row.id)]
+        if others:  # a service model: shown for its tenant only (`models list` prints the tenant beside it)
             fail(f"{exc}; the service has a model {name!r} of tenant(s) {', '.join(sorted(set(map(str, others))))}: "
                   "give --tenant", 2)
         fail(str(exc), 2)

@@ -94,15 +94,17 @@ def test_cli_lists_shows_and_restores_with_service_models(home, tmp_path, shared
     assert listed["acme-face"]["tenant"] == "acme" and listed["acme-face"]["model_id"] == model_id
     assert "tenant" not in listed[BASE]
 
-    r = faceadapt("models", "show", "acme-face", "--tenant", "acme")
+    r = faceadapt("models", "show", "acme-face", "--tenant", "acme", "--json")
     assert r.exit_code == 0, r.output
     shown = json.loads(r.stdout)
     assert shown["card"]["name"] == "acme-face" and shown["card"]["tenant"] == "acme"
     assert shown["config"] == Zoo().config(BASE)
     r = faceadapt("models", "show", "acme-face")  # the zoo has no such model: the CLI says which tenant has one
-    assert r.exit_code == 1 and "acme" in r.stderr and "--tenant" in r.stderr
+    assert r.exit_code == 2 and "acme" in r.stderr and "--tenant" in r.stderr
     r = faceadapt("models", "show", "acme-face", "--tenant", "other")  # never another tenant's model
     assert r.exit_code == 1 and "tenant other has no model" in r.stderr
+    r = faceadapt("models", "show", "acme-face", "--tenant", "acme")  # the short card
+    assert r.exit_code == 0 and r.stdout.startswith("acme-face") and "tenant acme" in r.stdout.splitlines()[0]
 
     folder = crops(tmp_path, shared_dir)
     r = faceadapt("restore", str(folder), "-o", str(tmp_path / "zoo"), "--aligned")

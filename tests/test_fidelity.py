@@ -211,8 +211,8 @@ def test_codeformer_takes_the_fidelity_as_its_w(tmp_path, facexlib_root, shared_
         outs = {}
         for f in (None, 0.2, 0.8, 1.0):
             seen.clear()
-            res = r.restore_image(img, detector="retinaface", fidelity=f)
-            outs[f] = res.image
+            res = r.restore_image(img, detector="retinaface", fidelity=f, guard=False)  # random weights: the check
+            outs[f] = res.image                                                         # would keep every face
             want = 0.5 if f is None else f
             assert [fc.extra["fidelity"] for fc in res.faces] == [want] * len(res.faces)
             assert seen == ([] if f == 1.0 else [want])  # the network's w, one batch
