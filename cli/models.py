@@ -224,7 +224,13 @@ def import_model(
     input_size: Optional[int] = typer.Option(None, help="Square input size in pixels (default: from the arch)."),
 ):
     """Convert a local checkpoint into a zoo model (strict key and shape check)."""
-    cfg = json.loads(config.read_text()) if config else None
+    for given, option in ((path, "PATH"), (config, "--config")):
+        if given is not None and not given.is_file():
+            fail(f"{option} {given}: no such file", 2)
+    try:
+        cfg = json.loads(config.read_text()) if config else None
+    except (OSError, ValueError) as exc:
+        fail(f"--config {config}: not a JSON file: {exc}", 2)
     try:
         card = _zoo().import_checkpoint(path, arch=arch, name=name, config=cfg, kind=kind, input_size=input_size)
     except (ZooError, CheckpointError, ValueError, TypeError) as exc:
@@ -237,6 +243,8 @@ def delete(name: str = typer.Argument(..., help="Model name.")):
     """Delete a local model (bundled models cannot be deleted)."""
     try:
         _zoo().delete(name)
+    except ModelNotFound as exc:
+        fail(str(exc), 2)
     except ZooError as exc:
         fail(str(exc))
     typer.echo(f"deleted {name}")

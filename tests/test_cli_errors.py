@@ -150,7 +150,11 @@ def test_other_commands_one_line(tmp_path, env):
                           "'gpu'")
     assert_one_line_error(cli(["models", "show", "nope"], env, tmp_path), 2, "nope", "models list")
     assert_one_line_error(cli(["models", "import", str(tmp_path / "none.pth"), "--arch", "swinir_face", "--name",
-                               "x"], env, tmp_path), 1)
+                               "x"], env, tmp_path), 2, "no such file")
+    assert_one_line_error(cli(["models", "import", str(tmp_path / "afile"), "--arch", "swinir_face", "--name",
+                               "x"], env, tmp_path), 1)  # a file, but not a checkpoint
+    assert_one_line_error(cli(["models", "delete", "nope"], env, tmp_path), 2, "nope")
+    assert_one_line_error(cli(["models", "delete", "faceadapt-swinir-small"], env, tmp_path), 1, "bundled")
     assert_one_line_error(cli(["serve", "--port", "1"], {**env, "FACEADAPT_DEVICE": "gpu"}, tmp_path), 2,
                           "FACEADAPT_DEVICE")
     import socket
