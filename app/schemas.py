@@ -33,6 +33,12 @@ class FaceOut(BaseModel):
         "larger than 2x the model input, only the band the model represents is replaced and the input's finer detail "
         "is kept; kept: left as it is (fidelity 1)")
     fidelity: float | None = Field(default=None, description="the fidelity used for this face (0 = fully restored)")
+    planned: Literal["restored", "detail_preserving"] | None = Field(
+        default=None, description="the mode the native size chose, when the never-worse check made the face fall back")
+    reason: str | None = Field(default=None, description="why the face fell back (never worse), in words")
+    check: dict[str, float] | None = Field(
+        default=None, description="the never-worse check of the result: detail_kept (share of the input's fine "
+        "detail) and lowpass_db (low-pass agreement with the input)")
 
 
 class RestoreJSON(BaseModel):
@@ -47,6 +53,7 @@ class RestoreJSON(BaseModel):
     detector: str | None = None
     fidelity: float | Literal["auto"] = Field(default="auto", description="the fidelity asked for")
     modes: dict[str, int] = Field(default_factory=dict, description="restored faces per mode")
+    gray: bool = Field(default=False, description="the input was gray and the result was kept gray (color=false)")
 
 
 class Rejected(BaseModel):

@@ -140,6 +140,7 @@ class Restored:
     faces: list  # the restored faces (restoration.faces.detection.Face), largest first
     faces_found: int  # faces detected, restored or not
     detector: str | None
+    gray: bool = False  # a gray input kept gray (colour not asked for)
 
 
 @dataclass
@@ -148,16 +149,18 @@ class Loaded:
     batcher: MicroBatcher
 
     def restore(self, img: np.ndarray, aligned: bool, only_center_face: bool, max_faces: int | None = None,
-                fidelity: float | None = None) -> Restored:
+                fidelity: float | None = None, color: bool = False) -> Restored:
         """Restore the faces of `img`; at most the `max_faces` largest ones (the others are left as they are).
         `fidelity` (None: auto by each face's native size, `restoration.faces.fidelity`); every face's `extra` records
         `native_size`, `mode` and `fidelity`. The one whole-photo restore (`Restorer.restore_image`), with the crops
-        going through the micro-batcher, except for archs that take the fidelity as their own input (per call)."""
+        going through the micro-batcher, except for archs that take the fidelity as their own input (per call). With
+        auto fidelity each face is checked never worse (`extra` `reason` when it fell back); a gray input stays gray
+        unless `color`."""
         res = self.restorer.restore_image(img, aligned=aligned, only_center_face=only_center_face, fidelity=fidelity,
-                                          max_faces=max_faces,
+                                          max_faces=max_faces, color=color,
                                           restore_fn=None if self.restorer.takes_fidelity else self.batcher)
         # the API names the model's detector for aligned crops too
-        return Restored(res.image, res.faces, res.faces_found, self.restorer.face_helper().detector_name)
+        return Restored(res.image, res.faces, res.faces_found, self.restorer.face_helper().detector_name, res.gray)
 
     def close(self) -> None:
         self.batcher.close()

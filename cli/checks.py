@@ -1,10 +1,13 @@
 """Checks the CLI commands run before any work starts: device, detector, output folder, zoo names, data folders.
 
-Each returns the checked value or exits with one line on stderr (:func:`cli.errors.fail`): code 2 for
-a bad option value (usage), 1 for the environment (no CUDA, missing weights, an existing model).
+Each returns the checked value or exits with one line on stderr (:func:`cli.errors.fail`), by one rule: code 2 for a
+value that names nothing known (an unknown device, detector or model name, a missing input: usage), 1 for a known
+thing this machine cannot give (no CUDA or MPS here, missing weights, a model that fails to load, a name already
+taken: the environment). Nothing is created before they pass: `check_outdir` only looks, `make_outdir` creates.
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -12,19 +15,24 @@ import torch
 
 from cli.errors import fail
 from restoration.adaptation import list_images
-from restoration.faces import RETINAFACE_WEIGHTS
+from restoration.faces import RETINAFACE_WEIGHTS, Restorer
 from restoration.models import ModelNotFound, ZooError, check_name
 from restoration.settings import get_settings
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N, auto"
 DETECTOR_CHOICES = ("auto", "retinaface", "mtcnn")
 _DEVICE_RE = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
+#: torch device types FaceAdapt knows but does not run on: refused like a missing CUDA (exit 1)
+_OTHER_DEVICES = re.compile(r"^(mps|xpu|xla|hip|vulkan|ipu|hpu|mtia)(:\d+)?$")
 
 
 def check_device(device: str | None, option: str = "--device") -> str:
     """A device the machine has: 'cpu', 'auto', 'cuda' or 'cuda:N' (None: FACEADAPT_DEVICE)."""
     source = option if device is not None else "FACEADAPT_DEVICE"
     dev = (device if device is not None else get_settings().device).strip().lower()
+    if _OTHER_DEVICES.match(dev):
+        fail(f"{source} {dev}: FaceAdapt does not run on {dev.split(':')[0].upper()} devices; use one of "
+             f"{DEVICE_CHOICES}", 1)
     if not _DEVICE_RE.match(dev):
         fail(f"{source}: unknown device {dev!r}; use one of {DEVICE_CHOICES}", 2)
     if dev.startswith("cuda"):
@@ -58,9 +66,24 @@ def check_detector(detector: str | None, option: str = "--detector", need_weight
 
 
 def check_outdir(outdir: Path, option: str = "-o") -> Path:
-    """An output folder: created if missing; an existing file or an unwritable place is an error."""
+    """An output folder that can be made or written to; nothing is created (:func:`make_outdir` does it once every
+    check has passed): an existing file is a usage error, a place that cannot be written an environment one."""
     if outdir.exists() and not outdir.is_dir():
         fail(f"{option} {outdir}: exists and is not a folder; give a folder for the outputs", 2)
+    probe = outdir
+    while not probe.exists():  # the nearest existing folder above it must be writable
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        fail(f"{option} {outdir}: {probe} is a file, not a folder", 2)
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        fail(f"{option} {outdir}: cannot write in {probe}: permission denied", 1)
+    return outdir
+
+
+def make_outdir(outdir: Path, option: str = "-o") -> Path:
+    """Create the output folder checked by :func:`check_outdir` and make sure a file can be written there."""
     try:
         outdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -72,6 +95,23 @@ def check_outdir(outdir: Path, option: str = "-o") -> Path:
     except OSError as exc:
         fail(f"{option} {outdir}: cannot write there: {exc.strerror or exc}", 1)
     return outdir
+
+
+def check_restorer(name: str | None, zoo, device: str, batch_size: int, option: str = "--model"):
+    """The loaded `Restorer` of zoo model `name` (None: the default restorer): an unknown name or a model that is not a
+    restorer is a usage error (2), a model that fails to load an environment one (1)."""
+    try:
+        restorer = Restorer.from_zoo(name, zoo=zoo, device=device, batch_size=batch_size)
+    except ModelNotFound as exc:
+        fail(f"{option} {name or get_settings().default_restorer}: {exc} (`faceadapt models list` shows the "
+             "models)", 2)
+    except (ZooError, ValueError) as exc:
+        if "not a restorer" in str(exc):
+            fail(f"{option} {name}: {exc}", 2)
+        fail(f"{option} {name or get_settings().default_restorer}: {exc}", 1)
+    if restorer.card.kind != "restorer":
+        fail(f"{option} {restorer.card.name}: it is a {restorer.card.kind}, not a restorer", 2)
+    return restorer
 
 
 def check_new_model_name(zoo, name: str, overwrite: bool = False, option: str = "--name") -> str:
@@ -98,6 +138,8 @@ def check_zoo_model(zoo, name: str, kind: str, option: str) -> object:
     """The card of an existing zoo model of `kind` ('restorer' or 'prior')."""
     try:
         card = zoo.get(name)
+    except ModelNotFound as exc:
+        fail(f"{option} {name}: {exc}", 2)
     except ZooError as exc:
         fail(f"{option} {name}: {exc}", 1)
     if card.kind != kind:

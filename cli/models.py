@@ -3,6 +3,7 @@ the service registered on this home (its database: FACEADAPT_DATABASE_URL, or HO
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -12,7 +13,7 @@ from tqdm import tqdm
 
 from cli.app import app
 from cli.errors import fail
-from restoration.models import CheckpointError, KNOWN_CHECKPOINTS, Zoo, ZooError
+from restoration.models import CheckpointError, KNOWN_CHECKPOINTS, ModelNotFound, Zoo, ZooError
 from service.db import existing_url, session_factory
 from service.errors import ServiceError
 from service.registry import open_zoo, resolve_for_tenant, service_models
@@ -92,32 +93,101 @@ def list_models(as_json: bool = typer.Option(False, "--json", help="Print the mo
                    "`faceadapt restore ... --model NAME --tenant TENANT`.")
 
 
+def _wrap(text: str, lines: int | None = None, width: int = 100) -> str:
+    """``text`` on lines of ``width`` under a 15-column label; at most ``lines`` of them (the last ending '...')."""
+    out = textwrap.wrap(" ".join(str(text).split()), width - 15) or [""]
+    if lines is not None and len(out) > lines:
+        out = out[:lines]
+        out[-1] = out[-1][: width - 18].rstrip() + "..."
+    return ("\n" + " " * 15).join(out)
+
+
+def card_lines(card: dict, where: str) -> list[str]:
+    """A short readable card: what the model is, its licence and where it comes from (one line each)."""
+    lines = [f"{card['name']}  ({where})",
+             f"  kind:        {card['kind']} ({card['arch']}, {card['input_size']} px input)"]
+    if card.get("description"):
+        lines.append(f"  what:        {_wrap(card['description'], 2)}")
+    if card.get("random_init"):
+        lines.append("  weights:     RANDOM (an untrained stand-in)")
+    lines.append(f"  licence:     {_wrap(card.get('license') or 'unknown')}")
+    if card.get("provenance"):
+        lines.append(f"  provenance:  {_wrap(card['provenance'], 2)}")
+    extra = card.get("extra") or {}
+    for key, label in (("pseudo_target_defaults", "adapt uses"), ("finetune_defaults", "fine-tuning")):
+        if extra.get(key):
+            lines.append(f"  {label + ':':12} " + ", ".join(f"{k} {v}" for k, v in extra[key].items()))
+    if card.get("sha256"):
+        lines.append(f"  sha256:      {card['sha256']}")
+    return lines
+
+
 @models_app.command("show")
 def show(
-    name: str = typer.Argument(..., help="Model name."),
+    name: str = typer.Argument(..., help="A name `faceadapt models list` prints: a zoo model, or a public checkpoint "
+                               "`faceadapt models pull` can fetch."),
     tenant: Optional[str] = typer.Option(None, "--tenant", help="A tenant of the service on this home: its model NAME "
                                          "(its own, else a public one), from the service's registry."),
+    as_json: bool = typer.Option(False, "--json", help="Print the whole card and config as JSON."),
 ):
-    """Print a model's card and config as JSON."""
+    """Show a model: a short card (what it is, its licence, where it comes from; --json for all of it)."""
     if tenant is not None:
-        row = service_model(name, tenant, option="models show")
-        zoo, zoo_name = open_zoo(row)
-        card = zoo.get(zoo_name)
-        out = {"card": card.to_json() | {"builtin": card.builtin, "path": card.path, "tenant": tenant,
-                                         "model_id": row.id}, "config": zoo.config(zoo_name)}
-        typer.echo(json.dumps(out, indent=1))
+        _show_service(service_model(name, tenant, option="models show"), tenant, as_json)
         return
     zoo = _zoo()
     try:
         card = zoo.get(name)
         cfg = zoo.config(name)
-    except ZooError as exc:
+    except ModelNotFound as exc:
+        known = KNOWN_CHECKPOINTS.get(name)
+        if known is not None:  # a public checkpoint that is not pulled yet
+            _show_pullable(known, as_json)
+            return
         others = [t for row, t in registered() or [] if name in (row.name, row.id)]
-        if others:
+        if others:  # a service model: shown for its tenant only (`models list` prints the tenant beside it)
             fail(f"{exc}; the service has a model {name!r} of tenant(s) {', '.join(sorted(set(map(str, others))))}: "
-                  "give --tenant")
+                  "give --tenant", 2)
+        fail(str(exc), 2)
+    except ZooError as exc:
         fail(str(exc))
-    typer.echo(json.dumps({"card": card.to_json() | {"builtin": card.builtin, "path": card.path}, "config": cfg}, indent=1))
+    out = {"card": card.to_json() | {"builtin": card.builtin, "path": card.path}, "config": cfg}
+    if as_json:
+        typer.echo(json.dumps(out, indent=1))
+        return
+    where = "bundled" if card.builtin else f"local, {Path(card.path).parent if card.path else zoo.root}"
+    for line in card_lines(out["card"], where):
+        typer.echo(line)
+    typer.echo(f"  files:       {card.path}")
+    typer.echo("  all of it:   faceadapt models show " + name + " --json")
+
+
+def _show_service(row: ModelRow, tenant: str | None, as_json: bool) -> None:
+    zoo, zoo_name = open_zoo(row)
+    card = zoo.get(zoo_name)
+    out = {"card": card.to_json() | {"builtin": card.builtin, "path": card.path, "tenant": tenant,
+                                     "model_id": row.id}, "config": zoo.config(zoo_name)}
+    if as_json:
+        typer.echo(json.dumps(out, indent=1))
+        return
+    for line in card_lines(out["card"], f"service model {row.id}, tenant {tenant or '(public)'}"):
+        typer.echo(line)
+    if tenant:
+        typer.echo(f"  use:         faceadapt restore ... --model {row.name} --tenant {tenant}")
+
+
+def _show_pullable(known, as_json: bool) -> None:
+    card = {"name": known.name, "kind": known.kind, "arch": known.arch, "input_size": known.input_size,
+            "value_range": list(known.value_range), "license": known.license, "provenance": known.provenance,
+            "url": known.url, "file_name": known.file_name, "sha256": known.sha256, "extra": dict(known.extra),
+            "pulled": False, "pull": f"faceadapt models pull {known.name}"}
+    if as_json:
+        typer.echo(json.dumps({"card": card, "config": known.config}, indent=1))
+        return
+    for line in card_lines(card, "public checkpoint, not pulled yet"):
+        typer.echo(line)
+    typer.echo(f"  download:    {known.url}")
+    typer.echo(f"  pull:        faceadapt models pull {known.name}   (needs internet; converted to safetensors and "
+               "checked key by key)")
 
 
 @models_app.command("pull")
@@ -154,7 +224,13 @@ def import_model(
     input_size: Optional[int] = typer.Option(None, help="Square input size in pixels (default: from the arch)."),
 ):
     """Convert a local checkpoint into a zoo model (strict key and shape check)."""
-    cfg = json.loads(config.read_text()) if config else None
+    for given, option in ((path, "PATH"), (config, "--config")):
+        if given is not None and not given.is_file():
+            fail(f"{option} {given}: no such file", 2)
+    try:
+        cfg = json.loads(config.read_text()) if config else None
+    except (OSError, ValueError) as exc:
+        fail(f"--config {config}: not a JSON file: {exc}", 2)
     try:
         card = _zoo().import_checkpoint(path, arch=arch, name=name, config=cfg, kind=kind, input_size=input_size)
     except (ZooError, CheckpointError, ValueError, TypeError) as exc:
@@ -167,6 +243,8 @@ def delete(name: str = typer.Argument(..., help="Model name.")):
     """Delete a local model (bundled models cannot be deleted)."""
     try:
         _zoo().delete(name)
+    except ModelNotFound as exc:
+        fail(str(exc), 2)
     except ZooError as exc:
         fail(str(exc))
     typer.echo(f"deleted {name}")

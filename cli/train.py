@@ -14,7 +14,7 @@ import typer
 from cli.app import app
 from cli.checks import check_device
 from cli.errors import fail
-from restoration.models import ModelNotFound
+from restoration.models import CARD, ModelNotFound, Zoo, ZooError
 from restoration.training import (PIXEL_LOSSES, PriorTrainConfig, RestorerTrainConfig, TrainSetupError, export,
                                   last_checkpoint, train_prior, train_restorer)
 
@@ -37,7 +37,7 @@ def _deadline(until: Optional[str], max_minutes: Optional[float]) -> Optional[fl
                 now = datetime.now()
                 t = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
             except ValueError:
-                fail(f"--until must be HH:MM or a unix time, not {until!r}")
+                fail(f"--until must be HH:MM or a unix time, not {until!r}", 2)
             if t <= now:
                 t += timedelta(days=1)
             out.append(t.timestamp())
@@ -45,7 +45,7 @@ def _deadline(until: Optional[str], max_minutes: Optional[float]) -> Optional[fl
             try:
                 out.append(float(until))
             except ValueError:
-                fail(f"--until must be HH:MM or a unix time, not {until!r}")
+                fail(f"--until must be HH:MM or a unix time, not {until!r}", 2)
     if max_minutes:
         out.append(time.time() + 60 * max_minutes)
     return min(out) if out else None
@@ -57,6 +57,13 @@ def _common(cfg, out, steps, seed, device, batch_size, lr, threads, ckpt_every, 
         fail(f"--out {out}: exists and is not a folder; give a run folder", 2)
     if device is not None:
         device = check_device(device)
+    if init_from is not None and not (Path(init_from) / CARD).is_file():
+        try:
+            Zoo().get(init_from)
+        except ModelNotFound as exc:  # names nothing: a usage error, like an unknown --model elsewhere
+            fail(f"--init-from {init_from}: {exc}; give a zoo model name or a model folder", 2)
+        except ZooError:
+            pass  # a model that exists but cannot be read: the training setup says why
     cfg.out_dir = str(out)
     cfg.init_from = init_from
     for k, v in dict(steps=steps, seed=seed, device=device, batch_size=batch_size, lr=lr, threads=threads,

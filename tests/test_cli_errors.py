@@ -80,9 +80,11 @@ def test_restore_errors_are_one_line(tmp_path, env, photo):
     out = ["-o", str(tmp_path / "out")]
     assert_one_line_error(cli(["restore", str(photo), "-o", str(tmp_path / "afile")], env, tmp_path), 2,
                           "afile", "not a folder")
-    for dev in ("gpu", "mps"):
-        assert_one_line_error(cli(["restore", str(photo), *out, "--device", dev], env, tmp_path), 2,
-                              repr(dev), "cpu, cuda, cuda:N, auto")
+    assert_one_line_error(cli(["restore", str(photo), *out, "--device", "gpu"], env, tmp_path), 2,
+                          "'gpu'", "cpu, cuda, cuda:N, auto")
+    # a device torch knows but this machine (or FaceAdapt) cannot use is the environment's error, like no CUDA
+    assert_one_line_error(cli(["restore", str(photo), *out, "--device", "mps"], env, tmp_path), 1, "mps",
+                          "cpu, cuda, cuda:N, auto")
     # the same through the console script: one line on the real stderr, exit code 2
     assert_one_line_error(cli_process(["restore", str(photo), *out, "--device", "gpu"], env, tmp_path), 2, "'gpu'")
     assert_one_line_error(cli_process(["restore", str(photo), *out, "--nope"], env, tmp_path), 2, "--nope")
@@ -102,7 +104,8 @@ def test_restore_errors_are_one_line(tmp_path, env, photo):
     assert_one_line_error(cli(["restore", str(photo), *out, "--bogus"], env, tmp_path), 2, "--bogus")
     assert_one_line_error(cli(["restore", str(tmp_path / "missing.png"), *out], env, tmp_path), 2, "no such file")
     assert_one_line_error(cli(["restore", str(photo), *out, "--model", "nope"], env, tmp_path), 2, "nope")
-    assert not (tmp_path / "out" / "summary.json").exists()
+    assert_one_line_error(cli(["restore", str(photo), *out, "--format", "gif"], env, tmp_path), 2, "--format")
+    assert not (tmp_path / "out").exists()  # nothing created before the checks pass
 
 
 def test_adapt_checks_everything_before_any_stage(tmp_path, env, data_dir):
@@ -111,7 +114,7 @@ def test_adapt_checks_everything_before_any_stage(tmp_path, env, data_dir):
     cases = [
         (["--name", "Bad Name!"], 2, ["invalid model name"]),
         (["--name", "faceadapt-swinir-small"], 1, ["bundled"]),
-        (["--name", "ok", "--base", "nope"], 1, ["--base nope"]),
+        (["--name", "ok", "--base", "nope"], 2, ["--base nope"]),
         (["--name", "ok", "--base", "faceadapt-iddpm-small"], 2, ["prior, not a restorer"]),
         (["--name", "ok", "--prior", "faceadapt-swinir-small"], 2, ["restorer, not a prior"]),
         (["--name", "ok", "--device", "gpu"], 2, ["cpu, cuda, cuda:N, auto"]),
@@ -141,11 +144,17 @@ def test_adapt_checks_everything_before_any_stage(tmp_path, env, data_dir):
 def test_other_commands_one_line(tmp_path, env):
     (tmp_path / "afile").write_text("x")
     assert_one_line_error(cli(["train", "restorer", "-o", str(tmp_path / "afile")], env, tmp_path), 2, "not a folder")
-    assert_one_line_error(cli(["train", "prior", "-o", str(tmp_path / "r"), "--device", "mps"], env, tmp_path), 2,
-                          "'mps'")
-    assert_one_line_error(cli(["models", "show", "nope"], env, tmp_path), 1, "nope")
+    assert_one_line_error(cli(["train", "prior", "-o", str(tmp_path / "r"), "--device", "mps"], env, tmp_path), 1,
+                          "mps")
+    assert_one_line_error(cli(["train", "prior", "-o", str(tmp_path / "r"), "--device", "gpu"], env, tmp_path), 2,
+                          "'gpu'")
+    assert_one_line_error(cli(["models", "show", "nope"], env, tmp_path), 2, "nope", "models list")
     assert_one_line_error(cli(["models", "import", str(tmp_path / "none.pth"), "--arch", "swinir_face", "--name",
-                               "x"], env, tmp_path), 1)
+                               "x"], env, tmp_path), 2, "no such file")
+    assert_one_line_error(cli(["models", "import", str(tmp_path / "afile"), "--arch", "swinir_face", "--name",
+                               "x"], env, tmp_path), 1)  # a file, but not a checkpoint
+    assert_one_line_error(cli(["models", "delete", "nope"], env, tmp_path), 2, "nope")
+    assert_one_line_error(cli(["models", "delete", "faceadapt-swinir-small"], env, tmp_path), 1, "bundled")
     assert_one_line_error(cli(["serve", "--port", "1"], {**env, "FACEADAPT_DEVICE": "gpu"}, tmp_path), 2,
                           "FACEADAPT_DEVICE")
     import socket
@@ -174,12 +183,16 @@ def test_restore_summary_reports_each_face(tmp_path, monkeypatch, facexlib_root,
         assert s["fidelity"] == "auto" and s["detail_ratio"] == 2.0 and s["model_input_size"] == 64
         infos = [i for f in s["files"] for i in f["face_info"]]
         assert len(infos) == sum(f["faces"] for f in s["files"]) >= 3
-        for i in infos:
-            assert set(i) == {"box", "native_size", "mode", "fidelity"} and i["fidelity"] == 0.0
-            assert i["mode"] == ("detail_preserving" if i["native_size"] > 128 else "restored")
-        assert {i["mode"] for i in infos} == {"restored", "detail_preserving"}
-        assert s["modes"] == {m: sum(i["mode"] == m for i in infos) for m in ("restored", "detail_preserving")}
-        assert "detail_preserving" in r.stdout
+        for i in infos:  # the mode by native size, unless the never-worse check made the face fall back (and why)
+            assert {"box", "native_size", "mode", "fidelity", "check"} <= set(i) and i["fidelity"] in (0.0, 1.0)
+            planned = i.get("planned", i["mode"])
+            assert planned == ("detail_preserving" if i["native_size"] > 128 else "restored")
+            assert ("reason" in i) == ("planned" in i) and (i["mode"] != planned) == ("planned" in i)
+        assert {i.get("planned", i["mode"]) for i in infos} == {"restored", "detail_preserving"}
+        assert s["modes"] == {m: sum(i["mode"] == m for i in infos) for m in ("restored", "detail_preserving", "kept")
+                              if any(i["mode"] == m for i in infos)}
+        assert s["fell_back"] == sum("reason" in i for i in infos) >= 1
+        assert "detail_preserving" in r.stdout and "never worse:" in r.stdout and "instead" in r.stdout
         # aligned crops with --weight (the alias): a 256 px and a 64 px crop
         crops = tmp_path / "crops"
         crops.mkdir()
@@ -198,3 +211,66 @@ def test_restore_summary_reports_each_face(tmp_path, monkeypatch, facexlib_root,
             assert np.array_equal(np.asarray(Image.open(tmp_path / "out3" / name)), np.asarray(Image.open(crops / name)))
     finally:
         get_settings.cache_clear()
+
+
+def test_no_cuda_and_no_mps_alike_and_nothing_created(tmp_path, env, photo):
+    """`--device cuda` (without CUDA) and `--device mps` exit alike (1: the machine lacks it), and neither they nor
+    `--model nope` nor `--detector foo` leave an output folder behind."""
+    import torch
+
+    out = tmp_path / "out"
+    cases = [(["--model", "nope"], 2), (["--detector", "foo"], 2), (["--device", "mps"], 1)]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], 1))
+    for args, code in cases:
+        assert_one_line_error(cli(["restore", str(photo), "-o", str(out), *args], env, tmp_path), code)
+        assert not out.exists(), args
+    assert_one_line_error(cli_process(["restore", str(photo), "-o", str(out), "--device", "mps"], env, tmp_path), 1)
+    assert not out.exists()
+
+
+def test_text_file_named_png_is_one_clear_line(tmp_path, env):
+    fake = tmp_path / "notes.png"
+    fake.write_text("these are my notes, not a picture\n")
+    line = assert_one_line_error(cli(["restore", str(fake), "-o", str(tmp_path / "out")], env, tmp_path), 1,
+                                 "notes.png", "not an image", "text")
+    assert "skipped" not in line and not (tmp_path / "out").exists()
+
+
+def test_models_show_every_listed_name(tmp_path, env):
+    """Every name `models list` prints can be shown: a short card (what it is, its licence; pullable ones the pull
+    command), --json for all of it."""
+    from restoration.models import KNOWN_CHECKPOINTS
+
+    listing = cli(["models", "list"], env, tmp_path)
+    assert listing.returncode == 0, listing.stderr
+    names = [ln.split()[0] for ln in listing.stdout.splitlines()[1:] if ln.strip() and not ln.startswith(("Avail",
+                                                                                                      "Service"))]
+    assert "faceadapt-swinir-small" in names and "gfpgan-v1.4" in names
+    for name in names:
+        r = cli(["models", "show", name], env, tmp_path)
+        assert r.returncode == 0, (name, r.stderr)
+        lines = r.stdout.splitlines()
+        assert lines[0].startswith(name) and 4 <= len(lines) <= 15, r.stdout
+        assert any(ln.strip().startswith("licence:") for ln in lines)
+        if name in KNOWN_CHECKPOINTS and "not pulled" in lines[0]:
+            assert f"faceadapt models pull {name}" in r.stdout
+            assert KNOWN_CHECKPOINTS[name].license.split()[0] in r.stdout
+        full = cli(["models", "show", name, "--json"], env, tmp_path)
+        assert full.returncode == 0
+        import json as _json
+
+        body = _json.loads(full.stdout)
+        assert body["card"]["name"] == name and "config" in body
+
+
+def test_help_texts_match_the_defaults(tmp_path, env):
+    import re
+
+    from restoration.models.zoo import Zoo
+
+    r = cli(["adapt", "--help"], env, tmp_path)
+    text = " ".join(r.stdout.replace("\u2502", " ").split())  # the help box's side bars out
+    prior = Zoo().get("faceadapt-iddpm-small").extra["pseudo_target_defaults"]
+    assert re.search(rf"--down-n .*{prior['down_N']} for the bundled prior", text), text
+    assert f"{prior['start']} for the bundled prior" in text and "8 or 16" not in text

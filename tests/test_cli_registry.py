@@ -94,15 +94,17 @@ def test_cli_lists_shows_and_restores_with_service_models(home, tmp_path, shared
     assert listed["acme-face"]["tenant"] == "acme" and listed["acme-face"]["model_id"] == model_id
     assert "tenant" not in listed[BASE]
 
-    r = faceadapt("models", "show", "acme-face", "--tenant", "acme")
+    r = faceadapt("models", "show", "acme-face", "--tenant", "acme", "--json")
     assert r.exit_code == 0, r.output
     shown = json.loads(r.stdout)
     assert shown["card"]["name"] == "acme-face" and shown["card"]["tenant"] == "acme"
     assert shown["config"] == Zoo().config(BASE)
     r = faceadapt("models", "show", "acme-face")  # the zoo has no such model: the CLI says which tenant has one
-    assert r.exit_code == 1 and "acme" in r.stderr and "--tenant" in r.stderr
+    assert r.exit_code == 2 and "acme" in r.stderr and "--tenant" in r.stderr
     r = faceadapt("models", "show", "acme-face", "--tenant", "other")  # never another tenant's model
     assert r.exit_code == 1 and "tenant other has no model" in r.stderr
+    r = faceadapt("models", "show", "acme-face", "--tenant", "acme")  # the short card
+    assert r.exit_code == 0 and r.stdout.startswith("acme-face") and "tenant acme" in r.stdout.splitlines()[0]
 
     folder = crops(tmp_path, shared_dir)
     r = faceadapt("restore", str(folder), "-o", str(tmp_path / "zoo"), "--aligned")
@@ -113,7 +115,7 @@ def test_cli_lists_shows_and_restores_with_service_models(home, tmp_path, shared
     assert json.loads((tmp_path / "acme" / "summary.json").read_text())["model"] == "acme-face"
     r = faceadapt("restore", str(folder), "-o", str(tmp_path / "public"), "--aligned", "--tenant", "other")
     assert r.exit_code == 0, r.output  # the default restorer: a public model, every tenant may use it
-    outputs = sorted(p.name for p in (tmp_path / "zoo").glob("*.png"))
+    outputs = sorted(p.name for p in (tmp_path / "zoo").iterdir() if p.name != "summary.json")  # the inputs' format
     assert len(outputs) == 3
     for name in outputs:  # the same weights, fetched through the registry: the same bytes
         assert (tmp_path / "acme" / name).read_bytes() == (tmp_path / "zoo" / name).read_bytes()

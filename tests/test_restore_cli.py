@@ -74,3 +74,27 @@ def test_restore_errors(home):
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(img)
     r = run(["restore", str(img), "-o", str(home / "o"), "--model", "nope"])
     assert r.exit_code == 2 and "not in the zoo" in r.output
+
+
+def test_outputs_keep_the_input_format_with_ordinary_modes(home, shared_dir):
+    """JPEG in -> JPEG out, PNG in -> PNG out (unless --format), files 0666 minus the umask (0644 here)."""
+    import os
+
+    src = home / "in"
+    src.mkdir()
+    (src / "a.jpg").write_bytes((shared_dir / "data/realworld/whole/03.jpg").read_bytes())
+    (src / "b.png").write_bytes((shared_dir / "data/realworld/whole/10045.png").read_bytes())
+    out = home / "out"
+    old = os.umask(0o022)
+    try:
+        r = run(["restore", str(src), "-o", str(out), "--model", "tiny"])
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "b.png", "summary.json"]
+    assert Image.open(out / "a.jpg").format == "JPEG" and Image.open(out / "b.png").format == "PNG"
+    for p in out.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o644, (p.name, oct(p.stat().st_mode))
+    r = run(["restore", str(src / "a.jpg"), "-o", str(home / "out2"), "--model", "tiny", "--format", "webp"])
+    assert r.exit_code == 0, r.output
+    assert Image.open(home / "out2" / "a.webp").format == "WEBP"

@@ -149,7 +149,7 @@ def test_warm_start_from_an_exported_model(tmp_path, faces_root):
 def test_cli_train_refuses_unknown_init_model(tmp_path, faces_root):
     r = CliRunner().invoke(app, ["train", "restorer", "--out", str(tmp_path / "r"), "--init-from", "no-such-model",
                                  "--data-root", str(faces_root), "--limit", "2", "--cache-dir", ""])
-    assert r.exit_code == 1 and "no-such-model" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "no-such-model" in r.output and "Traceback" not in r.output  # names nothing: usage
 
 
 def test_cli_train_help():

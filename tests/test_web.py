@@ -197,12 +197,16 @@ def test_restore_photos(server, browser):
     page.click("#restore-go")
     expect(page.locator(".result")).to_have_count(2, timeout=120_000)
     expect(page.locator("#restore-status")).to_have_text("Restored 2 of 2 photo(s).")
-    for photo, faces, mode in ((photos[0], 2, "detail_preserving"), (photos[1], 4, "restored")):
+    # 01.jpg: its two largest faces (58-59 px) would be blurred by the upsampled 64 px output; the never-worse check
+    # gives them the detail-preserving paste instead
+    for photo, faces, modes in ((photos[0], 2, {"detail_preserving": 2}),
+                                (photos[1], 4, {"detail_preserving": 2, "restored": 2})):
         card = page.locator(f".result[data-file='{photo.name}']")
         expect(card).to_have_attribute("data-faces-found", str(faces))
         expect(card.locator(".face")).to_have_count(faces)
-        expect(card.locator(f".face[data-mode='{mode}']")).to_have_count(faces)
-        expect(card.locator("figcaption").first).to_contain_text(mode.replace("_", "-"))
+        for mode, n in modes.items():
+            expect(card.locator(f".face[data-mode='{mode}']")).to_have_count(n)
+        expect(card.locator("figcaption").first).to_contain_text("detail-preserving")
         sizes = card.locator(".compare img").evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
         assert sizes == [list(Image.open(photo).size)] * 2  # after and before, the same size
         # the before/after slider moves the split

@@ -179,10 +179,10 @@ def test_cli_models(tmp_path, monkeypatch):
         assert r.exit_code == 0, r.output
         r = runner.invoke(app, ["models", "list"])
         assert r.exit_code == 0 and "tiny" in r.output and "swinir-face-dtbfr" in r.output
-        r = runner.invoke(app, ["models", "show", "tiny"])
+        r = runner.invoke(app, ["models", "show", "tiny", "--json"])
         assert r.exit_code == 0 and json.loads(r.output)["card"]["input_size"] == 64
         r = runner.invoke(app, ["models", "show", "nope"])
-        assert r.exit_code == 1 and "not in the zoo" in r.output
+        assert r.exit_code == 2 and "not in the zoo" in r.output
         (tmp_path / "x.txt").write_text("hello")
         r = runner.invoke(app, ["models", "import", str(tmp_path / "x.txt"), "--arch", "swinir_face", "--name", "x"])
         assert r.exit_code == 1 and "not a PyTorch checkpoint" in r.output

@@ -21,6 +21,8 @@ from service.settings import get_settings
 
 router = APIRouter(tags=["restore"])
 MEDIA = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+#: the per-face keys of the JSON answer (FaceOut)
+FACE_KEYS = ("native_size", "mode", "fidelity", "planned", "reason", "check")
 
 
 @router.post("/v1/restore", response_class=Response, responses={
@@ -39,7 +41,11 @@ async def restore(
     format: Literal["png", "jpeg", "webp"] = Form("png"),
     fidelity: float | None = Form(None, ge=0.0, le=1.0, description=(
         "0 = fully restored ... 1 = the faces left as they are; default: auto (faces larger than 2x the model input "
-        "keep their own fine detail: detail-preserving paste). CodeFormer takes it as its w.")),
+        "keep their own fine detail: detail-preserving paste; and never worse: a face whose result would lose "
+        "detail or change falls back to detail-preserving, else is kept, and says why). CodeFormer takes it as its "
+        "w.")),
+    color: bool = Form(False, description="let a gray photo's faces come out in colour (default: a gray input stays "
+                       "gray)"),
     principal: Principal = CurrentPrincipal,
 ):
     """Restore the faces of a photo: all of them, or the `FACEADAPT_MAX_FACES_PER_IMAGE` largest when there are more
@@ -65,7 +71,7 @@ async def restore(
             raise ServiceError(400, "bad_image", f"cannot read the image: {exc}") from None
         with get_cache().use(row) as loaded:  # the model stays loaded until this request is done with it
             res = loaded.restore(img, aligned, only_center_face, max_faces=settings.max_faces_per_image,
-                                 fidelity=fidelity)
+                                 fidelity=fidelity, color=color)
         return encode_image(res.image, format), res
 
     encoded, res = await run_in_threadpool(work)
@@ -77,12 +83,20 @@ async def restore(
             detector=res.detector, faces_found=res.faces_found, faces_restored=len(faces),
             faces=[{"box": [float(v) for v in f.box], "score": float(f.score),
                     "landmarks": [[float(x), float(y)] for x, y in f.landmarks5],
-                    **{k: f.extra[k] for k in ("native_size", "mode", "fidelity") if k in f.extra}} for f in faces],
-            fidelity="auto" if fidelity is None else fidelity, modes=modes,
+                    **{k: f.extra[k] for k in FACE_KEYS if k in f.extra}} for f in faces],
+            fidelity="auto" if fidelity is None else fidelity, modes=modes, gray=res.gray,
         )
         return JSONResponse(body.model_dump())
     return Response(encoded, media_type=MEDIA[format],
                     headers={"X-FaceAdapt-Model": row.name, "X-FaceAdapt-Faces": str(len(faces)),
                              "X-FaceAdapt-Faces-Found": str(res.faces_found),
                              "X-FaceAdapt-Modes": ",".join(f"{k}={v}" for k, v in modes.items()) or "none",
-                             "X-FaceAdapt-Fidelity": "auto" if fidelity is None else f"{fidelity:g}"})
+                             "X-FaceAdapt-Fidelity": "auto" if fidelity is None else f"{fidelity:g}",
+                             "X-FaceAdapt-Gray": "kept" if res.gray else "no",
+                             "X-FaceAdapt-Fell-Back": fell_back_header(faces)})
+
+
+def fell_back_header(faces) -> str:
+    """The faces that fell back rather than come out worse, and why: 'face N: reason; ...' (ASCII), or 'none'."""
+    parts = [f"face {k}: {f.extra['reason']}" for k, f in enumerate(faces, 1) if f.extra.get("reason")]
+    return " | ".join(parts).encode("ascii", "replace").decode() if parts else "none"

@@ -18,6 +18,11 @@ Default (``fidelity=None``, "auto"): f = 0 with the mode from the native size, t
 :data:`DETAIL_RATIO` (chosen with ``bench/fidelity.py``, see docs/MODELS.md). For CodeFormer-style archs
 (:func:`network_fidelity`) f is the network's own fidelity weight ``w`` instead of a pixel blend (auto: the
 reference default 0.5, :data:`NETWORK_FIDELITY`); f == 1 still keeps the face as it is.
+
+Never worse (auto fidelity only, :func:`check_face`): the result of every face is compared with the input at the
+input's own scale, over the face's paste mask: the share of the input's fine detail it keeps (:data:`MIN_DETAIL_KEPT`)
+and the agreement of the two low-passes (:data:`MIN_LOWPASS_DB`). A face that fails falls back one mode
+(:data:`FALLBACK`: restored -> detail_preserving -> kept), and its ``extra`` says why (``reason``).
 """
 from __future__ import annotations
 
@@ -27,10 +32,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from restoration.faces.alignment import resize
+from restoration.metrics.quality import detail_energy, lowpass_consistency, noise_detail_energy, noise_sigma
 
 __all__ = [
     "DETAIL_RATIO", "MODES", "NETWORK_FIDELITY", "FaceMode", "decide", "network_fidelity", "demo_model_warning",
-    "mode_counts", "check_fidelity", "affine_native_size", "blend_aligned",
+    "mode_counts", "check_fidelity", "affine_native_size", "blend_aligned", "MIN_DETAIL_KEPT", "MIN_LOWPASS_DB",
+    "FALLBACK", "check_face", "fallback_mode",
 ]
 
 #: faces whose native size exceeds DETAIL_RATIO x the model input size get the detail-preserving paste by default
@@ -148,3 +155,52 @@ def mode_counts(infos) -> dict:
     """{mode: count} of per-face dicts (or Faces with ``extra``), in MODES order, zero counts left out."""
     modes = [(i.extra if hasattr(i, "extra") else i).get("mode") for i in infos]
     return {m: modes.count(m) for m in MODES if m in modes}
+
+
+# ------------------------------------------------------------------------------ never worse
+#: a face's result must keep at least this share of the input's fine detail (`detail_energy`, sigma 1 px, over the
+#: paste mask, at the input's scale, less what the input's estimated noise adds to it); below it the model blurred the
+#: face. Chosen on bench/never_worse.py (the realworld faces the bundled model smears keep 0.18-0.77 of it) and on
+#: noisy UTK test faces at 64 px, whose denoised restorations keep more than it (tests/test_never_worse.py)
+MIN_DETAIL_KEPT = 0.8
+#: and its low-pass must agree with the input's to this PSNR (`lowpass_consistency`, sigma native/48 px, >= 1.5 px);
+#: below it the face was washed out, recoloured or moved
+MIN_LOWPASS_DB = 30.0
+#: the share of the input's fine detail counted as detail however noisy the input looks
+NOISY_FLOOR = 0.1
+#: the mode a face falls back to when its result fails the check
+FALLBACK = {"restored": "detail_preserving", "detail_preserving": "kept"}
+
+
+def check_face(before: np.ndarray, after: np.ndarray, weight: np.ndarray | None = None,
+               native_size: float | None = None) -> dict:
+    """Compare a face's result with the input at the input's own scale (HxWx3 uint8 each, the same size; ``weight``:
+    the face's paste mask on them, None: every pixel). Returns ``{"ok", "detail_kept", "lowpass_db", "why"}``:
+    ``detail_kept`` = detail_energy(after) / detail_energy(before) (1.0 for a flat input), ``lowpass_db`` the
+    low-pass agreement (capped at 99 dB), ``why`` the failed criteria in words (None when ok)."""
+    before, after = np.asarray(before), np.asarray(after)
+    if before.shape != after.shape:
+        raise ValueError(f"before {before.shape} and after {after.shape} differ in shape")
+    sigma = max(1.5, float(native_size or max(before.shape[:2])) / 48.0)
+    # the input's fine detail less what its noise adds (a restorer that removes noise does not blur the face);
+    # at least NOISY_FLOOR of it is counted as detail, however noisy the input
+    d_all = detail_energy(before, 1.0, weight)
+    d_in = max(d_all - noise_detail_energy(noise_sigma(before, weight)), NOISY_FLOOR * d_all)
+    kept = detail_energy(after, 1.0, weight) / d_in if d_in > 1e-7 else 1.0
+    lp = min(99.0, lowpass_consistency(after, before, sigma, weight))
+    why = []
+    if kept < MIN_DETAIL_KEPT:
+        why.append(f"it would blur the face (keeps {kept:.2f} of the input's fine detail, under {MIN_DETAIL_KEPT})")
+    if lp < MIN_LOWPASS_DB:
+        why.append(f"it would change the face's coarse content (low-pass agreement {lp:.1f} dB, under "
+                   f"{MIN_LOWPASS_DB:g} dB)")
+    return {"ok": not why, "detail_kept": round(float(kept), 3), "lowpass_db": round(float(lp), 2),
+            "why": "; ".join(why) or None}
+
+
+def fallback_mode(fm: FaceMode) -> FaceMode:
+    """The next mode down for a face whose result failed :func:`check_face` (same fidelity; kept stays kept)."""
+    nxt = FALLBACK.get(fm.mode, "kept")
+    if nxt == "kept":
+        return FaceMode("kept", 1.0, fm.native_size, 1.0 if fm.network_w is not None else None)
+    return FaceMode(nxt, fm.fidelity, fm.native_size, fm.network_w)

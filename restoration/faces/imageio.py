@@ -1,5 +1,5 @@
 """The one image reader and writer of FaceAdapt: `load_image` (any upload or file to RGB uint8), `encode_image`,
-`save_image` (atomic), and `read_rgb` (the plain Pillow reader of the training and benchmark face sets).
+`save_image` (atomic, ordinary file mode), and `read_rgb` (the plain Pillow reader of the training and benchmark face sets).
 
 Every image that enters the restoration core goes through :func:`load_image`, which returns an
 ``HxWx3`` ``uint8`` RGB array whatever the file held:
@@ -351,8 +351,24 @@ def encode_image(arr: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system tells it (Linux /proc), else by setting and
+    restoring it."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def save_image(path: str | Path, arr: np.ndarray, quality: int = 95) -> Path:
-    """Write an image, format chosen by the suffix (.png, .jpg/.jpeg, .webp); atomic (temp + rename)."""
+    """Write an image, format chosen by the suffix (.png, .jpg/.jpeg, .webp); atomic (temp + rename); the file gets
+    an ordinary mode (0666 minus the umask, e.g. 0644), as `open()` would give it."""
     path = Path(path)
     suffix = path.suffix.lower()
     fmt = next((name for name, (_, sfx) in FORMATS.items() if suffix in sfx), None)
@@ -362,6 +378,7 @@ def save_image(path: str | Path, arr: np.ndarray, quality: int = 95) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # an ordinary file's mode, not mkstemp's 0600
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)

@@ -1,5 +1,6 @@
 """Image quality metrics: PSNR, SSIM (also the differentiable map the training SSIM loss uses), a no-reference
-sharpness score and low-pass consistency. LPIPS lives in :mod:`restoration.metrics.lpips`.
+sharpness score and low-pass consistency, and the masked per-face checks of the never-worse rule (`detail_energy`,
+`lowpass_consistency`). LPIPS lives in :mod:`restoration.metrics.lpips`.
 
 Inputs are images in [0, 1] unless said otherwise:
 
@@ -31,6 +32,10 @@ __all__ = [
     "ssim_map",
     "sharpness",
     "lowpass_psnr",
+    "detail_energy",
+    "lowpass_consistency",
+    "noise_sigma",
+    "noise_detail_energy",
 ]
 
 
@@ -191,3 +196,69 @@ def lowpass_psnr(out, inp, factor: float = 4.0, match_color: bool = False) -> fl
         mi = li.reshape(-1, li.shape[-1]).mean(0)
         lo = lo * np.where(mo > 1e-6, mi / np.maximum(mo, 1e-6), 1.0)
     return psnr(lo, li)
+
+
+# ------------------------------------------------------------------------------ per-face checks (masked, at one scale)
+def _luma(a: np.ndarray) -> np.ndarray:
+    return a[..., 0] if a.shape[2] == 1 else a[..., :3] @ np.array([0.299, 0.587, 0.114])
+
+
+def _weights(weight, shape: tuple[int, int]) -> np.ndarray:
+    if weight is None:
+        return np.ones(shape, np.float64)
+    w = np.asarray(weight, np.float64)
+    if w.shape != shape:
+        raise ValueError(f"weight map of shape {w.shape} for an image of {shape}")
+    return w
+
+
+def detail_energy(img, sigma: float = 1.0, weight=None) -> float:
+    """Fine detail of an image at its own scale: the (``weight``-weighted) mean square of the luma minus its Gaussian
+    blur of ``sigma`` px (image in [0, 1], uint8 accepted). A blurred copy of an image has less of it, a sharpened one
+    more; comparable only between two versions of the same picture (before / after)."""
+    y = _luma(_to_hwc01(img))
+    w = _weights(weight, y.shape)
+    hp = y - cv2.GaussianBlur(np.ascontiguousarray(y), (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)
+    return float((w * hp**2).sum() / max(w.sum(), 1e-12))
+
+
+def lowpass_consistency(out, inp, sigma: float = 2.0, weight=None) -> float:
+    """PSNR (dB) between Gaussian low-passes (``sigma`` px) of two same-size images (in [0, 1], uint8 accepted),
+    over the ``weight``-weighted pixels and all channels: how well ``out`` keeps ``inp``'s coarse content (a washed-out
+    face, a shifted colour or a moved feature lowers it; changed fine detail does not). ``inf`` when they agree."""
+    o, i = _to_hwc01(out), _to_hwc01(inp)
+    if o.shape != i.shape:
+        raise ValueError(f"images differ in shape: {o.shape} vs {i.shape}")
+    w = _weights(weight, o.shape[:2])
+
+    def low(x: np.ndarray) -> np.ndarray:
+        y = cv2.GaussianBlur(np.ascontiguousarray(x), (0, 0), sigma, borderType=cv2.BORDER_REFLECT_101)
+        return y[..., None] if y.ndim == 2 else y
+
+    d = ((low(o) - low(i)) ** 2).mean(axis=2)
+    mse = float((w * d).sum() / max(w.sum(), 1e-12))
+    return math.inf if mse <= 0 else 10.0 * math.log10(1.0 / mse)
+
+
+_IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float64)
+
+
+def noise_sigma(img, weight=None) -> float:
+    """Standard deviation of the luma's white noise (in [0, 1] units), Immerkaer's fast estimate: the mean absolute
+    response to a mask that cancels smooth ramps, x sqrt(pi / 2) / 6, over the (``weight``-weighted) inner pixels.
+    Edges count a little too: a clean face gives ~0.01."""
+    y = _luma(_to_hwc01(img))
+    if min(y.shape) < 3:
+        return 0.0
+    c = np.abs(cv2.filter2D(np.ascontiguousarray(y), -1, _IMMERKAER, borderType=cv2.BORDER_REFLECT_101))[1:-1, 1:-1]
+    w = _weights(weight, y.shape)[1:-1, 1:-1]
+    return float(math.sqrt(math.pi / 2.0) / 6.0 * (w * c).sum() / max(w.sum(), 1e-12))
+
+
+def noise_detail_energy(sigma_noise: float, sigma: float = 1.0) -> float:
+    """What white noise of ``sigma_noise`` adds to :func:`detail_energy` (same ``sigma``): sigma_noise^2 x the
+    squared norm of the high-pass kernel."""
+    d = np.zeros((33, 33), np.float64)
+    d[16, 16] = 1.0
+    hp = d - cv2.GaussianBlur(d, (0, 0), sigma, borderType=cv2.BORDER_CONSTANT)
+    return float(sigma_noise**2 * (hp**2).sum())
