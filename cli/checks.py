@@ -18,14 +18,14 @@ from restoration.settings import get_settings
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N, auto"
 DETECTOR_CHOICES = ("auto", "retinaface", "mtcnn")
-_DEVICE_RE = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
+_DEVICE_RE = re.compile(r"cpu|auto|cuda|cuda:\d+")
 
 
 def check_device(device: str | None, option: str = "--device") -> str:
     """A device the machine has: 'cpu', 'auto', 'cuda' or 'cuda:N' (None: FACEADAPT_DEVICE)."""
     source = option if device is not None else "FACEADAPT_DEVICE"
     dev = (device if device is not None else get_settings().device).strip().lower()
-    if not _DEVICE_RE.match(dev):
+    if not _DEVICE_RE.fullmatch(dev):
         fail(f"{source}: unknown device {dev!r}; use one of {DEVICE_CHOICES}", 2)
     if dev.startswith("cuda"):
         if not torch.cuda.is_available():
