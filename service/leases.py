@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from service.blobs import collect_job
 from service.db import session
 from service.jobs import ORDER, SHARDED, STATUS, event, fail, finish_cancelled, shard_label, stage_of, workdir
-from service.queue import enqueue
+from service.queue import enqueue, ping_broker
 from service.rows import FINAL_STATUSES, Job, JobStep, WorkerBeat, utcnow
 from service.settings import get_settings
 
@@ -85,7 +85,10 @@ def claim(job_id: str, stage: str, shard: int) -> str:
                 job.progress_done, job.progress_total = 0, 0
             job.status, job.stage = STATUS[stage], stage
         label = shard_label(job, stage, shard)
-        if previous is not None:
+        if previous == WORKER_ID:  # this worker's own earlier try (a database or broker error at a step boundary)
+            event(s, job_id, f"{stage}{label}: retried on {WORKER_ID} after an error outside the stage (attempt "
+                             f"{step.attempts})", stage, "warning", attempt=step.attempts, shard=shard, worker=WORKER_ID)
+        elif previous is not None:
             event(s, job_id, f"{stage}{label}: resumed by {WORKER_ID} (attempt {step.attempts}); previous worker "
                              f"{previous} stopped", stage, "warning", attempt=step.attempts, shard=shard,
                   previous_worker=previous, worker=WORKER_ID)
@@ -125,13 +128,39 @@ class Lease:
     def _beat(self) -> None:
         period = max(0.2, min(self.settings.heartbeat_s, 1.0))  # progress is written at most this often
         last_hb = 0.0
+        db_down = broker_down = None  # since when (monotonic) the database / the broker did not answer
         while not self._stop.wait(period):
             try:
                 if time.monotonic() - last_hb >= self.settings.heartbeat_s or self._progress != self._written:
                     self.flush()
                     last_hb = time.monotonic()
+                    if db_down is not None:
+                        self.note(f"the database was unreachable for {time.monotonic() - db_down:.0f}s; heartbeats "
+                                  "resumed and the stage went on")
+                        db_down = None
+                    broker_down = self._check_broker(broker_down)
             except Exception as exc:  # a database hiccup must not kill the stage; the next beat retries
                 log.warning("heartbeat failed: %s", exc)
+                db_down = db_down if db_down is not None else time.monotonic()
+
+    def _check_broker(self, down_since: float | None) -> float | None:
+        """Ping the broker once a heartbeat; after an outage the job gets an event saying so."""
+        try:
+            ping_broker()
+        except Exception as exc:
+            if down_since is None:
+                log.warning("broker unreachable: %s", exc)
+            return down_since if down_since is not None else time.monotonic()
+        if down_since is not None:
+            self.note(f"the broker was unreachable for {time.monotonic() - down_since:.0f}s (restarted?); "
+                      "reconnected, the stage went on")
+        return None
+
+    def note(self, message: str) -> None:
+        """A warning event on the job about this running step."""
+        with session() as s:
+            event(s, self.job_id, f"{self.stage}: {message}", self.stage, "warning", worker=WORKER_ID)
+            s.commit()
 
     def flush(self) -> None:
         with self._lock:

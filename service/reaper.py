@@ -122,5 +122,9 @@ def resume_stalled(cutoff: datetime) -> int:
                     and any(st == "pending" for st, _ in stages.get(nxt, [])):
                 log.warning("job %s: %s finished but %s was never queued; queueing it", job_id, prev, nxt)
                 advance(job_id, prev, 0)
+                with session() as s:
+                    event(s, job_id, f"{prev} finished but {nxt} was never queued (the broker or the worker failed "
+                                     "in between); re-queued by the reaper", nxt, "warning")
+                    s.commit()
                 n += 1
     return n
