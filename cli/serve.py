@@ -161,7 +161,8 @@ def serve(
     log_level: str = typer.Option("info", "--log-level"),
 ):
     """Run the HTTP API. Without FACEADAPT_DATABASE_URL / FACEADAPT_BROKER_URL this is the embedded mode: SQLite and
-    local storage under FACEADAPT_HOME, a serverless broker and one local worker process."""
+    local storage under FACEADAPT_HOME, a serverless broker and one local worker process, restarted (with backoff)
+    when it dies and stopped with this one. A second `serve` on the same FACEADAPT_HOME is refused."""
     settings = get_settings()
     if not is_loopback(host) and not settings.require_keys:
         typer.secho(f"error: refusing to bind {host} without API keys; set FACEADAPT_REQUIRE_KEYS=true "

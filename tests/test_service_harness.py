@@ -260,6 +260,7 @@ def service_stack(tmp_path_factory):
         "FACEADAPT_REAPER_INTERVAL_S": "2",
         "FACEADAPT_TASK_MAX_ATTEMPTS": "3",
         "FACEADAPT_BLOB_GC_INTERVAL_S": "20",  # the workers' blob sweep runs all through the tests
+        "FACEADAPT_RATE_LIMIT_PER_MINUTE": "0",  # load and schemathesis runs; rate limits: test_service_reliability.py
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
