@@ -312,7 +312,7 @@ def test_embedded_serve_supervises_its_worker(tmp_path):
         job = srv.wait_job(job_id, lambda j: j["status"] == "succeeded", timeout=300)
         messages = [e["message"] for e in job["events"]]
         assert any(f":{old} died (killed by signal 9)" in m for m in messages), messages
-        assert any(f"previous worker" in m and f":{old} stopped" in m for m in messages), messages
+        assert any("previous worker" in m and f":{old} stopped" in m for m in messages), messages
         assert "restarting in" in srv.log.read_text()
         # the quota holds on SQLite under concurrent requests (12 at once, 4 allowed)
         import threading

@@ -10,6 +10,7 @@ import threading
 import time
 import zipfile
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -103,6 +104,10 @@ def test_size_is_tied_to_the_models(home):
     with pytest.raises(ValueError, match="at most 128"):
         check_cards(card, None, AdaptConfig.from_dict({"size": 1024, "use_prior": False}))
     assert check_cards(card, None, AdaptConfig.from_dict({"size": 128, "use_prior": False})) == 128
+    from restoration.adaptation import check_job
+
+    with pytest.raises(ValueError, match="at most 128"):  # the CLI's check (run_adaptation) refuses the same
+        check_job(Zoo(), card.name, None, AdaptConfig.from_dict({"size": 1024, "use_prior": False}))
     with pytest.raises(ServiceError) as e:
         _job("size", "too-big", {"size": 1024, "use_prior": False})
     assert e.value.status == 422 and "at most 128" in e.value.detail
@@ -363,7 +368,7 @@ def guarded_api(tmp_path_factory):
     import os
     import subprocess
 
-    from test_service_harness import PY, REPO, start_api, stop_api, wait_ready  # noqa: F401
+    from test_service_harness import PY, REPO, start_api, stop_api
 
     home = tmp_path_factory.mktemp("guarded-home")
     srv, held = _blackhole()
@@ -389,8 +394,8 @@ def guarded_api(tmp_path_factory):
             time.sleep(0.5)
 
     def key(tenant):
-        out = subprocess.run([str(__import__("pathlib").Path(PY).parent / "faceadapt"), "keys", "create", "--tenant",
-                              tenant], env=env, cwd=REPO, capture_output=True, text=True, check=True)
+        out = subprocess.run([str(Path(PY).parent / "faceadapt"), "keys", "create", "--tenant", tenant], env=env,
+                             cwd=REPO, capture_output=True, text=True, check=True)
         return {"Authorization": f"Bearer {out.stdout.strip()}"}
 
     yield api.url, key, home
@@ -441,9 +446,9 @@ def test_restores_beyond_the_pixel_budget_get_429(guarded_api):
     import httpx
 
     url, key, _ = guarded_api
-    face = (SHARED / "data" / "faces-utk200")
-    img = sorted(face.iterdir())[0]
     from PIL import Image
+
+    img = sorted((SHARED / "data" / "faces-utk200").iterdir())[0]
 
     buf = io.BytesIO()
     Image.open(img).convert("RGB").resize((128, 128)).save(buf, format="PNG")
