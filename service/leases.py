@@ -328,6 +328,15 @@ def live_workers() -> int:
         return int(s.scalar(select(func.count()).select_from(WorkerBeat).where(WorkerBeat.heartbeat_at >= cutoff)))
 
 
+def prune_workers() -> int:
+    """Forget workers silent for 10x `worker_ttl_s` (killed without a supervisor to tell); returns how many."""
+    cutoff = utcnow() - timedelta(seconds=10 * get_settings().worker_ttl_s)
+    with session() as s:
+        n = s.execute(delete(WorkerBeat).where(WorkerBeat.heartbeat_at < cutoff)).rowcount
+        s.commit()
+    return int(n or 0)
+
+
 def worker_died(worker_id: str, how: str) -> int:
     """A supervisor saw worker `worker_id` die (`how`: e.g. 'killed by signal 9'): its row goes, and the steps it held
     lose their lease at once (no heartbeat), so the next reaper pass hands them to a live worker instead of waiting

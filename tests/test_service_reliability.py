@@ -233,6 +233,15 @@ def test_a_dead_workers_stages_are_released_at_once(home):
         assert step.heartbeat_at is None and step.status == "running"  # the next reaper pass re-queues it
         msgs = [e.message for e in s.scalars(select(JobEvent).where(JobEvent.job_id == job_id))]
     assert any("worker host:77 died (killed by signal 9)" in m for m in msgs), msgs
+    from service.leases import prune_workers
+    from service.rows import WorkerBeat
+
+    with session() as s:  # a worker silent for long (no supervisor told) is forgotten by the reaper's pass
+        s.add(WorkerBeat(id="host:78", started_at=utcnow(), heartbeat_at=utcnow() - timedelta(days=1)))
+        s.commit()
+    assert prune_workers() >= 1
+    with session() as s:
+        assert s.get(WorkerBeat, "host:78") is None
 
 
 def test_deleting_a_model_removes_its_cached_copy(home):
