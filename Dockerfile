@@ -22,7 +22,11 @@ COPY alembic.ini ./
 RUN pip install -e . \
  && pip install --no-deps 'facexlib==0.3.0' 'facenet-pytorch==2.6.0'
 
-RUN useradd --create-home --uid 10001 faceadapt && mkdir -p /data && chown faceadapt /data
+# every path compose mounts a named volume on exists in the image, owned by the user the containers run as: a new
+# named volume is initialised from the image's folder (its owner included), so uid 10001 can write to it
+RUN useradd --create-home --uid 10001 faceadapt \
+ && mkdir -p /data /data/models /data/facexlib /work \
+ && chown -R faceadapt:faceadapt /data /work
 USER faceadapt
 VOLUME ["/data"]
 EXPOSE 8000

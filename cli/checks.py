@@ -21,19 +21,19 @@ from restoration.settings import get_settings
 
 DEVICE_CHOICES = "cpu, cuda, cuda:N, auto"
 DETECTOR_CHOICES = ("auto", "retinaface", "mtcnn")
-_DEVICE_RE = re.compile(r"^(cpu|auto|cuda|cuda:\d+)$")
+_DEVICE_RE = re.compile(r"cpu|auto|cuda|cuda:\d+")
 #: torch device types FaceAdapt knows but does not run on: refused like a missing CUDA (exit 1)
-_OTHER_DEVICES = re.compile(r"^(mps|xpu|xla|hip|vulkan|ipu|hpu|mtia)(:\d+)?$")
+_OTHER_DEVICES = re.compile(r"(mps|xpu|xla|hip|vulkan|ipu|hpu|mtia)(:\d+)?")
 
 
 def check_device(device: str | None, option: str = "--device") -> str:
     """A device the machine has: 'cpu', 'auto', 'cuda' or 'cuda:N' (None: FACEADAPT_DEVICE)."""
     source = option if device is not None else "FACEADAPT_DEVICE"
     dev = (device if device is not None else get_settings().device).strip().lower()
-    if _OTHER_DEVICES.match(dev):
+    if _OTHER_DEVICES.fullmatch(dev):
         fail(f"{source} {dev}: FaceAdapt does not run on {dev.split(':')[0].upper()} devices; use one of "
              f"{DEVICE_CHOICES}", 1)
-    if not _DEVICE_RE.match(dev):
+    if not _DEVICE_RE.fullmatch(dev):
         fail(f"{source}: unknown device {dev!r}; use one of {DEVICE_CHOICES}", 2)
     if dev.startswith("cuda"):
         if not torch.cuda.is_available():

@@ -2,8 +2,9 @@
 go), read one of a tenant's, delete one."""
 from __future__ import annotations
 
+import tempfile
 import threading
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -13,8 +14,8 @@ from restoration.faces import FaceHelper, ImageError, load_image
 from service import blobs
 from service.db import session_factory
 from service.errors import ServiceError
-from service.limits import UploadedFile, check_image_count, check_pixels, is_zip, unpack_zip
-from service.rows import FINAL_STATUSES, Dataset, ImageRow, Job, new_id, owned
+from service.limits import UploadedFile, check_image_count, check_pixels, is_zip, too_small, unpack_zip
+from service.rows import DATASET_NAME_MAX, FINAL_STATUSES, Dataset, ImageRow, Job, new_id, owned
 from service.settings import ServiceSettings
 
 _helper = None
@@ -30,17 +31,31 @@ def face_helper() -> FaceHelper:
 
 
 def ingest(tenant_id: str, name: str, uploads: list[UploadedFile], settings: ServiceSettings) -> Dataset:
-    """A new dataset of the uploads' images that show a face (the others are listed in `rejected` with a reason)."""
+    """A new dataset of the uploads' images that show a face (the others are listed in `rejected` with a reason).
+    A zip's entries are streamed to a temporary folder (service.limits.unpack_zip) and read one at a time."""
+    check_dataset_name(name)  # before anything is unpacked, decoded or detected
+    with tempfile.TemporaryDirectory(prefix="faceadapt-upload-") as tmp:
+        return _ingest(tenant_id, name, uploads, settings, Path(tmp))
+
+
+def _ingest(tenant_id: str, name: str, uploads: list[UploadedFile], settings: ServiceSettings, tmp: Path) -> Dataset:
     accepted, rejected = [], []
-    if len(uploads) == 1 and is_zip(uploads[0].data):
-        uploads = unpack_zip(uploads[0].data, settings, rejected)  # non-image entries are rejected, not unpacked
+    if len(uploads) == 1 and is_zip(uploads[0].head()):
+        # non-image entries are rejected, not unpacked; the images go to files in `tmp`
+        uploads = unpack_zip(uploads[0].data, settings, rejected, dest=tmp)
     check_image_count(len(uploads), settings)
-    for u in uploads:  # every limit first: nothing is decoded or stored if one fails
-        check_pixels(u.data, settings, u.name)
+    small = {}
+    for i, u in enumerate(uploads):  # every limit first (headers only): nothing is decoded or stored if one fails
+        data = u.data
+        check_pixels(data, settings, u.name)
+        small[i] = too_small(data, settings)
     helper = face_helper()
-    for u in uploads:
-        if is_zip(u.data):
+    for i, u in enumerate(uploads):
+        if is_zip(u.head()):
             rejected.append({"file": u.name, "reason": "a zip must be uploaded alone (nested archives are not read)"})
+            continue
+        if small[i]:
+            rejected.append({"file": u.name, "reason": small[i]})
             continue
         try:
             img = load_image(u.data, max_pixels=settings.max_image_pixels)
@@ -68,6 +83,13 @@ def ingest(tenant_id: str, name: str, uploads: list[UploadedFile], settings: Ser
             ))
         s.commit()
         return ds
+
+
+def check_dataset_name(name: str | None) -> None:
+    """A dataset name is free text of at most DATASET_NAME_MAX characters (422 `bad_name`)."""
+    if name is not None and len(name) > DATASET_NAME_MAX:
+        raise ServiceError(422, "bad_name", f"the dataset name has {len(name)} characters, more than "
+                           f"{DATASET_NAME_MAX}", limit="dataset_name_length", limit_value=DATASET_NAME_MAX)
 
 
 def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset:

@@ -8,8 +8,12 @@ lease and heartbeat, and moving on to the next stage are in `service/leases.py`;
 from __future__ import annotations
 
 import base64
+import contextlib
+import fcntl
 import logging
+import threading
 from pathlib import Path
+from typing import Iterator
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -71,9 +75,30 @@ def create_steps(s: Session, job: Job) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the API's side
+_quota_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def quota_lock(session: Session) -> Iterator[None]:
+    """Held from counting a tenant's active jobs until the new job is committed. PostgreSQL: the tenant row lock of
+    `check_active_jobs` does it. SQLite ignores FOR UPDATE, so there the count and the insert run under a process
+    lock and a file lock (HOME/jobs.lock: the CLI or a second process on the same database) instead."""
+    if session.get_bind().dialect.name != "sqlite":
+        yield
+        return
+    path = get_settings().home_dir / "jobs.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _quota_lock, open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def check_active_jobs(session: Session, tenant_id: str) -> None:
     """Quota: at most `max_active_jobs_per_tenant` queued or running jobs. The tenant row is locked first, so
-    concurrent requests of one tenant are counted one after the other."""
+    concurrent requests of one tenant are counted one after the other (SQLite: `quota_lock`)."""
     settings = get_settings()
     session.scalar(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
     active = session.scalar(select(func.count(Job.id)).where(Job.tenant_id == tenant_id,
@@ -120,25 +145,27 @@ def create_job(session: Session, tenant_id: str, dataset_id: str, base_model: st
         raise ServiceError(409, "name_taken", f"a model (or a running job) already uses the name {name!r}")
     params = validate_params(dict(params))
     check_models(session, base, params)
-    check_active_jobs(session, tenant_id)
-    job = Job(tenant_id=tenant_id, dataset_id=ds.id, base_model=base.id, name=name, params=params,
-              num_shards=min(shards or settings.target_shards, ds.image_count),
-              webhook_url=webhook, webhook_events=(webhook_events or list(DEFAULT_EVENTS)) if webhook else None)
-    session.add(job)
-    try:
-        session.flush()
-    except IntegrityError:  # a concurrent request with the same name won (uq_jobs_tenant_name_active)
-        session.rollback()
-        raise ServiceError(409, "name_taken", f"a model (or a running job) already uses the name {name!r}") from None
-    create_steps(session, job)  # in the same transaction as the job: a job never exists without its steps
-    session.add(JobEvent(job_id=job.id, stage=None, kind="info", message="queued",
-                         data={"base_model": base.name, "base_model_id": base.id, "images": ds.image_count,
-                               "shards": job.num_shards}))
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
-        raise ServiceError(409, "name_taken", f"a model (or a running job) already uses the name {name!r}") from None
+    with quota_lock(session):  # the count and the insert, one request at a time (SQLite too)
+        check_active_jobs(session, tenant_id)
+        job = Job(tenant_id=tenant_id, dataset_id=ds.id, base_model=base.id, name=name, params=params,
+                  num_shards=min(shards or settings.target_shards, ds.image_count),
+                  webhook_url=webhook,
+                  webhook_events=(webhook_events or list(DEFAULT_EVENTS)) if webhook else None)
+        session.add(job)
+        try:
+            session.flush()
+        except IntegrityError:  # a concurrent request with the same name won (uq_jobs_tenant_name_active)
+            session.rollback()
+            raise ServiceError(409, "name_taken", f"a model (or a running job) already uses the name {name!r}") from None
+        create_steps(session, job)  # in the same transaction as the job: a job never exists without its steps
+        session.add(JobEvent(job_id=job.id, stage=None, kind="info", message="queued",
+                             data={"base_model": base.name, "base_model_id": base.id, "images": ds.image_count,
+                                   "shards": job.num_shards}))
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            raise ServiceError(409, "name_taken", f"a model (or a running job) already uses the name {name!r}") from None
     try:
         start_job(job.id)
     except Exception as exc:  # broker unreachable: the job must not stay 'queued' without a message
@@ -176,6 +203,10 @@ def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
         raise ServiceError(404, "job_not_found", f"no adaptation job {job_id!r}")
     if job.status in FINAL_STATUSES:
         raise ServiceError(409, "job_finished", f"job is already {job.status}")
+    if job.stage == ORDER[-1] and not job.cancel_requested:
+        # registering has begun: the model is (being) published; a cancel now would be accepted and then ignored
+        raise ServiceError(409, "job_registering", "the job is registering its model and can no longer be cancelled; "
+                           "delete the model (DELETE /v1/models/{id}) once the job has succeeded")
     if not job.cancel_requested:
         job.cancel_requested = True
         session.add(JobEvent(job_id=job.id, stage=job.stage, kind="info", message="cancel requested"))

@@ -16,14 +16,14 @@ import threading
 import time
 from datetime import datetime, timedelta, timezone
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from service.blobs import collect_job
 from service.db import session
 from service.jobs import ORDER, SHARDED, STATUS, event, fail, finish_cancelled, shard_label, stage_of, workdir
-from service.queue import enqueue
-from service.rows import FINAL_STATUSES, Job, JobStep, utcnow
+from service.queue import enqueue, ping_broker
+from service.rows import FINAL_STATUSES, Job, JobStep, WorkerBeat, utcnow
 from service.settings import get_settings
 
 log = logging.getLogger("faceadapt.worker")
@@ -70,7 +70,7 @@ def claim(job_id: str, stage: str, shard: int) -> str:
         if step.status == "running" and hb is not None and utcnow() - hb < timedelta(seconds=settings.lease_ttl_s) \
                 and step.lease_owner != WORKER_ID:
             return "busy"
-        takeover = step.lease_owner is not None  # it ran before: resume from what that worker left
+        previous = step.lease_owner  # it ran before (a takeover): resume from what that worker left
         if step.attempts >= settings.task_max_attempts:
             fail(s, job, stage, f"stage {stage}{shard_label(job, stage, shard)} did not finish after "
                                 f"{step.attempts} attempts (task_max_attempts); last holder {step.lease_owner}")
@@ -85,9 +85,13 @@ def claim(job_id: str, stage: str, shard: int) -> str:
                 job.progress_done, job.progress_total = 0, 0
             job.status, job.stage = STATUS[stage], stage
         label = shard_label(job, stage, shard)
-        if takeover:
+        if previous == WORKER_ID:  # this worker's own earlier try (a database or broker error at a step boundary)
+            event(s, job_id, f"{stage}{label}: retried on {WORKER_ID} after an error outside the stage (attempt "
+                             f"{step.attempts})", stage, "warning", attempt=step.attempts, shard=shard, worker=WORKER_ID)
+        elif previous is not None:
             event(s, job_id, f"{stage}{label}: resumed by {WORKER_ID} (attempt {step.attempts}); previous worker "
-                             f"{step.lease_owner} stopped", stage, "warning", attempt=step.attempts, shard=shard)
+                             f"{previous} stopped", stage, "warning", attempt=step.attempts, shard=shard,
+                  previous_worker=previous, worker=WORKER_ID)
         else:
             event(s, job_id, f"{stage}{label}: started on {WORKER_ID}", stage, attempt=step.attempts, shard=shard)
         s.commit()
@@ -124,13 +128,39 @@ class Lease:
     def _beat(self) -> None:
         period = max(0.2, min(self.settings.heartbeat_s, 1.0))  # progress is written at most this often
         last_hb = 0.0
+        db_down = broker_down = None  # since when (monotonic) the database / the broker did not answer
         while not self._stop.wait(period):
             try:
                 if time.monotonic() - last_hb >= self.settings.heartbeat_s or self._progress != self._written:
                     self.flush()
                     last_hb = time.monotonic()
+                    if db_down is not None:
+                        self.note(f"the database was unreachable for {time.monotonic() - db_down:.0f}s; heartbeats "
+                                  "resumed and the stage went on")
+                        db_down = None
+                    broker_down = self._check_broker(broker_down)
             except Exception as exc:  # a database hiccup must not kill the stage; the next beat retries
                 log.warning("heartbeat failed: %s", exc)
+                db_down = db_down if db_down is not None else time.monotonic()
+
+    def _check_broker(self, down_since: float | None) -> float | None:
+        """Ping the broker once a heartbeat; after an outage the job gets an event saying so."""
+        try:
+            ping_broker()
+        except Exception as exc:
+            if down_since is None:
+                log.warning("broker unreachable: %s", exc)
+            return down_since if down_since is not None else time.monotonic()
+        if down_since is not None:
+            self.note(f"the broker was unreachable for {time.monotonic() - down_since:.0f}s (restarted?); "
+                      "reconnected, the stage went on")
+        return None
+
+    def note(self, message: str) -> None:
+        """A warning event on the job about this running step."""
+        with session() as s:
+            event(s, self.job_id, f"{self.stage}: {message}", self.stage, "warning", worker=WORKER_ID)
+            s.commit()
 
     def flush(self) -> None:
         with self._lock:
@@ -270,3 +300,61 @@ def collect_if_final(job_id: str) -> None:
                 collect_job(job_id)
     except Exception as exc:  # never fail a step over its clean-up
         log.warning("job %s: blob collection failed: %s", job_id, exc)
+
+
+# ------------------------------------------------------------------------------------------------- live workers
+def beat_worker(worker_id: str = WORKER_ID) -> None:
+    """This worker is alive (its `worker_heartbeats` row, written every `heartbeat_s`)."""
+    with session() as s:
+        row = s.get(WorkerBeat, worker_id)
+        if row is None:
+            s.add(WorkerBeat(id=worker_id, started_at=utcnow(), heartbeat_at=utcnow()))
+        else:
+            row.heartbeat_at = utcnow()
+        s.commit()
+
+
+def drop_worker(worker_id: str = WORKER_ID) -> None:
+    """A clean stop: the worker's row goes."""
+    with session() as s:
+        s.execute(delete(WorkerBeat).where(WorkerBeat.id == worker_id))
+        s.commit()
+
+
+def live_workers() -> int:
+    """Workers whose last heartbeat is younger than `worker_ttl_s`."""
+    cutoff = utcnow() - timedelta(seconds=get_settings().worker_ttl_s)
+    with session() as s:
+        return int(s.scalar(select(func.count()).select_from(WorkerBeat).where(WorkerBeat.heartbeat_at >= cutoff)))
+
+
+def prune_workers() -> int:
+    """Forget workers silent for 10x `worker_ttl_s` (killed without a supervisor to tell); returns how many."""
+    cutoff = utcnow() - timedelta(seconds=10 * get_settings().worker_ttl_s)
+    with session() as s:
+        n = s.execute(delete(WorkerBeat).where(WorkerBeat.heartbeat_at < cutoff)).rowcount
+        s.commit()
+    return int(n or 0)
+
+
+def worker_died(worker_id: str, how: str) -> int:
+    """A supervisor saw worker `worker_id` die (`how`: e.g. 'killed by signal 9'): its row goes, and the steps it held
+    lose their lease at once (no heartbeat), so the next reaper pass hands them to a live worker instead of waiting
+    for `lease_ttl_s`. Each job concerned gets an event. Returns how many steps were released."""
+    with session() as s:
+        s.execute(delete(WorkerBeat).where(WorkerBeat.id == worker_id))
+        held = s.execute(select(JobStep.job_id, JobStep.stage, JobStep.shard).join(Job, Job.id == JobStep.job_id)
+                         .where(JobStep.lease_owner == worker_id, JobStep.status == "running",
+                                Job.status.not_in(FINAL_STATUSES))).all()
+        s.commit()
+    for job_id, stage, shard in held:
+        with session() as s:
+            job, step = locked(s, job_id, stage, shard)
+            if job is None or step is None or step.lease_owner != worker_id or step.status != "running":
+                continue
+            s.execute(update(JobStep).where(JobStep.id == step.id).values(heartbeat_at=None))
+            event(s, job_id, f"{stage}{shard_label(job, stage, shard)}: worker {worker_id} died ({how}); the stage "
+                             "goes to the next live worker, which resumes it", stage, "warning", worker=worker_id)
+            s.commit()
+    return len(held)
+

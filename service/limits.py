@@ -7,7 +7,9 @@ naming the setting.
 * `max_dataset_images`: images in one dataset upload;
 * `max_zip_entries`, `max_unpacked_bytes`: entries and real uncompressed bytes of an uploaded zip (the sizes the zip
   declares are checked first, then the bytes actually inflated, so a lying header cannot get past);
-* zip entries with absolute paths, `..` components, drive letters or symlinks are refused (`zip_paths`).
+* zip entries with absolute paths, `..` components, drive letters or symlinks are refused (`zip_paths`);
+* zip entries are streamed to files in a folder of the caller (`unpack_zip(dest=...)`), never all held in memory;
+* `min_image_side`: images smaller than that (from the header) are rejected without being decoded (`image_size`).
 """
 from __future__ import annotations
 
@@ -16,8 +18,7 @@ import re
 import stat
 import warnings
 import zipfile
-from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
@@ -29,10 +30,23 @@ ZIP_MAGIC = b"PK\x03\x04"
 IGNORED_ZIP_PREFIXES = ("__MACOSX/",)
 
 
-@dataclass
 class UploadedFile:
-    name: str
-    data: bytes
+    """An uploaded image: its bytes in memory, or a file on disk (a zip entry) read when needed."""
+
+    def __init__(self, name: str, data: bytes | None = None, path: Path | None = None):
+        if data is None and path is None:
+            raise ValueError("an UploadedFile needs its data or a path")
+        self.name, self._data, self.path = name, data, path
+
+    @property
+    def data(self) -> bytes:
+        return self._data if self._data is not None else self.path.read_bytes()
+
+    def head(self, n: int = 64) -> bytes:
+        if self._data is not None:
+            return self._data[:n]
+        with open(self.path, "rb") as f:
+            return f.read(n)
 
 
 def check_upload_size(n: int, settings: ServiceSettings) -> None:
@@ -55,12 +69,35 @@ def check_image_format(data: bytes, settings: ServiceSettings, name: str = "imag
                        format=exc.format) from None
 
 
-def check_pixels(data: bytes, settings: ServiceSettings, name: str = "image") -> None:
-    """Refuse images whose header announces more than max_image_pixels; only the header is read, and only by the
-    decoder of an allowed format (anything else is refused by load_image / check_image_format)."""
+def image_size(data: bytes, settings: ServiceSettings) -> tuple[int, int] | None:
+    """(width, height) from the header of an image of an allowed format, nothing decoded; None when unreadable."""
     fmt = sniff_format(data)
     if fmt not in allowed_formats(settings.image_formats):
-        return
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=[INPUT_FORMATS[fmt]]) as im:
+                return im.size
+    except Exception:
+        return None
+
+
+def too_small(data: bytes, settings: ServiceSettings) -> str | None:
+    """Why a dataset image is too small to hold a face (`min_image_side`, from its header), or None."""
+    size = image_size(data, settings)
+    if size is not None and min(size) < settings.min_image_side:
+        return f"too small: {size[0]}x{size[1]}, under min_image_side ({settings.min_image_side} px); not decoded"
+    return None
+
+
+def check_pixels(data: bytes, settings: ServiceSettings, name: str = "image") -> int | None:
+    """Refuse images whose header announces more than max_image_pixels; only the header is read, and only by the
+    decoder of an allowed format (anything else is refused by load_image / check_image_format). Returns the pixel
+    count (None when the header cannot be read: load_image will say why)."""
+    fmt = sniff_format(data)
+    if fmt not in allowed_formats(settings.image_formats):
+        return None
     size = ""
     try:
         with warnings.catch_warnings():
@@ -75,10 +112,11 @@ def check_pixels(data: bytes, settings: ServiceSettings, name: str = "image") ->
                                 f"{name} announces more pixels than max_image_pixels ({settings.max_image_pixels})")
         n = int(m.group(1))
     except Exception:
-        return  # not decodable by the header reader: load_image will say why
+        return None  # not decodable by the header reader: load_image will say why
     if n > settings.max_image_pixels:
         raise LimitExceeded("max_image_pixels", settings.max_image_pixels,
                             f"{name} is {size}{n} pixels, more than max_image_pixels ({settings.max_image_pixels})")
+    return n
 
 
 def _safe_member_name(info: zipfile.ZipInfo) -> str:
@@ -98,13 +136,15 @@ def _image_signature(head: bytes, settings: ServiceSettings) -> bool:
     return sniff_format(head) in allowed_formats(settings.image_formats)
 
 
-def unpack_zip(data: bytes, settings: ServiceSettings, rejected: list | None = None) -> list[UploadedFile]:
+def unpack_zip(data: bytes, settings: ServiceSettings, rejected: list | None = None,
+               dest: Path | None = None) -> list[UploadedFile]:
     """Image files of a zip, checked against every zip limit; directories and macOS metadata are skipped.
 
     Header checks first (nothing inflated): entry count, paths, the declared total (`max_unpacked_bytes`), each
     entry's declared size (`max_zip_member_bytes`) and compression ratio (`max_zip_ratio`). Then each entry is opened
     as a stream: its first bytes must name an accepted image format, else it goes to `rejected` without being
-    inflated further; image entries are read in blocks with the real running total checked."""
+    inflated further; image entries are read in blocks with the real running total checked. With `dest` (a folder)
+    each entry is streamed to a file there and the result holds paths, not bytes; nothing is decoded here."""
     try:
         zf = zipfile.ZipFile(io.BytesIO(data))
         infos = zf.infolist()
@@ -134,8 +174,11 @@ def unpack_zip(data: bytes, settings: ServiceSettings, rejected: list | None = N
                                 f"zip entry {name!r} is compressed {ratio:.0f}:1, more than max_zip_ratio "
                                 f"({settings.max_zip_ratio:g}:1): a zip bomb, not images")
     out, total = [], 0
-    for info, name in members:
-        buf = io.BytesIO()
+    if dest is not None:
+        dest.mkdir(parents=True, exist_ok=True)
+    for index, (info, name) in enumerate(members):
+        path = dest / f"{index:05d}.entry" if dest is not None else None
+        buf = open(path, "wb") if path is not None else io.BytesIO()
         try:
             with zf.open(info) as f:
                 head = f.read(32)
@@ -156,7 +199,11 @@ def unpack_zip(data: bytes, settings: ServiceSettings, rejected: list | None = N
             raise
         except (zipfile.BadZipFile, RuntimeError, NotImplementedError, EOFError, OSError) as exc:
             raise ServiceError(400, "bad_zip", f"zip entry {name!r} cannot be extracted: {exc}") from None
-        out.append(UploadedFile(name, buf.getvalue()))
+        finally:
+            if path is not None:
+                buf.close()
+        out.append(UploadedFile(name, buf.getvalue()) if path is None else UploadedFile(name, path=path))
+        check_image_count(len(out), settings)  # counted as they come: no work past the limit
     check_image_count(len(out), settings)
     return out
 

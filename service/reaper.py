@@ -9,7 +9,7 @@ from sqlalchemy import select
 
 from service.db import session
 from service.jobs import ORDER, event, fail, finish_cancelled
-from service.leases import advance, aware, locked
+from service.leases import advance, aware, locked, prune_workers
 from service.queue import enqueue
 from service.rows import FINAL_STATUSES, Job, JobStep, utcnow
 from service.settings import get_settings
@@ -47,6 +47,7 @@ def reap() -> int:
                              f"{settings.lease_ttl_s:.0f}s; re-queued", stage, "warning")
             s.commit()
             stale.append((job_id, stage, shard))
+    prune_workers()  # heartbeat rows of workers long gone
     return len(stale) + resume_stalled(cutoff) + requeue_unsent(cutoff) + expire_jobs()
 
 
@@ -122,5 +123,9 @@ def resume_stalled(cutoff: datetime) -> int:
                     and any(st == "pending" for st, _ in stages.get(nxt, [])):
                 log.warning("job %s: %s finished but %s was never queued; queueing it", job_id, prev, nxt)
                 advance(job_id, prev, 0)
+                with session() as s:
+                    event(s, job_id, f"{prev} finished but {nxt} was never queued (the broker or the worker failed "
+                                     "in between); re-queued by the reaper", nxt, "warning")
+                    s.commit()
                 n += 1
     return n

@@ -111,6 +111,15 @@ def delete_model(session: Session, row: ModelRow) -> None:
     session.delete(row)
     session.commit()
     blobs.collect(keys)
+    drop_cached(row.id)
+
+
+def drop_cached(model_id: str) -> None:
+    """Remove this process's local copy of a deleted model (`materialise`: HOME/cache/models/<id>)."""
+    root = (get_settings().cache_path / "models").resolve()
+    folder = (root / model_id).resolve()
+    if folder.parent == root and folder.is_dir():
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def check_files(row: ModelRow) -> None:

@@ -1,5 +1,6 @@
 """The database rows of the service (SQLAlchemy 2): tenants, api_keys, datasets, images, jobs, job_steps, job_events,
-models (the registry), blobs and blob_refs, webhook_secrets and webhook_deliveries (the webhook outbox).
+models (the registry), blobs and blob_refs, webhook_secrets and webhook_deliveries (the webhook outbox),
+worker_heartbeats.
 
 Ids are random hex strings (nothing to enumerate). The schema is created by alembic (alembic/versions); never by
 `create_all` outside tests.
@@ -9,8 +10,8 @@ from __future__ import annotations
 import uuid
 from datetime import datetime, timezone
 
-from sqlalchemy import (JSON, Boolean, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator, UniqueConstraint,
-                        text)
+from sqlalchemy import (JSON, Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, String, Text, TypeDecorator,
+                        UniqueConstraint, text)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
 
 
@@ -54,8 +55,12 @@ class ApiKey(Base):
     tenant: Mapped[Tenant] = relationship()
 
 
+DATASET_NAME_MAX = 256  # characters of a dataset's name (the API schema, the service and a database CHECK)
+
+
 class Dataset(Base):
     __tablename__ = "datasets"
+    __table_args__ = (CheckConstraint(f"length(name) <= {DATASET_NAME_MAX}", name="ck_datasets_name_length"),)
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"), index=True)
     name: Mapped[str] = mapped_column(String(256), default="")
@@ -212,6 +217,15 @@ class BlobRef(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     key: Mapped[str] = mapped_column(String(64), index=True)
     owner: Mapped[str] = mapped_column(String(48), index=True)
+
+
+class WorkerBeat(Base):
+    """A live worker process: its row is written at start and every `heartbeat_s`, deleted at a clean stop. /readyz
+    counts the rows with a fresh `heartbeat_at` (a worker killed with SIGKILL leaves a row that goes stale)."""
+    __tablename__ = "worker_heartbeats"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)  # service.leases.WORKER_ID (host:pid)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 
 
 def owned(session: Session, row_type: type, row_id: str, tenant_id: str):

@@ -100,6 +100,28 @@ class ServiceSettings(Settings):
                                       "often, so proxies keep it open.")
     stream_max_s: float = Field(default=900.0, description="A /stream closes after this long; the client reconnects "
                                 "with Last-Event-ID and goes on where it stopped.")
+    # reliability and admission control (issue 17)
+    worker_ttl_s: float = Field(default=30.0, gt=0, description="A worker whose last heartbeat (every heartbeat_s) is "
+                                "older than this counts as dead: /readyz is 503 while no worker is alive.")
+    ready_requires_worker: bool = Field(default=True, description="/readyz answers 503 while no worker is alive (set "
+                                        "false for an API deployment that is not meant to run jobs).")
+    worker_restart_max_s: float = Field(default=30.0, gt=0, description="`faceadapt serve`: longest wait before "
+                                        "restarting its embedded worker after it died (the wait doubles from 1 s).")
+    broker_probe_timeout_s: float = Field(default=2.0, gt=0, description="/readyz and /metrics wait at most this long "
+                                          "for the broker; a broker that does not answer is reported, never waited on.")
+    broker_probe_max_age_s: float = Field(default=10.0, ge=0, description="/metrics and /readyz reuse a broker probe "
+                                          "(queue depths, ping) this recent.")
+    restore_pixel_budget: int = Field(default=64_000_000, ge=1, description="Decoded pixels (width*height) of the "
+                                      "restores in flight in one API process; a restore that does not fit waits "
+                                      "(restore_admission_wait_s), then gets 429 with Retry-After.")
+    restore_admission_wait_s: float = Field(default=10.0, ge=0, description="Longest wait of a restore for room in "
+                                            "restore_pixel_budget before its 429.")
+    rate_limit_per_minute: int = Field(default=600, ge=0, description="Requests to /v1 per tenant and minute, in each "
+                                       "API process (0: no limit); over it: 429 with Retry-After.")
+    rate_limit_burst: int = Field(default=60, ge=1, description="Requests a tenant may send at once before "
+                                  "rate_limit_per_minute paces it.")
+    min_image_side: int = Field(default=32, ge=1, description="Dataset images whose width or height (from the header) "
+                                "is smaller are rejected without being decoded or searched for faces.")
 
     @property
     def embedded_db_path(self) -> Path:

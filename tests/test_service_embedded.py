@@ -88,7 +88,8 @@ def test_embedded_serve_end_to_end(tmp_path):
     srv = Serve(tmp_path, env)
     try:
         c = srv.client
-        assert srv.ready["checks"] == {"database": "ok", "broker": "ok", "storage": "ok", "default_model": "ok"}
+        assert srv.ready["checks"] == {"database": "ok", "broker": "ok", "storage": "ok", "default_model": "ok",
+                                   "worker": "ok"}
         assert (tmp_path / "faceadapt.db").is_file() and len(srv.worker_pids) == 1
         assert c.get("/docs").status_code == 200 and "/v1/restore" in c.get("/openapi.json").text
         faces = face_files(4, offset=140)

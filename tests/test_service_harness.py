@@ -263,6 +263,7 @@ def service_stack(tmp_path_factory):
         "FACEADAPT_BLOB_GC_INTERVAL_S": "20",  # the workers' blob sweep runs all through the tests
         "FACEADAPT_WEBHOOK_ALLOWED_URLS": f"http://127.0.0.1:{hook_port}/hooks/",
         "FACEADAPT_WEBHOOK_RETRY_BASE_S": "1",
+        "FACEADAPT_RATE_LIMIT_PER_MINUTE": "0",  # load and schemathesis runs; rate limits: test_service_reliability.py
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",

@@ -1,4 +1,5 @@
-"""Celery tasks: `faceadapt.run_step` (one step of a job: worker.steps.run) and the reaper thread of each worker."""
+"""Celery tasks: `faceadapt.run_step` (one step of a job: worker.steps.run), and each worker's reaper and heartbeat
+threads (its `worker_heartbeats` row: /readyz needs a live worker)."""
 from __future__ import annotations
 
 import logging
@@ -9,12 +10,13 @@ from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from service.blobs import collect_finished_jobs, sweep
-from service.leases import STOPPING
+from service.leases import STOPPING, beat_worker, drop_worker
 from service.queue import RUN_STEP
 from service.reaper import reap
 from service.settings import get_settings
 from worker import steps
 from worker.celery_app import app
+from worker.supervised import tie_to_parent
 
 log = logging.getLogger("faceadapt.worker")
 
@@ -50,8 +52,21 @@ def _reaper_loop() -> None:
             log.warning("blob collection: %s", exc)
 
 
+def _beat_loop() -> None:
+    period = get_settings().heartbeat_s
+    while True:
+        try:
+            beat_worker()
+        except Exception as exc:  # a database outage: the next beat retries
+            log.warning("worker heartbeat: %s", exc)
+        if _stop.wait(period):
+            return
+
+
 @worker_ready.connect
 def _start_reaper(**_):
+    tie_to_parent(_stop)  # a worker of `faceadapt serve` dies with it
+    threading.Thread(target=_beat_loop, name="faceadapt-worker-beat", daemon=True).start()
     threading.Thread(target=_reaper_loop, name="faceadapt-reaper", daemon=True).start()
 
 
@@ -64,3 +79,7 @@ def _shutting_down(**_):
 @worker_shutdown.connect
 def _stop_reaper(**_):
     _stop.set()
+    try:
+        drop_worker()
+    except Exception as exc:
+        log.warning("could not remove this worker's heartbeat row: %s", exc)

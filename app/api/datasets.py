@@ -11,7 +11,7 @@ from app.schemas import DatasetOut
 from service.datasets import delete_dataset, get_dataset, ingest
 from service.errors import ServiceError
 from service.limits import UploadedFile
-from service.rows import Dataset
+from service.rows import DATASET_NAME_MAX, Dataset
 from service.settings import get_settings
 
 router = APIRouter(tags=["datasets"])
@@ -25,7 +25,7 @@ def dataset_out(ds: Dataset) -> dict:
 @router.post("/v1/datasets", status_code=201, response_model=DatasetOut)
 async def create_dataset(
     files: list[UploadFile] = File(..., description="face images, or one zip of them"),
-    name: str = Form(""),
+    name: str = Form("", max_length=DATASET_NAME_MAX, description=f"free text, at most {DATASET_NAME_MAX} characters"),
     principal: Principal = CurrentPrincipal,
 ):
     """Upload a customer's images (many files or one zip). Images without a detectable face are rejected with a reason."""

@@ -9,7 +9,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
 from app.api.deps import CurrentPrincipal, Principal
-from app.limits import read_upload
+from app.limits import pixel_budget, read_upload
 from app.schemas import ErrorBody, RestoreJSON
 from app.serving import get_cache
 from restoration.faces import ImageError, encode_image, load_image, mode_counts
@@ -31,6 +31,7 @@ FACE_KEYS = ("native_size", "mode", "fidelity", "planned", "reason", "check")
     400: {"model": ErrorBody, "description": "not an image"}, 404: {"model": ErrorBody, "description": "unknown model"},
     413: {"model": ErrorBody, "description": "a limit was exceeded"},
     415: {"model": ErrorBody, "description": "an image format outside FACEADAPT_IMAGE_FORMATS"},
+    429: {"model": ErrorBody, "description": "busy (restore_pixel_budget) or rate-limited; see Retry-After"},
     503: {"model": ErrorBody, "description": "busy: no result within FACEADAPT_RESTORE_TIMEOUT_S, or shutting down"}})
 async def restore(
     request: Request,
@@ -56,7 +57,7 @@ async def restore(
     if not data:
         raise ServiceError(400, "bad_image", "the uploaded image is empty")
     check_image_format(data, settings, image.filename or "image")  # from the signature, before any decoder runs
-    check_pixels(data, settings, image.filename or "image")
+    pixels = check_pixels(data, settings, image.filename or "image") or settings.max_image_pixels
 
     def lookup():
         with session_factory()() as s:
@@ -65,14 +66,16 @@ async def restore(
     row = await run_in_threadpool(lookup)
 
     def work():
-        try:
-            img = load_image(data, max_pixels=settings.max_image_pixels)
-        except ImageError as exc:
-            raise ServiceError(400, "bad_image", f"cannot read the image: {exc}") from None
-        with get_cache().use(row) as loaded:  # the model stays loaded until this request is done with it
-            res = loaded.restore(img, aligned, only_center_face, max_faces=settings.max_faces_per_image,
-                                 fidelity=fidelity, color=color)
-        return encode_image(res.image, format), res
+        # admission: the decoded pixels of the restores in flight stay within restore_pixel_budget (wait, then 429)
+        with pixel_budget().admit(pixels, settings.restore_admission_wait_s):
+            try:
+                img = load_image(data, max_pixels=settings.max_image_pixels)
+            except ImageError as exc:
+                raise ServiceError(400, "bad_image", f"cannot read the image: {exc}") from None
+            with get_cache().use(row) as loaded:  # the model stays loaded until this request is done with it
+                res = loaded.restore(img, aligned, only_center_face, max_faces=settings.max_faces_per_image,
+                                     fidelity=fidelity, color=color)
+            return encode_image(res.image, format), res
 
     encoded, res = await run_in_threadpool(work)
     faces = res.faces

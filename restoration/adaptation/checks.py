@@ -10,10 +10,12 @@ from __future__ import annotations
 from restoration.adaptation.config import AdaptConfig, crop_size
 from restoration.models.zoo import ModelNotFound
 
-__all__ = ["FIXED_SIZE_ARCHS", "check_cards", "check_job"]
+__all__ = ["FIXED_SIZE_ARCHS", "MAX_SIZE_FACTOR", "check_cards", "check_job"]
 
 #: restorer archs that take one input size only (the base card's input_size): GFPGAN (out_size), CodeFormer (img_size)
 FIXED_SIZE_ARCHS = ("gfpgan_v1_4", "codeformer")
+#: a size-flexible base takes crops of at most this many times its card's input_size (memory grows with the square)
+MAX_SIZE_FACTOR = 2
 
 
 def _check_kind(card, kind: str, label: str) -> None:
@@ -26,12 +28,18 @@ def _check_size(base_card, config: AdaptConfig, label: str) -> int:
     if base_card.arch in FIXED_SIZE_ARCHS and size != int(base_card.input_size):
         raise ValueError(f"{label} ({base_card.arch}) takes {base_card.input_size}x{base_card.input_size} faces only, "
                          f"not {size}x{size}: leave size unset")
+    limit = MAX_SIZE_FACTOR * int(base_card.input_size)
+    if size > limit:
+        raise ValueError(f"size {size} is too large for {label} (input size {base_card.input_size}): at most "
+                         f"{limit} ({MAX_SIZE_FACTOR}x the model's input size); leave size unset to use "
+                         f"{base_card.input_size}")
     return size
 
 
 def check_cards(base_card, prior_card, config: AdaptConfig) -> int:
     """The model kinds and the input size: `base_card` must be a restorer, `prior_card` (None when
-    `config.use_prior` is off) a prior, and a fixed-size base (`FIXED_SIZE_ARCHS`) takes only its own input size.
+    `config.use_prior` is off) a prior, a fixed-size base (`FIXED_SIZE_ARCHS`) takes only its own input size and
+    any other at most `MAX_SIZE_FACTOR` times it.
     Returns the crop side (`crop_size`). Raises ValueError."""
     _check_kind(base_card, "restorer", base_card.name)
     if config.use_prior:

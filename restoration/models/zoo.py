@@ -26,7 +26,7 @@ from restoration.models.checkpoints import KNOWN_CHECKPOINTS, CheckpointError, K
 from restoration.settings import get_settings
 
 BUILTIN_DIR = Path(__file__).resolve().parents[1] / "zoo_defaults"
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # whole-string match (`fullmatch`): no trailing newline
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "card.json"
 
 
@@ -78,7 +78,7 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def check_name(name: str) -> str:
-    if not NAME_RE.match(name or ""):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ZooError(
             f"invalid model name {name!r}: use 1-64 lowercase letters, digits, '.', '_' or '-', starting with a letter or digit"
         )
