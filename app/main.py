@@ -17,7 +17,7 @@ from app.auth import DOC_PATHS, keys_required, private_route_error
 from app.errors import UnexpectedErrorMiddleware
 from app.limits import BodyLimitMiddleware
 from app.metrics import LATENCY, REQUESTS
-from app.serving import get_cache
+from app.serving import get_cache, preload_default
 from restoration.faces import demo_model_warning
 from restoration.models import Zoo
 from service.db import migrate, session_factory, startup_lock
@@ -63,6 +63,7 @@ def create_app(run_startup: bool = True) -> FastAPI:
     async def lifespan(app: FastAPI):
         if run_startup:
             await run_in_threadpool(startup)
+        await run_in_threadpool(preload_default)  # FACEADAPT_SERVE_PRELOAD (off by default)
         yield
         get_cache().clear()
 
