@@ -81,21 +81,36 @@ class Plan:
                          ["fp32", "bf16", "bf16+cl", "bf16+cl+compile"] if gpu else
                          ["fp32", "bf16", "cl", "compile"])
         self.repeats = 1 if self.smoke else 2 if self.quick and not gpu else 5
+        self.big_repeats = 1 if self.smoke or (self.quick and not gpu) else self.repeats  # 512 px archs
         self.clients = [1, 2] if self.smoke else [1, 4, 8]
         self.requests = 4 if self.smoke else 30 if self.quick else 100  # sequential requests for p50/p99
         self.per_client = 3 if self.smoke else 8 if self.quick else 24  # requests per client for throughput
         self.pseudo_batch = 2 if self.smoke else 16 if gpu else 1 if self.quick else 4
         # the 150-call schedule on this CPU at 512 px takes minutes a face: --quick times a few calls and scales
         self.truncate_calls = 2 if self.smoke else 3 if (self.quick and not gpu) else None
-        self.ft_steps = 3 if self.smoke else 4 if self.quick else 12
+        self.ft_steps = 3 if self.smoke or (self.quick and not gpu) else 12  # 3: one timed step (first warms up)
         self.target_faces = 4 if self.smoke else 16 if self.quick else 48
 
-    def arch_cases(self) -> list[tuple[str, int, list[str]]]:
-        """(arch, batch, variants) to run for a served arch at 512 px."""
-        if self.smoke or not self.quick or self.device.type == "cuda":
+    @property
+    def cpu_quick(self) -> bool:
+        return self.quick and self.device.type != "cuda"
+
+    def arch_cases(self) -> list[tuple[int, list[str]]]:
+        """(batch, variants) to run for a served arch at 512 px."""
+        if not self.cpu_quick:
             return [(b, self.variants) for b in self.batches]
-        # --quick on a CPU: every variant but compile at batch 1, fp32 at batch 4 (batch 16: see the full run)
-        return [(1, [v for v in self.variants if v != "compile"]), (4, ["fp32"])]
+        # --quick on a CPU (seconds per face at 512 px): batch 1, every variant but compile (batches 4 and 16, and
+        # compile: the full run)
+        return [(1, [v for v in self.variants if v != "compile"])]
+
+    def default_cases(self) -> list[tuple[int, list[str]]]:
+        """(batch, variants) for the bundled default restorer (64 px: cheap): every batch and variant; --quick on a
+        CPU compiles at batch 1 only (a compile per batch shape)."""
+        if self.smoke:
+            return [(1, self.variants)]
+        if not self.cpu_quick:
+            return [(b, self.variants) for b in self.batches]
+        return [(b, self.variants if b == 1 else [v for v in self.variants if v != "compile"]) for b in self.batches]
 
 
 def failed(exc: BaseException) -> str:
@@ -143,7 +158,7 @@ def _bench_variant(plan, name, model, size, batch, variant, value_range, kwargs,
             return run_restorer(fn, x, value_range, **kwargs)
 
     with PeakMemory(device) as mem:
-        times, first = time_calls(call, plan.repeats, warmup=1, device=device)
+        times, first = time_calls(call, plan.repeats if size < 512 else plan.big_repeats, warmup=1, device=device)
     extra = {"s_per_batch": median(times)}
     if "compile" in variant:
         extra["compile_s"] = first - median(times)
@@ -161,9 +176,8 @@ def section_arch(plan: Plan) -> list[dict]:
         del model
     zoo = Zoo()
     card = zoo.get(DEFAULT_RESTORER)
-    cases = [(b, plan.variants) for b in plan.batches if not (plan.smoke and b > 1)]
     rows += bench_model(plan, f"{DEFAULT_RESTORER} (bundled, trained)", zoo.load(DEFAULT_RESTORER), card.input_size,
-                        cases, f"{card.input_size} px")
+                        plan.default_cases(), f"{card.input_size} px")
     return rows
 
 
@@ -272,7 +286,7 @@ def bench_finetune(plan: Plan, label: str, model, size: int, batch: int, codefor
 
 def section_finetune(plan: Plan) -> list[dict]:
     rows = []
-    small_cpu = plan.quick and plan.device.type != "cuda"
+    small_cpu = plan.cpu_quick
     for arch, batch, quick_batch in (("swinir_face", 16, 2), ("codeformer", 4, 1)):
         torch.manual_seed(0)
         cfg = TINY[arch] if plan.smoke else PUBLISHED[arch]

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 from restoration import Restorer, encode_image, load_image
 from service.settings import get_settings
@@ -45,7 +46,9 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         clean = {k: v for k, v in os.environ.items() if not k.startswith("FACEADAPT_")
                  or k in ("FACEADAPT_SHARED", "FACEADAPT_MODELS_DIR")}
-        self.env = {**clean, "FACEADAPT_HOME": str(home), "FACEADAPT_DEVICE": device, **env}
+        # the server runs with this process's torch threads, as the in-process path does
+        self.env = {**clean, "FACEADAPT_HOME": str(home), "FACEADAPT_DEVICE": device,
+                    "FACEADAPT_TORCH_THREADS": str(torch.get_num_threads()), **env}
         self.log = open(home / f"api-{self.port}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host",
                                       "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
@@ -79,10 +82,21 @@ def post(client: httpx.Client, data: bytes) -> None:
         raise RuntimeError(f"POST /v1/restore: {r.status_code} {r.text[:300]}")
 
 
-def latency(url: str, data: bytes, n: int) -> list[float]:
-    with httpx.Client(base_url=url, timeout=300) as c:
-        times, _ = time_calls(lambda: post(c, data), n, warmup=2)
-    return times
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc), all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def latency(srv: "Server", data: bytes, n: int) -> tuple[list[float], float]:
+    """Seconds of `n` sequential requests (after 2 warm-up ones) and the server's CPU seconds per request: CPU time
+    does not grow when other jobs share the machine, wall time does."""
+    with httpx.Client(base_url=srv.url, timeout=300) as c:
+        time_calls(lambda: post(c, data), 0, warmup=2)
+        cpu0 = cpu_seconds(srv.proc.pid)
+        times, _ = time_calls(lambda: post(c, data), n, warmup=0)
+        cpu = (cpu_seconds(srv.proc.pid) - cpu0) / max(1, n)
+    return times, cpu
 
 
 def throughput(url: str, data: bytes, clients: int, per_client: int) -> float:
@@ -98,7 +112,7 @@ def throughput(url: str, data: bytes, clients: int, per_client: int) -> float:
         return clients * per_client / (time.perf_counter() - t0)
 
 
-def in_process(data: bytes, n: int, device: str) -> list[float]:
+def in_process(data: bytes, n: int, device: str) -> tuple[list[float], float]:
     """The API's work without HTTP: decode, restore the aligned face with the default restorer, encode PNG."""
     settings = get_settings()
     restorer = Restorer.from_zoo(settings.default_restorer, device=device, batch_size=settings.batch_max_size)
@@ -108,8 +122,10 @@ def in_process(data: bytes, n: int, device: str) -> list[float]:
         res = restorer.restore_image(img, aligned=True, max_faces=settings.max_faces_per_image)
         return encode_image(res.image, "png")
 
-    times, _ = time_calls(work, n, warmup=2)
-    return times
+    time_calls(work, 0, warmup=2)
+    cpu0 = time.process_time()
+    times, _ = time_calls(work, n, warmup=0)
+    return times, (time.process_time() - cpu0) / max(1, n)
 
 
 def section_service(plan) -> list[dict]:
@@ -117,7 +133,7 @@ def section_service(plan) -> list[dict]:
     device = str(plan.device)
     rows = []
     label = f"one aligned 512 face, {get_settings().default_restorer}, PNG out"
-    proc_times = in_process(data, plan.requests, device)
+    proc_times, proc_cpu = in_process(data, plan.requests, device)
     with tempfile.TemporaryDirectory() as tmp:
         servers = {"micro-batching": {}, "no batching": {"FACEADAPT_BATCH_MAX_SIZE": "1"}}
         http_times, tput = {}, {}
@@ -126,9 +142,9 @@ def section_service(plan) -> list[dict]:
             home.mkdir()
             srv = Server(home, device, **env)
             try:
-                latency(srv.url, data, 0)  # the model loads on the first request
+                latency(srv, data, 0)  # the model loads on the first request
                 if name == "micro-batching":
-                    http_times = latency(srv.url, data, plan.requests)
+                    http_times, http_cpu = latency(srv, data, plan.requests)
                 for k in plan.clients:
                     tput[(name, k)] = throughput(srv.url, data, k, plan.per_client)
                     print(f"  service {name} {k} client(s): {tput[(name, k)]:.2f} faces/s", file=sys.stderr,
@@ -137,9 +153,9 @@ def section_service(plan) -> list[dict]:
                 srv.stop()
     p50_in, p50_http = median(proc_times), median(http_times)
     rows.append(row("service", label, 1, "in process", p50_in, "s p50", p99_s=pct(proc_times, 0.99),
-                    n=len(proc_times)))
+                    n=len(proc_times), cpu_s=proc_cpu))
     rows.append(row("service", label, 1, "HTTP", p50_http, "s p50", p99_s=pct(http_times, 0.99),
-                    n=len(http_times)))
+                    n=len(http_times), cpu_s=http_cpu, note="cpu_s: the server process's CPU per request"))
     rows.append(row("service", "HTTP overhead at p50", 1, "HTTP - in process", (p50_http - p50_in) * 1000, "ms",
                     note=f"{(p50_http / p50_in - 1) * 100:+.1f}%; target <= +10% or +5 ms"))
     for (name, k), v in tput.items():
