@@ -321,10 +321,10 @@ def run_target_shard(args) -> None:
         Path(f"{args.target_go}.ready{args.target_shard}").touch()
         while not Path(args.target_go).exists():
             time.sleep(0.01)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = generate_targets(args.target_workdir, args.target_shard, args.target_shards, device=args.device)
-    print(json.dumps({"stage_s": time.perf_counter() - t0, "end": time.time(), "generated": res["generated"],
-                      "total": res["total"]}))
+    print(json.dumps({"stage_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "end": time.time(),
+                      "generated": res["generated"], "total": res["total"]}))
 
 
 def _workers(workdir: Path, n: int, threads: int, device: torch.device) -> tuple[float, float, list[dict]]:
@@ -372,7 +372,9 @@ def section_targets(plan: Plan) -> list[dict]:
             rows.append(row("targets", f"target stage of one job, {faces} training faces, bundled models", faces,
                             f"{n} worker(s) x {threads} thread(s)", wall, "s wall",
                             note="warm workers (imports done): from the start signal to the last shard done, "
-                            "model loads included; from_spawn_s: from process start", from_spawn_s=spawn_wall))
+                            "model loads included; from_spawn_s: from process start; cpu_s: each worker's CPU "
+                            "seconds in the stage", from_spawn_s=spawn_wall,
+                            cpu_s="/".join(f"{o['cpu_s']:.1f}" for o in outs)))
             print(f"  targets {n} worker(s) x {threads} thread(s): {wall:.1f} s", file=sys.stderr, flush=True)
     two = runs[configs[-1]]
     for n, threads in configs[:-1]:
