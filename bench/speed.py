@@ -1,6 +1,7 @@
 """Speed, measured: one table (markdown and JSON) of what a user compares, on this machine's CPU or on a GPU.
 
-    python bench/speed.py --quick                  # this CPU, <= 10 min: smaller batches and steps (the table says)
+    python bench/speed.py --quick                  # a CPU, sized for <= 10 min on a quiet 2-core machine: smaller
+                                                   # batches and steps (the table's notes say which)
     python bench/speed.py --quick --smoke          # seconds: tiny configs, every section once (the test runs it)
     python bench/speed.py --device cuda            # the GPU table: published configs, batch 1/4/16, every variant
     python bench/speed.py --sections arch,service --json runs/speed.json --markdown runs/speed.md
@@ -17,7 +18,9 @@ Sections (--sections, default all):
             schedule (150 network calls) and DDIM (15 calls), batched; and the bundled small prior at its defaults.
   finetune  fine-tune steps/s: SwinIR (published config) batch 16, CodeFormer batch 4, the bundled restorer batch 16.
   targets   the target stage of one job (the bundled models, N faces): 1 worker vs 2 workers on its 2 shards,
-            separate processes with their own torch thread counts, wall clock.
+            separate processes with their own torch thread counts, wall clock from a common start once the workers
+            are warm (imported), and each worker's CPU seconds.
+Figures and how to read them: docs/PERFORMANCE.md.
 """
 from __future__ import annotations
 
@@ -394,7 +397,8 @@ def machine(device: torch.device) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="<= 10 min on a 2-core CPU: smaller batches and steps")
+    ap.add_argument("--quick", action="store_true", help="sized for <= 10 min on a quiet 2-core CPU: smaller batches "
+                    "and steps")
     ap.add_argument("--smoke", action="store_true", help="seconds: tiny configs and counts (structure check only)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {', '.join(SECTIONS)}")
