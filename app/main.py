@@ -19,7 +19,7 @@ from app.errors import UnexpectedErrorMiddleware, document_errors
 from app.limits import BodyLimitMiddleware
 from app.metrics import LATENCY, REQUESTS
 from app.schemas import ErrorBody, params_schema
-from app.serving import get_cache
+from app.serving import get_cache, preload_default
 from restoration.faces import demo_model_warning
 from restoration.models import Zoo
 from service.db import migrate, session_factory, startup_lock
@@ -65,6 +65,7 @@ def create_app(run_startup: bool = True) -> FastAPI:
     async def lifespan(app: FastAPI):
         if run_startup:
             await run_in_threadpool(startup)
+        await run_in_threadpool(preload_default)  # FACEADAPT_SERVE_PRELOAD (off by default)
         yield
         get_cache().clear()
 

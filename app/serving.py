@@ -7,12 +7,21 @@
   `restore_timeout_s`, after which the request gets a 503 JSON error. Registry models are fetched from storage
   into `cache_dir/models/<id>/` (`service.registry.materialise`) and loaded with the zoo.
 * `MicroBatcher` gathers the face crops of concurrent requests for one model into one network pass (up to
-  `batch_max_size` crops, waiting at most `batch_max_wait_ms` for more); it runs on its own thread and requests wait
-  for it from the threadpool, never on the event loop.
+  `batch_max_size` crops); it runs on its own thread and requests wait for it from the threadpool, never on the event
+  loop. It never waits for nobody: a batch starts at once with every crop already queued, and waits (at most
+  `batch_max_wait_ms`) for more only while other requests for the model are on their way to it (`expecting()`:
+  between `Loaded.restore` and their crops' submission). A lone request pays no batching delay; under load, the
+  requests that arrive while a batch runs form the next one.
+* Lean serving options (settings, for a GPU mostly; bench/speed.py measures them): `serve_precision`,
+  `serve_channels_last`, `serve_compile` (with a warm-up pass at load), `serve_static_batch` (every network pass at
+  exactly `batch_max_size` crops, padded: fixed shapes for compiled kernels and CUDA graphs), `serve_preload` (the
+  default restorer loaded and warmed up when the app starts), `torch_threads`; pinned host memory for host-to-device
+  copies on CUDA. One model copy per process: the cache loads each model once, whatever the concurrency.
 """
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import queue
 import threading
@@ -23,16 +32,22 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
+import torch
 
 from app.metrics import BATCH_SIZE, MODEL_LOADS
 from restoration.faces import Restorer
 from restoration.models import ModelCard
 from service.errors import ServiceError
-from service.registry import open_zoo
+from restoration.runtime import set_torch_threads, to_channels_last
+from service.db import session_factory
+from service.registry import open_zoo, resolve_model
 from service.rows import ModelRow
 from service.settings import get_settings
 
 log = logging.getLogger(__name__)
+
+
+_POLL_S = 0.001  # how often a batch waiting for announced callers looks at the queue
 
 
 class BatcherClosed(ServiceError):
@@ -66,6 +81,8 @@ class MicroBatcher:
         self._q: queue.Queue = queue.Queue()
         self._lock = threading.Lock()
         self._closed = False
+        self._coming = 0  # callers inside expecting() that have not submitted yet
+        self._local = threading.local()
         self._thread = threading.Thread(target=self._loop, name=f"batcher-{label}", daemon=True)
         self._thread.start()
 
@@ -73,8 +90,33 @@ class MicroBatcher:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def coming(self) -> int:
+        """Callers announced by `expecting()` whose crops have not been submitted yet."""
+        return self._coming
+
+    @contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Announce that this thread will submit crops soon (a request on its way to the network): while any caller is
+        announced, a batch being formed waits for it (at most `max_wait_s`). Leaving the block without submitting
+        (no face to restore) withdraws the announcement."""
+        with self._lock:
+            self._coming += 1
+        self._local.announced = True
+        try:
+            yield
+        finally:
+            self._withdraw()
+
+    def _withdraw(self) -> None:
+        if getattr(self._local, "announced", False):
+            self._local.announced = False
+            with self._lock:
+                self._coming -= 1
+
     def submit(self, crops: list[np.ndarray]) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._withdraw()  # this caller's crops are queued now: a batch no longer waits for it
         with self._lock:  # nothing can be queued behind the close marker
             if self._closed:
                 raise BatcherClosed(self.label)
@@ -106,11 +148,16 @@ class MicroBatcher:
             batch, n, stop = [item], len(item[0]), False
             deadline = time.monotonic() + self.max_wait_s
             while n < self.max_size:
-                remaining = deadline - time.monotonic()
                 try:
-                    nxt = self._q.get(timeout=remaining) if remaining > 0 else self._q.get_nowait()
+                    nxt = self._q.get_nowait()  # every crop already queued joins
                 except queue.Empty:
-                    break
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._coming <= 0:
+                        break  # nobody else is on the way: never wait for nobody
+                    try:  # short polls: a caller that withdraws (no face) ends the wait early
+                        nxt = self._q.get(timeout=min(remaining, _POLL_S))
+                    except queue.Empty:
+                        continue
                 if nxt is None:
                     stop = True
                     break
@@ -156,9 +203,11 @@ class Loaded:
         going through the micro-batcher, except for archs that take the fidelity as their own input (per call). With
         auto fidelity each face is checked never worse (`extra` `reason` when it fell back); a gray input stays gray
         unless `color`."""
-        res = self.restorer.restore_image(img, aligned=aligned, only_center_face=only_center_face, fidelity=fidelity,
-                                          max_faces=max_faces, color=color,
-                                          restore_fn=None if self.restorer.takes_fidelity else self.batcher)
+        batched = not self.restorer.takes_fidelity
+        with self.batcher.expecting() if batched else contextlib.nullcontext():
+            res = self.restorer.restore_image(img, aligned=aligned, only_center_face=only_center_face,
+                                              fidelity=fidelity, max_faces=max_faces, color=color,
+                                              restore_fn=self.batcher if batched else None)
         # the API names the model's detector for aligned crops too
         return Restored(res.image, res.faces, res.faces_found, self.restorer.face_helper().detector_name, res.gray)
 
@@ -280,14 +329,63 @@ class ModelCache:
     def _load(self, row: ModelRow) -> Loaded:
         settings = get_settings()
         t0 = time.perf_counter()
+        set_torch_threads(settings.torch_threads)
         zoo, zoo_name = open_zoo(row)
         card = ModelCard.from_json(row.card)
         restorer = Restorer(zoo.load(zoo_name), card, device=settings.device, batch_size=settings.batch_max_size)
+        fn = lean(restorer, settings)
         MODEL_LOADS.inc()
         log.info("loaded model %s (%s) in %.2fs", row.name, row.id, time.perf_counter() - t0)
-        batcher = MicroBatcher(restorer.restore_crops, settings.batch_max_size, settings.batch_max_wait_ms / 1000.0,
-                               row.name, timeout_s=self.timeout_s)
+        batcher = MicroBatcher(fn, settings.batch_max_size, settings.batch_max_wait_ms / 1000.0, row.name,
+                               timeout_s=self.timeout_s)
         return Loaded(restorer, batcher)
+
+
+def lean(restorer: Restorer, settings) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
+    """Apply the lean-serving settings to a loaded restorer (precision, channels_last, torch.compile with a warm-up
+    pass) and return the crops function the micro-batcher runs (padded to a static batch when asked)."""
+    restorer.precision = settings.serve_precision
+    if settings.serve_channels_last:
+        to_channels_last(restorer.model)
+    if settings.serve_compile:
+        restorer.model = torch.compile(restorer.model, dynamic=False)
+    fn = restorer.restore_crops
+    if settings.serve_static_batch:
+        fn = StaticBatch(restorer.restore_crops, restorer.batch_size)
+    if settings.serve_compile or settings.serve_preload:
+        t0 = time.perf_counter()
+        fn([np.zeros((restorer.size, restorer.size, 3), np.uint8)] * restorer.batch_size)
+        log.info("warmed up %s in %.2fs", restorer.card.name, time.perf_counter() - t0)
+    return fn
+
+
+class StaticBatch:
+    """`fn(crops)` with the crops padded (repeating the last one) to a multiple of `size`, the padding dropped from the
+    result: every network pass has the same batch shape. Aligned crops of the model's size only (as /v1/restore
+    hands the batcher); other crop sizes pass unpadded."""
+
+    def __init__(self, fn: Callable[[list[np.ndarray]], list[np.ndarray]], size: int):
+        self.fn, self.size = fn, max(1, size)
+
+    def __call__(self, crops: list[np.ndarray]) -> list[np.ndarray]:
+        pad = -len(crops) % self.size
+        if not crops or not pad or len({c.shape for c in crops}) != 1:
+            return self.fn(crops)
+        return list(self.fn(list(crops) + [crops[-1]] * pad))[: len(crops)]
+
+
+def preload_default() -> None:
+    """FACEADAPT_SERVE_PRELOAD: load (and warm up) the default restorer now, at app start, so that the first request
+    does not pay for it; a failure is logged, never fatal (the requests report it)."""
+    settings = get_settings()
+    if not settings.serve_preload:
+        return
+    try:
+        with session_factory()() as s:
+            row = resolve_model(s, settings.public_tenant, "default")
+        get_cache().get(row)
+    except Exception:  # noqa: BLE001 - the app still starts; the first request gets the real error
+        log.exception("preloading the default restorer failed")
 
 
 _cache: ModelCache | None = None

@@ -27,6 +27,8 @@ from urllib.parse import urlparse
 
 import httpx
 
+from timing import pct  # the benches' one percentile
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FACES = REPO.parent / "shared" / "data" / "faces-utk200"
 TINY_PARAMS = {  # the service tests' tiny engine configuration: seconds on a CPU
@@ -63,13 +65,6 @@ class Stats:
         self.statuses[op][str(status)] += 1
         if status is None or status not in EXPECTED[op]:
             self.errors[op].append(f"{status} {note}"[:300])
-
-
-def pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    v = sorted(values)
-    return v[min(len(v) - 1, max(0, round(q * (len(v) - 1))))]
 
 
 class Load:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Literal, TypeVar
 
 from pydantic import Field
 
@@ -52,6 +52,21 @@ class ServiceSettings(Settings):
                                      "or for its micro-batch; past it the request gets a 503 `restore_timeout`.")
     shutdown_timeout_s: float = Field(default=30.0, description="`faceadapt serve`: on SIGTERM/Ctrl-C, how long "
                                       "requests in flight may take to finish before their connections are closed.")
+    # lean serving (issue 18; docs/PERFORMANCE.md): mostly for a GPU, each measured by bench/speed.py
+    serve_precision: Literal["auto", "fp32", "bf16"] = Field(
+        default="auto", description="Restorer precision in the API: 'auto' (bf16 autocast on CUDA, fp32 on the CPU), "
+        "'fp32', or 'bf16' (autocast on any device).")
+    serve_channels_last: bool = Field(default=False, description="Restorers in channels_last memory format (faster "
+                                      "convolutions on recent GPUs).")
+    serve_compile: bool = Field(default=False, description="torch.compile each restorer the API loads, with a warm-up "
+                                "pass at load (the compile time is paid then, not by a request).")
+    serve_static_batch: bool = Field(default=False, description="Pad every network pass to exactly batch_max_size crops: "
+                                     "fixed shapes for compiled kernels and CUDA graphs (wasted work on a CPU).")
+    serve_preload: bool = Field(default=False, description="Load (and warm up) the default restorer when the API "
+                                "starts, not on the first request.")
+    torch_threads: int | None = Field(default=None, description="torch intra-op CPU threads per process (API and "
+                                      "worker); unset: every core. With several processes on one machine: cores / "
+                                      "processes.")
     # jobs
     queue_default: str = Field(default="faceadapt", description="Celery queue for orchestration tasks.")
     queue_gpu: str = Field(default="faceadapt-gpu", description="Celery queue for the ML stages (GPU workers consume it).")

@@ -1,19 +1,32 @@
 """Serving under pressure (issue 10): more restorer models in use than the model cache holds, the faces-per-image
 cap, the image format allow-list, oversized bodies answered with a 413 JSON, unexpected errors as JSON, and a clean
-SIGTERM shutdown. Everything runs against a real uvicorn process on the real test stack (PostgreSQL, Redis)."""
+SIGTERM shutdown. Everything runs against a real uvicorn process on the real test stack (PostgreSQL, Redis).
+Lean serving (issue 18): the micro-batcher never waits for nobody, the static batch, the lean options of a loaded
+restorer (unit tests of app.serving, no stack) and an API started with them (on the stack)."""
 from __future__ import annotations
 
 import concurrent.futures
+import copy
 import io
 import itertools
 import json
+import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
+import torch
+
+from app.serving import MicroBatcher, StaticBatch, lean
+from restoration import Restorer, build
+from restoration.models import ModelCard
+from restoration.runtime import to_channels_last, to_contiguous
+from service.settings import ServiceSettings
 
 pytest_plugins = ["test_service_harness"]
 
@@ -313,9 +326,10 @@ def test_unexpected_errors_are_json(second_api, service_stack, tenant_b):
 
 def test_restore_timeout_is_a_503(second_api, service_stack, tenant_b, tmp_path):
     """A request that cannot get its batch within FACEADAPT_RESTORE_TIMEOUT_S gets a 503 JSON naming the setting
-    (here the batcher waits 3 s for company, the timeout is 0.5 s), and the server stays healthy."""
+    (here the timeout, 1 ms, is shorter than any network pass; a lone request no longer waits for company), and the
+    server stays healthy."""
     st = service_stack
-    env = {**second_api.env, "FACEADAPT_BATCH_MAX_WAIT_MS": "3000", "FACEADAPT_RESTORE_TIMEOUT_S": "0.5"}
+    env = {**second_api.env, "FACEADAPT_RESTORE_TIMEOUT_S": "0.001"}
     api = start_api(env, tmp_path / "api-timeout.log")
     try:
         wait_ready(api, tmp_path / "api-timeout.log")
@@ -327,7 +341,7 @@ def test_restore_timeout_is_a_503(second_api, service_stack, tenant_b, tmp_path)
             assert r.status_code == 503, r.text
             body = r.json()
             assert body["error"] == "restore_timeout" and body["limit"] == "restore_timeout_s", body
-            assert "FACEADAPT_RESTORE_TIMEOUT_S" in body["detail"] and body["limit_value"] == 0.5
+            assert "FACEADAPT_RESTORE_TIMEOUT_S" in body["detail"] and body["limit_value"] == 0.001
             assert time.time() - t0 < 30
             assert c.get("/healthz").status_code == 200
     finally:
@@ -345,3 +359,133 @@ def test_short_load_run_has_no_errors_or_hangs(second_api, service_stack, tenant
     print(out.stdout[-3000:])
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " 0 errors, 0 hangs" in out.stdout
+
+
+# ---------------------------------------------------------------------------------------------- lean serving (issue 18)
+def _crop(v: int = 0):
+    return np.full((8, 8, 3), v, np.uint8)
+
+
+def test_a_lone_request_is_not_held_for_the_batch_wait():
+    """With nobody else on the way, a batch starts at once: a batch wait of an hour does not hold a lone request
+    (before: every batch waited the whole batch_max_wait_ms for more; here that meant the 503 after timeout_s)."""
+    batches = []
+    batcher = MicroBatcher(lambda cs: batches.append(len(cs)) or cs, 8, 3600.0, "t", timeout_s=30)
+    try:
+        for v in range(3):
+            out = batcher([_crop(v)])
+            assert out[0][0, 0, 0] == v
+        with batcher.expecting():  # announced, and submitting: the batcher does not wait for itself
+            assert batcher([_crop(7)])[0][0, 0, 0] == 7
+        assert batches == [1, 1, 1, 1] and batcher.coming == 0
+    finally:
+        batcher.close()
+
+
+def test_announced_requests_join_the_batch_and_a_withdrawal_ends_the_wait():
+    """A caller inside expecting() is waited for (its crops join the same batch); one that leaves without submitting
+    (no face to restore) releases the waiting batch."""
+    batches = []
+    batcher = MicroBatcher(lambda cs: batches.append(len(cs)) or cs, 8, 3600.0, "t", timeout_s=30)
+    try:
+        announced, go = threading.Event(), threading.Event()
+        results = {}
+
+        def late():
+            with batcher.expecting():
+                announced.set()
+                go.wait(30)
+                results["late"] = batcher([_crop(2), _crop(3)])
+
+        t = threading.Thread(target=late)
+        t.start()
+        assert announced.wait(30) and batcher.coming == 1
+        fut = batcher.submit([_crop(1)])  # the batch now waits for the announced caller
+        go.set()
+        assert [c[0, 0, 0] for c in fut.result(30)] == [1]
+        t.join(30)
+        assert [c[0, 0, 0] for c in results["late"]] == [2, 3]
+        assert batches == [3]  # one network pass for both callers
+
+        def withdraws():
+            with batcher.expecting():
+                announced.set()
+                go.wait(30)  # leaves without submitting
+
+        announced.clear(), go.clear()
+        t = threading.Thread(target=withdraws)
+        t.start()
+        assert announced.wait(30)
+        fut = batcher.submit([_crop(4)])
+        go.set()
+        assert [c[0, 0, 0] for c in fut.result(30)] == [4]  # not held for the hour
+        t.join(30)
+        assert batcher.coming == 0 and batches == [3, 1]
+    finally:
+        batcher.close()
+
+
+def test_static_batch_pads_to_fixed_shapes_and_returns_only_the_callers_crops():
+    seen = []
+
+    def fn(crops):
+        seen.append(len(crops))
+        return [c + 1 for c in crops]
+
+    static = StaticBatch(fn, 4)
+    out = static([_crop(v) for v in range(5)])
+    assert seen == [8] and [c[0, 0, 0] for c in out] == [1, 2, 3, 4, 5]
+    assert [c[0, 0, 0] for c in static([_crop(9)] * 4)] == [10] * 4 and seen[-1] == 4
+    assert static([]) == [] and seen[-1] == 0
+
+
+def test_lean_options_keep_the_restore(tmp_path):
+    """serve_precision / serve_channels_last / serve_static_batch applied to a loaded restorer (`app.serving.lean`)
+    give the same crops as the plain restorer (fp32 and channels_last: to the rounding of uint8; bf16: close), and
+    channels_last works for GFPGAN's 5-D modulated weights too."""
+    cfg = dict(out_size=64, num_style_feat=32, channel_multiplier=2, decoder_load_path=None, fix_decoder=False,
+               num_mlp=8, input_is_latent=True, different_w=True, narrow=0.0625, sft_half=True)
+    torch.manual_seed(0)
+    model = build("gfpgan_v1_4", cfg).eval()
+    card = ModelCard(name="gfp", arch="gfpgan_v1_4", kind="restorer", input_size=64, value_range=[-1.0, 1.0])
+    crops = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(3)]
+    ref = Restorer(model, card, device="cpu", batch_size=4).restore_crops(crops)
+    for opts, tol in (({"serve_channels_last": True, "serve_static_batch": True}, 1),
+                      ({"serve_precision": "bf16"}, 24)):
+        restorer = Restorer(copy.deepcopy(model), card, device="cpu", batch_size=4)
+        fn = lean(restorer, ServiceSettings(**opts))
+        got = fn(crops)
+        assert len(got) == 3
+        for a, b in zip(got, ref):
+            assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= tol, opts
+        assert restorer.precision == opts.get("serve_precision", "auto")
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    to_channels_last(model)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    to_contiguous(model)
+    assert conv.weight.is_contiguous()
+
+
+def test_lean_settings_through_the_api(service_stack, tenant_b, tmp_path):
+    """An API started with the lean options (preload, static batch, channels_last, fp32, torch threads) has the default
+    restorer loaded before any request, and serves restores as usual."""
+    env = {**service_stack.env, "FACEADAPT_SERVE_PRELOAD": "true", "FACEADAPT_SERVE_STATIC_BATCH": "true",
+           "FACEADAPT_SERVE_CHANNELS_LAST": "true", "FACEADAPT_SERVE_PRECISION": "fp32",
+           "FACEADAPT_TORCH_THREADS": "1", "FACEADAPT_BATCH_MAX_SIZE": "4"}
+    log = tmp_path / "api-lean.log"
+    proc = start_api(env, log)
+    try:
+        wait_ready(proc, log)
+        auth = {"Authorization": f"Bearer {tenant_b}"}
+        metrics = httpx.get(proc.url + "/metrics", headers=service_stack.metrics_auth, timeout=60).text
+        loads = sum(float(v) for v in re.findall(r"^faceadapt_model_loads_total ([0-9.e+]+)", metrics, re.M))
+        assert loads == 1, metrics[-2000:]  # preloaded at start
+        data = face_files(1, offset=40)[0].read_bytes()
+        with concurrent.futures.ThreadPoolExecutor(3) as ex:
+            rs = list(ex.map(lambda _: httpx.post(proc.url + "/v1/restore", files={"image": ("f.jpg", data)},
+                                                  data={"aligned": "true"}, headers=auth, timeout=120), range(3)))
+        assert [r.status_code for r in rs] == [200] * 3, rs[0].text
+        assert rs[0].content == rs[1].content == rs[2].content
+    finally:
+        proc.kill()
+        proc.wait()

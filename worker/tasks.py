@@ -6,9 +6,10 @@ import logging
 import threading
 import time
 
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import worker_process_init, worker_ready, worker_shutdown, worker_shutting_down
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from restoration.runtime import set_torch_threads
 from service.blobs import collect_finished_jobs, sweep
 from service.leases import STOPPING, beat_worker, drop_worker
 from service.queue import RUN_STEP
@@ -63,8 +64,20 @@ def _beat_loop() -> None:
             return
 
 
+def _set_threads() -> None:
+    """torch's CPU threads in this worker (FACEADAPT_TORCH_THREADS; unset: every core): several workers on one
+    machine share its cores instead of each using all of them."""
+    set_torch_threads(get_settings().torch_threads)
+
+
+@worker_process_init.connect
+def _process_init(**_):
+    _set_threads()  # a prefork child
+
+
 @worker_ready.connect
 def _start_reaper(**_):
+    _set_threads()  # the solo pool runs the stages in this process
     tie_to_parent(_stop)  # a worker of `faceadapt serve` dies with it
     threading.Thread(target=_beat_loop, name="faceadapt-worker-beat", daemon=True).start()
     threading.Thread(target=_reaper_loop, name="faceadapt-reaper", daemon=True).start()

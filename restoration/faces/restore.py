@@ -299,11 +299,15 @@ class Restorer:
         w = _check_w(fidelity)
         return to_kwargs(w if w is not None else self.fidelity if self.fidelity is not None else default_w)
 
+    #: the network's precision: "auto" (bf16 autocast on CUDA, fp16 where bf16 is unsupported; fp32 on the CPU),
+    #: "fp32", or "bf16" (autocast on any device); the service sets it from FACEADAPT_SERVE_PRECISION
+    precision = "auto"
+
     def _autocast(self):
-        if self.device.type == "cuda":
-            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-            return torch.autocast("cuda", dtype=dtype)
-        return contextlib.nullcontext()
+        if self.precision == "fp32" or (self.precision == "auto" and self.device.type != "cuda"):
+            return contextlib.nullcontext()
+        bf16 = self.precision == "bf16" or self.device.type != "cuda" or torch.cuda.is_bf16_supported()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if bf16 else torch.float16)
 
     @torch.inference_mode()
     def restore_tensor(self, x: torch.Tensor, fidelity: float | None = None) -> torch.Tensor:
@@ -312,7 +316,7 @@ class Restorer:
         kwargs = self.network_kwargs(fidelity)
         outs = []
         for i in range(0, x.shape[0], self.batch_size):
-            chunk = x[i : i + self.batch_size].to(self.device)
+            chunk = x[i : i + self.batch_size].to(self.device, non_blocking=True)  # async from pinned memory
             with self._autocast():
                 y = run_restorer(self.model, chunk, self.card.value_range, **kwargs)
             outs.append(y.float().clamp_(0, 1).cpu())
@@ -340,7 +344,7 @@ class Restorer:
             else:
                 groups.setdefault(fm.network_w, []).append(i)
         for w, idx in groups.items():
-            x = to_tensor([crops[i] for i in idx], self.size)
+            x = to_tensor([crops[i] for i in idx], self.size, pin=self.device.type == "cuda")
             y = to_uint8(self.restore_tensor(x, w))
             for k, i in enumerate(idx):
                 base = x[k].permute(1, 2, 0).numpy() * 255.0 if modes[i].mode == "detail_preserving" else None

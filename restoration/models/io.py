@@ -34,13 +34,16 @@ def resize_for_model(x: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
 
 
-def to_tensor(crops: list[np.ndarray], size: int) -> torch.Tensor:
-    """uint8 HxWx3 RGB crops -> float Bx3xSxS in [0, 1] (resized with antialiasing when needed)."""
+def to_tensor(crops: list[np.ndarray], size: int, pin: bool = False) -> torch.Tensor:
+    """uint8 HxWx3 RGB crops -> float Bx3xSxS in [0, 1] (resized with antialiasing when needed). `pin`: in pinned
+    (page-locked) host memory when CUDA is available, so that host-to-device copies are fast and may be
+    asynchronous (the serving path on a GPU)."""
     out = []
     for c in crops:
         t = torch.from_numpy(np.array(c, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0)
         out.append(resize_for_model(t[None], size)[0])
-    return torch.stack(out).clamp_(0, 1)
+    x = torch.stack(out).clamp_(0, 1)
+    return x.pin_memory() if pin and torch.cuda.is_available() else x
 
 
 def to_uint8(batch: torch.Tensor) -> list[np.ndarray]:
