@@ -9,8 +9,8 @@ user would run `faceadapt adapt --aligned` and then `faceadapt restore --aligned
   camera: 3-4x resolution loss, low-light colour noise, cool cast, JPEG), `scan` (scanned album print: sepia fade,
   soft optics, film grain) and `domain_shift` (strong correlated colour noise, warm cast, heavy JPEG); and this
   bench's own damages (`BENCH_DAMAGES`), unseen by the bundled restorer and by the presets' tuning: `lowlight`
-  (a phone at night: coarse blotchy shot noise, a green cast, 2x loss, JPEG 45-60) and `blocky` (a re-encoded video
-  still: 2.5-3x loss, very low JPEG quality 8-15, a magenta cast);
+  (a phone at night: blotchy shot noise, a green cast, 2x loss, JPEG 55-70) and `blocky` (a re-encoded video
+  still: 2-2.5x loss, very low JPEG quality 12-20, a magenta cast);
 * set sizes (`--n-train`, a comma list, e.g. 8,16,32,200): the adaptation faces are the first N of one shuffled
   list, so a smaller set is part of every larger one;
 * faces at `--size` pixels (default 128, the size users send; the 64 px default models see them through the same
@@ -75,15 +75,15 @@ BENCH_DAMAGES = {
         color_cast_prob=1.0, color_cast_gains=(0.94, 1.06, 0.92), color_cast_jitter=0.02,
         blur_prob=1.0, kernel_types=("iso",), kernel_probs=(1.0,), blur_sigma=(0.5, 1.0), kernel_size=7,
         downsample_prob=1.0, downsample=(2.0, 2.0), down_interpolations=("bilinear",),
-        noise_prob=1.0, noise_sigma=(3.0 / 255.0, 6.0 / 255.0), poisson_prob=1.0, poisson_peak=(25.0, 60.0),
-        gray_noise_prob=0.0, noise_correlation=(0.9, 1.3), jpeg_prob=1.0, jpeg_quality=(45.0, 60.0),
+        noise_prob=1.0, noise_sigma=(2.0 / 255.0, 4.0 / 255.0), poisson_prob=1.0, poisson_peak=(200.0, 400.0),
+        gray_noise_prob=0.0, noise_correlation=(0.6, 0.9), jpeg_prob=1.0, jpeg_quality=(55.0, 70.0),
         reference_size=128),
     "blocky": degrade.DegradationParams(
         color_cast_prob=1.0, color_cast_gains=(1.05, 0.93, 1.05), color_cast_jitter=0.02,
         blur_prob=1.0, kernel_types=("iso",), kernel_probs=(1.0,), blur_sigma=(0.4, 0.8), kernel_size=7,
-        downsample_prob=1.0, downsample=(2.5, 3.0), down_interpolations=("bicubic",),
-        noise_prob=1.0, noise_sigma=(2.0 / 255.0, 4.0 / 255.0), poisson_prob=0.0, gray_noise_prob=0.0,
-        jpeg_prob=1.0, jpeg_quality=(8.0, 15.0), reference_size=128),
+        downsample_prob=1.0, downsample=(2.0, 2.5), down_interpolations=("bicubic",),
+        noise_prob=1.0, noise_sigma=(1.0 / 255.0, 3.0 / 255.0), poisson_prob=0.0, gray_noise_prob=0.0,
+        jpeg_prob=1.0, jpeg_quality=(12.0, 20.0), reference_size=128),
 }
 DAMAGES = {**{k: v for k, v in degrade.PRESETS.items() if k != "default"}, **BENCH_DAMAGES}
 

@@ -44,8 +44,9 @@ DEFAULT_SCORE_THRESHOLD = {"retinaface": 0.97, "mtcnn": 0.95}
 #: the eye distance): the mouth corners `mouth_width` apart and tilted at most `max_tilt_deg` from the eyes' line, the
 #: mouth centre `eye_mouth` below the eyes' centre and at most `max_mouth_offset` beside it, the nose below the eyes
 #: and above the mouth (`nose_depth`, a share of the eye-mouth height) and at most `max_nose_offset` beside the eyes'
-#: centre, all five points inside the box grown by `box_margin` of its side. Calibrated on RetinaFace's landmarks of
-#: 2,000 faces-utk200 crops and the shared real-world photos (every real face passes; tests/test_uploads_crops.py).
+#: centre, all five points inside the box grown by `box_margin` of its side. Checked on the landmarks of 1,000
+#: faces-utk200 crops (RetinaFace) and 400 (MTCNN) and of the shared real-world crops and photos: every real face
+#: passes (tests/test_uploads_crops.py).
 #: Size: when the largest face fills the image (its box covers at least `fill_area` of it), a face whose eye distance
 #: is under `small_in_fill` of the largest's is a false detection (a face-like patch of that face: an ear, the hair);
 #: so is any face whose box lies mostly (`max_inside`) within a larger face's box.
