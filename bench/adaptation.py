@@ -215,7 +215,10 @@ def run_domain(domain: str, args, zoo: Zoo, hq_paths: list[Path]) -> list[dict]:
         # the held-out split of the engine is taken from the adaptation faces (no GT), as for a user
         man = prepare(wd, train_lq, aligned=cfg.aligned, size=crop_size(cfg, base_card), config=cfg,
                       base=args.base, prior=args.prior, name=f"bench-{domain}-{m}", progress=progress, zoo=zoo)
-        print(f"    [{m}] {n_train} images used as {man['usage']}; faces {man['counts']}", flush=True)
+        ff = read_job(wd)["config"].finetune
+        print(f"    [{m}] {n_train} images used as {man['usage']}; faces {man['counts']}; fitted fine-tune: "
+              f"{ff.steps} steps, lr {ff.lr:.3g} -> {ff.lr_min:.3g}, shift {ff.shift} px, held-out score every "
+              f"{ff.val_every} steps (patience {ff.patience})", flush=True)
         gen = generate_targets(wd, 0, 1, zoo=zoo, device="cpu", progress=progress, hq_images=hq_paths)
         print(f"    [{m}] domain colour gains (R, G, B) of the targets: {gen['color_gains'] or 'none'}", flush=True)
         t_pt = time.perf_counter() - t0
