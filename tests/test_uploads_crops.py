@@ -17,6 +17,8 @@ from restoration.faces import FaceDetector, FaceHelper, load_image
 from restoration.faces.alignment import crop_template, template, template_error
 from restoration.faces.detection import Face, filter_faces, geometry_problem
 
+pytest_plugins = ["test_service_harness"]  # service_stack, tenant_a, adapted
+
 
 def _shared(shared_dir, *parts):
     path = shared_dir.joinpath("data", *parts)
