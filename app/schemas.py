@@ -61,6 +61,16 @@ class Rejected(BaseModel):
     reason: str
 
 
+class ImageUse(BaseModel):
+    file: str
+    use: str = Field(description="'aligned crop': one face filling the frame near an alignment template's landmarks, "
+                     "used as it is (as with params.aligned=true); 'photo': its faces are detected and aligned")
+    framing: str | None = Field(default=None, description="the alignment template an aligned crop matches ('utk200', "
+                                "'ffhq'); a crop framed otherwise than the base model's is aligned like a photo's face")
+    faces: int = Field(description="faces found in the image (false detections filtered)")
+    label: str = Field(description="e.g. 'aligned crop (utk200 framing)', 'photo, 2 faces'")
+
+
 class DatasetOut(BaseModel):
     id: str
     name: str
@@ -68,6 +78,9 @@ class DatasetOut(BaseModel):
     faces_found: int
     rejected: list[Rejected]
     created_at: datetime
+    usage: dict[str, int] = Field(default_factory=dict, description="accepted images per use ('aligned crop', 'photo')")
+    images: list[ImageUse] = Field(default_factory=list, description="how each accepted image will be used, in "
+                                   "upload order")
 
 
 class AdaptationIn(BaseModel):

@@ -48,7 +48,9 @@ class Server:
                  or k in ("FACEADAPT_SHARED", "FACEADAPT_MODELS_DIR")}
         # the server runs with this process's torch threads, as the in-process path does
         self.env = {**clean, "FACEADAPT_HOME": str(home), "FACEADAPT_DEVICE": device,
-                    "FACEADAPT_TORCH_THREADS": str(torch.get_num_threads()), **env}
+                    "FACEADAPT_TORCH_THREADS": str(torch.get_num_threads()),
+                    # an API without workers (restores only): ready without one; no per-tenant rate limit on the load
+                    "FACEADAPT_READY_REQUIRES_WORKER": "false", "FACEADAPT_RATE_LIMIT_PER_MINUTE": "0", **env}
         self.log = open(home / f"api-{self.port}.log", "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "app.main:create_app", "--host",
                                       "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],

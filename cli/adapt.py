@@ -11,7 +11,7 @@ from tqdm import tqdm
 from cli.app import app
 from cli.checks import check_detector, check_device, check_image_folder, check_new_model_name, check_zoo_model
 from cli.errors import fail
-from restoration.adaptation import default_config, run_adaptation
+from restoration.adaptation import check_image_count, default_config, list_images, run_adaptation
 from restoration.models import Zoo, ZooError
 from restoration.runtime import Cancelled
 from restoration.settings import get_settings
@@ -45,10 +45,10 @@ def adapt(
     name: str = typer.Option(..., "--name", help="Zoo name for the adapted model."),
     base: Optional[str] = typer.Option(None, "--base", help="Restorer to adapt (default: FACEADAPT_DEFAULT_RESTORER)."),
     prior: Optional[str] = typer.Option(None, "--prior", help="Diffusion prior (default: FACEADAPT_DEFAULT_PRIOR)."),
-    aligned: bool = typer.Option(False, "--aligned", help="Inputs are aligned face crops: no detection."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Fine-tuning steps (default: the base card's finetune_defaults, else 1000)."),
+    aligned: Optional[bool] = typer.Option(None, "--aligned/--photos", help="--aligned: every input is an aligned face crop (no detection); --photos: every input is a photo (faces detected and aligned). Default: decided per image (one face filling the frame near the base's alignment template: used as the crop it is)."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Fine-tuning steps (default: fitted to the number of faces, at most the base card's finetune_defaults, else 1000; given, it is run as given, without early stopping)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Fine-tuning batch size (default: the base card's, else 8)."),
-    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Fine-tuning learning rate, cosine to --lr-min (default: the base card's, else 2e-5)."),
+    lr: Optional[float] = typer.Option(None, "--lr", min=0.0, help="Fine-tuning learning rate, cosine to --lr-min (default: the base card's, else 2e-5, scaled down for fewer than 64 faces; given, it is run as given, without early stopping)."),
     lr_min: Optional[float] = typer.Option(None, "--lr-min", min=0.0, help="Final learning rate (default: the base card's, else 5e-6)."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:N or auto (default: FACEADAPT_DEVICE)."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Work dir (default: FACEADAPT_HOME/adapt/NAME); re-running resumes."),
@@ -76,8 +76,12 @@ def adapt(
     if not no_prior:
         check_zoo_model(zoo, prior, "prior", "--prior")
     check_image_folder(data, "--data")
+    try:  # too few images: refused before any work, with the number
+        check_image_count(len(list_images(data)))
+    except ValueError as exc:
+        fail(f"--data {data}: {exc}", 2)
     device = check_device(device)
-    if not aligned:
+    if aligned is not True:
         check_detector(None)
     if hq_dir is not None:
         check_image_folder(hq_dir, "--hq-dir")
@@ -104,7 +108,11 @@ def adapt(
                f"down_N {p.down_N}, schedule {p.schedule}" + (f" ({p.fast_steps} steps)" if p.schedule == "ddim" else ""))
     f = cfg.finetune
     typer.echo(f"  fine-tuning: {f.steps} steps x batch {f.batch_size}, lr {f.lr} -> {f.lr_min}, EMA {f.ema_decay}, "
-               f"L1 {f.l1} + perceptual {f.lpips} + GAN {f.gan}")
+               f"L1 {f.l1} + perceptual {f.lpips} + GAN {f.gan}"
+               + ("; fitted to the number of faces (fewer steps and a lower lr for small sets, early stopping on the "
+                  "held-out faces)" if cfg.auto_schedule else ""))
+    typer.echo("  images: " + ("all aligned face crops" if aligned else "all photos" if aligned is False else
+                               "each an aligned face crop or a photo, from its detection"))
     bars = _Bars()
     try:
         res = run_adaptation(data, base=base, prior=prior, name=name, config=cfg, workdir=workdir, progress=bars,
@@ -127,6 +135,14 @@ def adapt(
         typer.secho(f"registered {res['name']}", fg=typer.colors.GREEN, bold=True)
     typer.echo(f"  faces: {res['faces']['train']} train, {res['faces']['eval']} held out "
                f"({res['skipped_images']} images skipped)")
+    use = res.get("usage") or {}
+    if use:
+        typer.echo("  images used as: " + ", ".join(f"{n} {k}{'s' if n != 1 else ''}" for k, n in use.items())
+                   + f" (per image: {Path(res['workdir']) / 'prepare' / 'manifest.json'})")
+    es = res["finetune"].get("early_stopping")
+    if isinstance(es, dict):
+        typer.echo(f"  early stopping: best held-out pseudo-target PSNR {es['psnr']:.2f} dB at step {es['step']} "
+                   f"(base {es['base_psnr']:.2f} dB){', stopped early' if es['stopped_early'] else ''}")
     typer.echo(f"  losses: {json.dumps(res['finetune']['losses'])}")
     typer.echo(f"  discriminator real images: {res['finetune']['hq_source']}")
     cc = ev.get("color_correction") or {}

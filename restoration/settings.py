@@ -34,6 +34,8 @@ class Settings(BaseSettings):
     default_restorer: str = "faceadapt-swinir-small"
     default_prior: str = "faceadapt-iddpm-small"
     detector: str = Field(default="auto", description="'auto' (RetinaFace, else MTCNN), 'retinaface' or 'mtcnn'.")
+    min_adapt_images: int = Field(default=8, ge=1, description="The fewest images (with a face) an adaptation takes; "
+                                  "fewer are refused before any work (restoration.adaptation.checks.MIN_IMAGES).")
     image_formats: str = Field(default="png,jpeg,webp,bmp,tiff", description="Comma-separated image formats accepted "
                                "(checked from the file's signature before decoding; any of png, jpeg, webp, bmp, tiff).")
 

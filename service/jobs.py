@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from restoration.adaptation import AdaptConfig, STAGES, check_cards
+from restoration.adaptation import AdaptConfig, STAGES, check_cards, check_image_count
 from restoration.models import ModelCard, ZooError, check_name
 from service.datasets import get_dataset
 from service.errors import LimitExceeded, ServiceError
@@ -134,6 +134,10 @@ def create_job(session: Session, tenant_id: str, dataset_id: str, base_model: st
     ds = get_dataset(session, tenant_id, dataset_id)
     if ds.image_count == 0:
         raise ServiceError(400, "empty_dataset", "the dataset has no accepted image")
+    try:  # the engine's minimum (restoration.adaptation.checks), as the CLI applies it
+        check_image_count(ds.image_count)
+    except ValueError as exc:
+        raise ServiceError(422, "too_few_images", str(exc)) from None
     base = resolve_model(session, tenant_id, base_model, kind="restorer")
     try:
         check_name(name)

@@ -10,6 +10,11 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FACEADAPT_SHARED", REPO.parent / "shared")).resolve()
 COMPAT = SHARED / "compat"
 
+# The tests adapt tiny sets (2-8 images, also through the service stack, which inherits this environment): the
+# engine's minimum (restoration.adaptation.checks.MIN_IMAGES, measured for the real models) is lowered for them;
+# tests/test_small_sets.py checks the default itself.
+os.environ.setdefault("FACEADAPT_MIN_ADAPT_IMAGES", "2")
+
 
 @pytest.fixture(scope="session")
 def shared_dir() -> Path:

@@ -241,6 +241,7 @@ def _config(**kw) -> AdaptConfig:
     # random tiny models: the quality gate's verdict is noise, so these tests register regardless (the gate has its
     # own tests below)
     kw.setdefault("quality_gate", False)
+    kw.setdefault("auto_schedule", False)  # the schedule as given (fitting it to 6 faces is tests/test_small_sets.py's)
     return AdaptConfig(pseudo=PseudoTargetParams(**FAST_PSEUDO), finetune=ft, eval_fraction=0.34, aligned=True,
                        device="cpu", **kw)
 

@@ -58,7 +58,8 @@ def faces(tmp_path_factory, shared_dir):
 def test_adapt_codeformer_end_to_end(tmp_path, faces, zoo):
     cfg = AdaptConfig(pseudo=PseudoTargetParams(**FAST_PSEUDO),
                       finetune=FinetuneConfig(steps=3, batch_size=2, ckpt_every=1, log_every=1),
-                      eval_fraction=0.34, aligned=True, device="cpu", quality_gate=False)  # random tiny models
+                      eval_fraction=0.34, aligned=True, device="cpu", quality_gate=False,  # random tiny models
+                      auto_schedule=False)
     stages = set()
     res = run_adaptation(faces / "lq", base="cf-base", prior="tiny-prior", name="cf-adapted", config=cfg,
                          workdir=tmp_path / "work", zoo=zoo, gt_dir=faces / "gt",

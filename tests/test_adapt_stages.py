@@ -60,7 +60,8 @@ def test_stage_results_rebuild_a_work_dir(tmp_path, faces, zoo):  # noqa: F811
         "targets/manifest.shard-0-of-2.jsonl", "targets/manifest.shard-1-of-2.jsonl"]
     assert {"job.json", "prepare/manifest.json", "targets/color.json", "finetune/model.safetensors",
             "finetune/result.json", "eval/metrics.json", "eval/grid.png", "registered.json"} <= set(named)
-    assert results[("prepare", 0)].summary == {"faces": {"train": 4, "eval": 2}, "skipped": [], "size": 64}
+    assert results[("prepare", 0)].summary == {"faces": {"train": 4, "eval": 2}, "skipped": [], "size": 64,
+                                               "usage": {"aligned crop": 6, "photo": 0}}
     assert results[("register", 0)].card.name == "contract-a"
     assert set(results[("targets", 1)].summary) == {"shard", "num_shards", "total", "generated", "skipped", "seconds",
                                                     "color_gains"}

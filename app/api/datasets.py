@@ -8,6 +8,7 @@ from sqlalchemy.orm import Session
 from app.api.deps import DB, CurrentPrincipal, Principal
 from app.limits import read_upload
 from app.schemas import DatasetOut
+from restoration.adaptation import ALIGNED_CROP, PHOTO, describe_faces
 from service.datasets import delete_dataset, get_dataset, ingest
 from service.errors import ServiceError
 from service.limits import UploadedFile
@@ -18,8 +19,11 @@ router = APIRouter(tags=["datasets"])
 
 
 def dataset_out(ds: Dataset) -> dict:
+    images = [{"file": im.filename, **describe_faces(im.faces, (im.height, im.width))}
+              for im in sorted(ds.images, key=lambda im: im.position)]
     return {"id": ds.id, "name": ds.name, "images_accepted": ds.image_count, "faces_found": ds.face_count,
-            "rejected": ds.rejected or [], "created_at": ds.created_at}
+            "rejected": ds.rejected or [], "created_at": ds.created_at, "images": images,
+            "usage": {u: sum(im["use"] == u for im in images) for u in (ALIGNED_CROP, PHOTO)}}
 
 
 @router.post("/v1/datasets", status_code=201, response_model=DatasetOut)
@@ -28,7 +32,9 @@ async def create_dataset(
     name: str = Form("", max_length=DATASET_NAME_MAX, description=f"free text, at most {DATASET_NAME_MAX} characters"),
     principal: Principal = CurrentPrincipal,
 ):
-    """Upload a customer's images (many files or one zip). Images without a detectable face are rejected with a reason."""
+    """Upload a customer's images (many files or one zip). Images without a detectable face are rejected with a reason.
+    The response says how each accepted image will be used: an aligned face crop (one face filling the frame) as it
+    is, a photo's faces detected and aligned; an adaptation decides per image unless its params set `aligned`."""
     settings = get_settings()
     uploads, total = [], 0
     for f in files:

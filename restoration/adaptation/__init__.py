@@ -9,14 +9,17 @@ The public surface of the subpackage: code outside `restoration` imports these n
 """
 from __future__ import annotations
 
-from restoration.adaptation.config import (AdaptConfig, default_config, crop_size, nest_overrides)
-from restoration.adaptation.checks import (FIXED_SIZE_ARCHS, check_cards, check_job)
+from restoration.adaptation.config import (AdaptConfig, default_config, crop_size, nest_overrides, SMALL_SET,
+                                           scale_for_faces)
+from restoration.adaptation.checks import (FIXED_SIZE_ARCHS, MIN_IMAGES, check_cards, check_image_count, check_job,
+                                           min_images)
 from restoration.adaptation.sources import (IMAGE_EXTS, list_images)
 from restoration.adaptation.workdir import (INPUTS, ZOO, MANIFEST, read_job)
 from restoration.adaptation.pseudo import PseudoTargetParams
 from restoration.adaptation.color import (COLOR_DEAD_ZONE, COLOR_REFERENCE_COUNT, color_stats, domain_color_gains,
                                           color_correction)
-from restoration.adaptation.prepare import (prepare, face_record)
+from restoration.adaptation.prepare import (prepare, face_record, describe_faces, image_usage, usage_label,
+                                            ALIGNED_CROP, PHOTO)
 from restoration.adaptation.targets import (generate_targets, targets_status)
 from restoration.adaptation.tune import finetune
 from restoration.adaptation.evaluate import evaluate
@@ -29,9 +32,11 @@ from restoration.adaptation.stages import (PREPARE_STAGE, TARGETS_STAGE, FINETUN
                                            run_adaptation)
 
 __all__ = [
-    "AdaptConfig", "default_config", "crop_size", "nest_overrides", "FIXED_SIZE_ARCHS", "check_cards", "check_job",
+    "AdaptConfig", "default_config", "crop_size", "nest_overrides", "SMALL_SET", "scale_for_faces",
+    "FIXED_SIZE_ARCHS", "MIN_IMAGES", "check_cards", "check_image_count", "check_job", "min_images",
     "IMAGE_EXTS", "list_images", "INPUTS", "ZOO", "MANIFEST", "read_job", "PseudoTargetParams", "COLOR_DEAD_ZONE",
-    "COLOR_REFERENCE_COUNT", "color_stats", "domain_color_gains", "color_correction", "prepare", "face_record",
+    "COLOR_REFERENCE_COUNT", "color_stats", "domain_color_gains", "color_correction", "prepare", "face_record", "describe_faces", "image_usage",
+    "usage_label", "ALIGNED_CROP", "PHOTO",
     "generate_targets", "targets_status", "finetune", "evaluate", "GATE", "QualityGateFailed", "prior_naturalness",
     "register", "load_adapted", "load_prior", "PREPARE_STAGE", "TARGETS_STAGE", "FINETUNE_STAGE", "EVALUATE_STAGE",
     "REGISTER_STAGE", "PrepareInputs", "StageContext", "StageResult", "PrepareResult", "FinetuneResult",

@@ -3,14 +3,22 @@
 `check_job(zoo, base, prior, config, name=...)` raises `restoration.models.zoo.ModelNotFound` (a `ZooError` and a
 `KeyError`) for a model the zoo does not hold and `ValueError` for everything else, with the messages the CLI has
 always printed; it returns the side of the job's face crops. `check_cards` is the same rule on model cards already
-read (a service that keeps its cards elsewhere than in a `Zoo`).
+read (a service that keeps its cards elsewhere than in a `Zoo`). `check_image_count` refuses a set too small to
+adapt to (`MIN_IMAGES`), before any work.
 """
 from __future__ import annotations
 
 from restoration.adaptation.config import AdaptConfig, crop_size
 from restoration.models.zoo import ModelNotFound
+from restoration.settings import get_settings
 
-__all__ = ["FIXED_SIZE_ARCHS", "MAX_SIZE_FACTOR", "check_cards", "check_job"]
+__all__ = ["FIXED_SIZE_ARCHS", "MAX_SIZE_FACTOR", "MIN_IMAGES", "min_images", "check_image_count", "check_cards", "check_job"]
+
+#: The fewest images an adaptation takes by default (the setting FACEADAPT_MIN_ADAPT_IMAGES), measured with
+#: bench/adaptation.py (docs/ADAPTATION.md): from 8 face crops the default job beat the base on held-out faces of two
+#: unseen damages by 1.6 dB or more, with at least 2 faces held out; 4 gained nothing on one of them, 6 gained but
+#: left a single held-out face to judge by; issue 20's 3-image run was refused by the gate after 6.5 min.
+MIN_IMAGES = 8
 
 #: restorer archs that take one input size only (the base card's input_size): GFPGAN (out_size), CodeFormer (img_size)
 FIXED_SIZE_ARCHS = ("gfpgan_v1_4", "codeformer")
@@ -34,6 +42,20 @@ def _check_size(base_card, config: AdaptConfig, label: str) -> int:
                          f"{limit} ({MAX_SIZE_FACTOR}x the model's input size); leave size unset to use "
                          f"{base_card.input_size}")
     return size
+
+
+def min_images() -> int:
+    """The fewest images an adaptation takes: the setting `min_adapt_images` (default `MIN_IMAGES`)."""
+    return int(get_settings().min_adapt_images)
+
+
+def check_image_count(count: int, minimum: int | None = None) -> None:
+    """Refuse (ValueError, with the numbers) a set of `count` images (with a face) below `minimum` (None: `min_images()`)."""
+    minimum = min_images() if minimum is None else int(minimum)
+    if count < minimum:
+        raise ValueError(f"{count} image{'s' if count != 1 else ''} with a face: too few to adapt to; at least "
+                         f"{minimum} are needed (with fewer, adaptation was measured not to beat the base model on "
+                         f"held-out faces: docs/ADAPTATION.md)")
 
 
 def check_cards(base_card, prior_card, config: AdaptConfig) -> int:

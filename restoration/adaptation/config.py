@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -15,7 +16,20 @@ from restoration.configs import strict_from_dict
 from restoration.training.finetune import FinetuneConfig
 
 __all__ = ["AdaptConfig", "apply_prior_defaults", "apply_base_defaults", "nest_overrides", "default_config",
-           "crop_size"]
+           "crop_size", "SMALL_SET", "held_out_count", "scale_for_faces"]
+
+#: How `auto_schedule` fits the fine-tune to the number of faces (`scale_for_faces`, `held_out_count`), chosen with
+#: bench/adaptation.py at 8-200 faces (docs/ADAPTATION.md):
+#:   steps_per_face / min_steps: steps = min(the base card's steps, max(min_steps, steps_per_face * training faces))
+#:   full_lr_at: below this many training faces the learning rate is scaled by sqrt(faces / full_lr_at) ...
+#:   min_lr_scale: ... but never below this share of it
+#:   evals / patience: early stopping scores the held-out faces `evals` times over the run (and once before it) and
+#:       stops after `patience` scores without a gain; the best weights are kept
+#:   shift_div: augmentation shift of up to size // shift_div pixels (with the horizontal flips)
+#:   min_held_out / held_out_share: at least min(min_held_out, images * held_out_share) images held out, so that the
+#:       gate and the early stopping judge more than one face
+SMALL_SET = {"steps_per_face": 25, "min_steps": 150, "full_lr_at": 64, "min_lr_scale": 0.5, "evals": 10,
+             "patience": 4, "shift_div": 32, "min_held_out": 4, "held_out_share": 0.25}
 
 
 @dataclass
@@ -33,13 +47,20 @@ class AdaptConfig:
     quality_gate: `register` refuses an adapted model that `evaluate` judged worse than the base on the held-out
         images (see `restoration.adaptation.gate.GATE`); False registers it anyway (the verdict is still recorded in
         the card).
+    aligned: True: every image is an aligned face crop (no detection); False: every image is a photo (faces are
+        detected and aligned); None (default): decided per image from its detection (`prepare`: one face filling
+        the frame with its landmarks near the base's alignment template is used as the aligned crop it is).
+    auto_schedule: fit the fine-tune to the data (`scale_for_faces`: steps and learning rate scaled to the number
+        of faces, shift augmentation, early stopping on the held-out pseudo targets with the best weights kept, a
+        held-out part of at least `SMALL_SET["min_held_out"]` images); `default_config` turns it off when the
+        fine-tune's steps or learning rate are given.
     """
 
     pseudo: PseudoTargetParams = field(default_factory=PseudoTargetParams)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     eval_fraction: float = 0.1
     seed: int = 0
-    aligned: bool = False
+    aligned: bool | None = None
     size: int | None = None
     use_prior: bool = True
     hq_dir: str | None = None
@@ -48,6 +69,7 @@ class AdaptConfig:
     device: str = "auto"
     grid_count: int = 8
     quality_gate: bool = True
+    auto_schedule: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.pseudo, dict):
@@ -129,6 +151,8 @@ def default_config(zoo, base: str, prior: str | None, params: dict | None = None
     fields such as aligned=True), which always win."""
     params = nest_overrides(params)
     params.update({k: v for k, v in fields.items()})
+    if "auto_schedule" not in params and {"steps", "lr"} & set(params.get("finetune") or {}):
+        params["auto_schedule"] = False  # a schedule given by hand is run as given
     cfg = AdaptConfig.from_dict(params)
     if cfg.use_prior and prior:
         cfg = apply_prior_defaults(cfg, zoo.get(prior), explicit=list(params.get("pseudo") or {}))
@@ -138,3 +162,28 @@ def default_config(zoo, base: str, prior: str | None, params: dict | None = None
 def crop_size(config: AdaptConfig, base_card) -> int:
     """The side of the job's face crops: `config.size`, else the base card's input size."""
     return int(config.size or base_card.input_size)
+
+
+def held_out_count(n_images: int, config: AdaptConfig) -> int:
+    """How many of `n_images` source images are held out: `eval_fraction` of them (at least one, and one image left
+    to train on); with `auto_schedule`, at least min(`SMALL_SET["min_held_out"]`, a quarter of them)."""
+    if config.eval_fraction <= 0 or n_images < 2:
+        return 0
+    k = max(int(round(config.eval_fraction * n_images)), 1)
+    if config.auto_schedule:
+        k = max(k, min(SMALL_SET["min_held_out"], int(n_images * SMALL_SET["held_out_share"])))
+    return min(k, n_images - 1)
+
+
+def scale_for_faces(config: AdaptConfig, n_train: int, n_eval: int, size: int) -> AdaptConfig:
+    """`config` with its fine-tune fitted to `n_train` training and `n_eval` held-out faces of `size` px when
+    `auto_schedule` is on (else `config` as it is): see `SMALL_SET`."""
+    if not config.auto_schedule:
+        return config
+    f, k = config.finetune, SMALL_SET
+    steps = max(1, min(f.steps, max(k["min_steps"], k["steps_per_face"] * n_train)))
+    scale = max(k["min_lr_scale"], min(1.0, math.sqrt(n_train / k["full_lr_at"])))
+    val_every = max(1, steps // k["evals"]) if n_eval > 0 else 0
+    ft = dataclasses.replace(f, steps=steps, lr=f.lr * scale, lr_min=f.lr_min * scale, val_every=val_every,
+                             patience=k["patience"] if n_eval > 0 else 0, shift=max(1, int(size) // k["shift_div"]))
+    return dataclasses.replace(config, finetune=ft)

@@ -22,7 +22,7 @@ from restoration.models.io import to_uint8
 from restoration.metrics import quality as M
 from restoration.runtime import CancelFn, ProgressFn, check_cancel
 
-__all__ = ["evaluate"]
+__all__ = ["evaluate", "held_out_targets"]
 
 
 def _metric_fns(down_N: int):
@@ -43,6 +43,40 @@ def _grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
             y, x = pad + i * (h + pad), pad + j * (w + pad)
             out[y:y + h, x:x + w] = im
     return out
+
+
+def held_out_targets(workdir: str | Path, base_model, *, zoo=None, device=None, prior=None, split: str = "eval",
+                     should_cancel: CancelFn | None = None) -> tuple:
+    """The held-out crops' own pseudo targets in `eval/targets/`, made exactly like the training targets (the job's
+    prior, also for the self-training ablation, with its card's pseudo-target settings), never trained on: what
+    `evaluate` reports as target_psnr and what the fine-tune's early stopping scores. Made once (a second call finds
+    them done). Returns (prior, its pseudo-target params, why there is no judge or None, {id: target path}); without
+    a usable prior (None, None, reason, {})."""
+    workdir = Path(workdir)
+    job = read_job(workdir)
+    cfg: AdaptConfig = job["config"]
+    dev = job_device(device, cfg)
+    its = items(workdir, split)
+    pparams, judge_error = None, None
+    if prior is None and job.get("prior"):
+        try:
+            pcard = zoo_or_default(zoo).get(job["prior"])
+            pparams = apply_prior_defaults(dataclasses.replace(cfg, use_prior=True), pcard,
+                                           explicit=list(cfg.pseudo.to_dict()) if cfg.use_prior else ()).pseudo
+            prior = load_prior(zoo_or_default(zoo), job["prior"], dev, respacing=pparams.respacing)
+        except Exception as exc:  # no usable prior: the gate checks consistency only
+            prior, pparams, judge_error = None, None, str(exc)
+    elif prior is not None:
+        pparams = cfg.pseudo
+    if prior is None or not its:
+        return prior, pparams, judge_error, {}
+    target_dir = workdir / EVAL_TARGETS
+    pparams = dataclasses.replace(pparams, save_x0=False)
+    generate_pseudo_targets([(it["id"], prepared_file(workdir, it)) for it in its], base_model, prior,
+                            target_dir, pparams, should_cancel=should_cancel,
+                            fingerprint_extra=f"eval|base={job.get('base')}|prior={job.get('prior')}",
+                            color_gains=color_correction(workdir, zoo=zoo)["gains"])
+    return prior, pparams, judge_error, {it["id"]: target_dir / target_name(it["id"]) for it in its}
 
 
 def evaluate(
@@ -85,27 +119,9 @@ def evaluate(
     base_model.eval()
     adapted_model.eval()
     vrange = base_value_range(zoo, job)  # base and adapted work in the base card's range (GFPGAN: [-1, 1])
-    # the judge: the job's prior (also for the self-training ablation), with its card's pseudo-target settings
-    pparams, judge_error = None, None
-    if prior is None and job.get("prior"):
-        try:
-            pcard = zoo_or_default(zoo).get(job["prior"])
-            pparams = apply_prior_defaults(dataclasses.replace(cfg, use_prior=True), pcard,
-                                           explicit=list(cfg.pseudo.to_dict()) if cfg.use_prior else ()).pseudo
-            prior = load_prior(zoo_or_default(zoo), job["prior"], dev, respacing=pparams.respacing)
-        except Exception as exc:  # no usable prior: the gate checks consistency only
-            prior, pparams, judge_error = None, None, str(exc)
-    elif prior is not None:
-        pparams = cfg.pseudo
-    target_dir = workdir / EVAL_TARGETS
-    targets = {}
-    if prior is not None:
-        pparams = dataclasses.replace(pparams, save_x0=False)
-        generate_pseudo_targets([(it["id"], prepared_file(workdir, it)) for it in its], base_model, prior,
-                                target_dir, pparams, should_cancel=should_cancel,
-                                fingerprint_extra=f"eval|base={job.get('base')}|prior={job.get('prior')}",
-                                color_gains=color_correction(workdir, zoo=zoo)["gains"])
-        targets = {it["id"]: load_image(target_dir / target_name(it["id"])) for it in its}
+    prior, pparams, judge_error, targets = held_out_targets(workdir, base_model, zoo=zoo, device=dev, prior=prior,
+                                                            split=split, should_cancel=should_cancel)
+    targets = {k: load_image(v) for k, v in targets.items()}
     lp_factor = int(pparams.down_N) if pparams is not None else int(cfg.pseudo.down_N)  # the judge's low pass
     psnr, ssim, sharp, lp_psnr = _metric_fns(lp_factor)
     has_gt = all("gt" in it for it in its)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from restoration.adaptation.card import register
-from restoration.adaptation.checks import check_job
+from restoration.adaptation.checks import check_image_count, check_job
 from restoration.adaptation.config import AdaptConfig
 from restoration.adaptation.evaluate import evaluate
 from restoration.adaptation.gate import QualityGateFailed
@@ -131,7 +131,8 @@ def run_prepare(ctx: StageContext, shard: int = 0) -> PrepareResult:
                   detections=inp.detections, progress=ctx.progress, should_cancel=ctx.should_cancel, zoo=ctx.zoo)
     wd = Path(ctx.workdir)
     files = _written(wd, [JOB, MANIFEST]) + _globbed(wd, CROPS) + _globbed(wd, GT)
-    return PrepareResult(files, {"faces": man["counts"], "skipped": man["skipped"][:50], "size": inp.size},
+    return PrepareResult(files, {"faces": man["counts"], "usage": man.get("usage"), "skipped": man["skipped"][:50],
+                                 "size": inp.size},
                          manifest=man)
 
 
@@ -148,7 +149,8 @@ def run_targets(ctx: StageContext, shard: int = 0) -> StageResult:
 def run_finetune(ctx: StageContext, shard: int = 0) -> FinetuneResult:
     res = finetune(ctx.workdir, zoo=ctx.zoo, hq_images=ctx.hq_images, progress=ctx.progress,
                    should_cancel=ctx.should_cancel)
-    summary = {k: res.get(k) for k in ("steps", "losses", "hq_source", "pairs", "resumed_from", "seconds")}
+    summary = {k: res.get(k) for k in ("steps", "losses", "hq_source", "pairs", "resumed_from", "seconds",
+                                        "early_stopping")}
     return FinetuneResult(_written(Path(ctx.workdir), [MODEL, FINETUNE_RESULT]), summary, result=res)
 
 
@@ -217,6 +219,7 @@ def run_adaptation(
     """All stages, one shard: prepare -> targets -> finetune -> evaluate -> register. Resumable (same workdir).
 
     `base` / `prior` default to the settings' default restorer / prior. The job is checked first (`check_job`).
+    A folder of fewer images than `check_image_count` takes is refused (ValueError) before any work.
     `gt_dir`: ground truth with the same file names as `data_dir` (aligned inputs only; evaluation only). Returns a
     summary dict with the stage results; a model the quality gate refuses is not registered ("refused" says why).
     """
@@ -231,6 +234,7 @@ def run_adaptation(
     workdir = Path(workdir) if workdir is not None else settings.home_dir / "adapt" / name
     size = check_job(zoo, base, prior, cfg, name=name if register_model else None, overwrite=overwrite)
     images = list_images(data_dir)
+    check_image_count(len(images))
     gt = None
     if gt_dir is not None:
         gt = {str(p): Path(gt_dir) / p.name for p in images if (Path(gt_dir) / p.name).is_file()}
@@ -261,8 +265,10 @@ def run_adaptation(
         "name": name if card is not None else None, "refused": refused, "gate": ev.get("gate"),
         "workdir": str(workdir), "base": base,
         "prior": prior if cfg.use_prior else None, "faces": man["counts"], "skipped_images": len(man["skipped"]),
+        "usage": man.get("usage"),
         "pseudo_targets": results[TARGETS_STAGE].summary,
-        "finetune": {k: ft_res[k] for k in ("steps", "losses", "hq_source", "seconds", "resumed_from")},
+        "finetune": {k: ft_res.get(k) for k in ("steps", "losses", "hq_source", "seconds", "resumed_from",
+                                                "early_stopping")},
         "evaluation": ev, "card": card.to_json() if card is not None else None, "timings": timings,
         "seconds": round(time.perf_counter() - t0, 2),
     }

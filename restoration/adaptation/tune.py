@@ -13,6 +13,7 @@ from typing import Sequence
 from safetensors.torch import save_file
 
 from restoration.adaptation.config import AdaptConfig
+from restoration.adaptation.evaluate import held_out_targets
 from restoration.adaptation.files import read_json, write_json
 from restoration.adaptation.loaders import base_value_range, is_codeformer, job_device, zoo_or_default
 from restoration.adaptation.sources import hq_faces
@@ -65,6 +66,15 @@ def finetune(
         hq_source = f"given ({len(hq_images)} images)"
     fcfg = dataclasses.replace(cfg.finetune, device=str(dev))
     extra_result = {}
+    val_pairs = []
+    if fcfg.val_every > 0 and not is_codeformer(restorer):
+        # early stopping scores the held-out crops against their own pseudo targets (made now, from the base, as
+        # `evaluate` makes them: it finds them done)
+        _, _, why, val_targets = held_out_targets(workdir, restorer, zoo=zoo, device=dev, should_cancel=should_cancel)
+        val_pairs = [(prepared_file(workdir, it), val_targets[it["id"]]) for it in items(workdir, "eval")
+                     if it["id"] in val_targets]
+        if not val_pairs:
+            extra_result["early_stopping"] = "off: no held-out pseudo targets (%s)" % (why or "no held-out faces")
     if is_codeformer(restorer):
         # CodeFormer (the paper's second model): encoder + transformer learn the target's codes; the schedule fields
         # of `cfg.finetune` apply, the optimiser / EMA / loss weights are CodeFormer's (restoration.training.finetune_codeformer)
@@ -75,7 +85,10 @@ def finetune(
         extra_result["codeformer_config"] = ccfg.to_dict()
     else:
         res = finetune_restorer(restorer, pairs, list(hq_images), fcfg, workdir / CHECKPOINTS, progress=progress,
-                          should_cancel=should_cancel, value_range=base_value_range(zoo, job))
+                                should_cancel=should_cancel, value_range=base_value_range(zoo, job),
+                                val_pairs=val_pairs)
+        if res.best is not None:
+            extra_result["early_stopping"] = {**res.best, "history": res.val_history}
     sd = {k: v.detach().to("cpu").contiguous() for k, v in res.ema.state_dict().items()}
     tmp = model_path.with_name(f".{model_path.name}.tmp{os.getpid()}")
     save_file(sd, str(tmp))

@@ -20,7 +20,13 @@ One loop, read top to bottom:
   (torch CPU/CUDA, the data sampler's generator, python, numpy). `finetune` resumes from it, so a killed run
   continues exactly (bit-exact on CPU with the same thread count); read it with `state.load(ckpt_dir / CKPT_NAME)`.
 * Batches are sampled with replacement from a private `torch.Generator` seeded by `seed`, with random
-  horizontal flips (the same flip for input and target).
+  horizontal flips (the same flip for input and target) and, with `shift` > 0, a random shift of up to `shift`
+  pixels per axis (edge pixels replicated; the same shift for input and target).
+* Early stopping (`val_pairs` given and `val_every` > 0): every `val_every` steps, and once before the first, the EMA
+  weights are scored by their mean PSNR against the held-out pairs' targets (never trained on); the best EMA weights
+  are kept (a copy, in every checkpoint) and returned, and training stops after `patience` scores without an
+  improvement of at least `min_delta` dB (0: never stops early). Scored before the first step, the base itself can
+  be the best: the fine-tune then returns the base's weights.
 """
 from __future__ import annotations
 
@@ -45,7 +51,8 @@ from restoration.training.losses import PERCEPTUAL_FALLBACKS, gan_loss, make_per
 from restoration.training.schedules import cosine_factor
 
 
-__all__ = ["CKPT_NAME", "FinetuneConfig", "FinetuneResult", "finetune", "stack_pairs", "seeded_generator",
+__all__ = ["CKPT_NAME", "FinetuneConfig", "FinetuneResult", "finetune", "stack_pairs", "seeded_generator", "shift_pairs",
+           "held_out_psnr",
            "last_state", "cancel_point", "after_step"]
 
 #: the fine-tunes' checkpoint in their `ckpt_dir` (read it with `restoration.training.state.load`)
@@ -74,6 +81,10 @@ class FinetuneConfig:
     d_channels: int = 64
     flip: bool = True
     grad_clip: float = 0.0            # 0 = off
+    shift: int = 0                    # augmentation: random shift of up to this many pixels per axis (0 = off)
+    val_every: int = 0                # early stopping: score the EMA on the held-out pairs every N steps (0 = off)
+    patience: int = 0                 # stop after this many scores without improvement (0 = never stop early)
+    min_delta: float = 0.01           # dB a score must gain to count as an improvement
     ckpt_every: int = 200
     log_every: int = 10
     seed: int = 0
@@ -86,6 +97,8 @@ class FinetuneConfig:
             raise ValueError(f"perceptual_fallback must be 'gradient', 'ssim' or 'none', got {self.perceptual_fallback!r}")
         if min(self.steps, self.batch_size, self.grad_accum, self.ckpt_every, self.log_every) < 1:
             raise ValueError("steps, batch_size, grad_accum, ckpt_every and log_every must be >= 1")
+        if min(self.shift, self.val_every, self.patience) < 0:
+            raise ValueError("shift, val_every and patience must be >= 0")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -106,6 +119,8 @@ class FinetuneResult:
     history: list = field(default_factory=list)   # [{step, loss_g, l1, perc, gan_g, loss_d, lr}]
     resumed_from: int = 0
     seconds: float = 0.0
+    best: dict | None = None               # early stopping: {"step", "psnr", "base_psnr", "stopped_early"} (None: off)
+    val_history: list = field(default_factory=list)  # [{step, psnr}] of the held-out scores
 
 
 # ------------------------------------------------------------------------------------------------
@@ -141,6 +156,39 @@ def cancel_point(should_cancel: CancelFn | None, save: Callable[[], None], step:
         raise Cancelled(f"fine-tuning cancelled at step {step}/{steps} (checkpoint saved, resumable)")
 
 
+def shift_pairs(x: torch.Tensor, y: torch.Tensor, shift: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each pair (input, target) of the batch moved by the same random (dx, dy) in [-shift, shift] pixels, the edge
+    pixels replicated into the uncovered border (a small shift of the face in its crop, as a detector's jitter)."""
+    if shift <= 0:
+        return x, y
+    n, _, h, w = x.shape
+    d = torch.randint(-shift, shift + 1, (n, 2), generator=gen)
+    xp = F.pad(x, (shift, shift, shift, shift), mode="replicate")
+    yp = F.pad(y, (shift, shift, shift, shift), mode="replicate")
+    xs, ys = [], []
+    for i in range(n):
+        top, left = shift + int(d[i, 1]), shift + int(d[i, 0])
+        xs.append(xp[i, :, top:top + h, left:left + w])
+        ys.append(yp[i, :, top:top + h, left:left + w])
+    return torch.stack(xs), torch.stack(ys)
+
+
+def held_out_psnr(model: nn.Module, lq: torch.Tensor, tgt: torch.Tensor, device, value_range=None,
+                  batch_size: int = 16) -> float:
+    """Mean PSNR (dB, [0, 1] scale) of `model`'s outputs on the uint8 inputs `lq` against the uint8 targets `tgt`."""
+    was_training = model.training
+    model.eval()
+    scores = []
+    with torch.no_grad():
+        for b in range(0, lq.shape[0], batch_size):
+            out = run_restorer(model, to_float(lq[b:b + batch_size], device), value_range).float().clamp(0, 1)
+            y = to_float(tgt[b:b + batch_size], device)
+            mse = ((out - y) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+            scores.extend((-10.0 * torch.log10(mse)).tolist())
+    model.train(was_training)
+    return float(sum(scores) / len(scores))
+
+
 def after_step(step: int, cfg, history: list, lr: float, logs: dict, save: Callable[[], None],
                progress: ProgressFn | None) -> None:
     """Bookkeeping after optimizer step `step`: a history row every `log_every` steps, a checkpoint every
@@ -165,8 +213,12 @@ def finetune(
     progress: ProgressFn | None = None,
     should_cancel: CancelFn | None = None,
     value_range: Sequence[float] | None = None,
+    val_pairs: Sequence[tuple] = (),
 ) -> FinetuneResult:
     """Fine-tune `model` in place on `pairs` [(lq, pseudo_target), ...] (paths or HxWx3 uint8 arrays).
+
+    `val_pairs` (same form, never trained on): the held-out pairs of early stopping (`cfg.val_every`); the returned
+    `ema` is then the best-scoring EMA weights, `best` says which step and score.
 
     `model` is called through `restoration.models.io.run_restorer` (with gradients): images in [0, 1] are mapped
     to `value_range` (the zoo card's; None: the arch's `value_range` attribute, else [0, 1]) and back, element 0 of a
@@ -191,6 +243,8 @@ def finetune(
     size = lq.shape[-1]
     use_gan = cfg.gan > 0 and len(hq_images) > 0
     hq = stack_uint8(list(hq_images), size) if use_gan else None
+    use_val = cfg.val_every > 0 and len(val_pairs) > 0
+    val_lq, val_tgt = stack_pairs(val_pairs) if use_val else (None, None)
 
     # ---- models, optimisers, schedules (seeded, so a fresh start is reproducible) ----
     data_gen = seeded_generator(cfg.seed)
@@ -210,6 +264,9 @@ def finetune(
 
     # ---- resume ----
     step, history, resumed_from = 0, [], 0
+    # early stopping: the best EMA weights so far (CPU copy), their step and score, the scores, evals since the best
+    val = {"best_state": None, "best_step": None, "best_psnr": None, "base_psnr": None, "history": [], "stale": 0,
+           "stopped": False}
     ck = last_state(ckpt_dir)
     if ck is not None:
         if bool(ck.get("use_gan")) != use_gan:
@@ -226,6 +283,22 @@ def finetune(
         state.restore_rng(ck["rng"], data_gen)
         step = resumed_from = int(ck["step"])
         history = list(ck.get("history", []))
+        if ck.get("val") is not None:
+            val.update(ck["val"])
+
+    def score() -> None:
+        """Score the EMA weights on the held-out pairs; keep them when they are the best so far."""
+        psnr = held_out_psnr(ema, val_lq, val_tgt, device, value_range)
+        val["history"].append({"step": step, "psnr": round(psnr, 4)})
+        if val["base_psnr"] is None:
+            val["base_psnr"] = psnr
+        if val["best_psnr"] is None or psnr > val["best_psnr"] + cfg.min_delta:
+            val.update(best_psnr=psnr, best_step=step, stale=0,
+                       best_state={k: v.detach().to("cpu").clone() for k, v in ema.state_dict().items()})
+        else:
+            val["stale"] += 1
+            if cfg.patience and val["stale"] >= cfg.patience:
+                val["stopped"] = True
 
     def save() -> None:
         state.save({
@@ -234,14 +307,16 @@ def finetune(
             "net_d": net_d.state_dict() if use_gan else None,
             "opt_g": opt_g.state_dict(), "sched_g": sched_g.state_dict(),
             "opt_d": opt_d.state_dict() if use_gan else None, "sched_d": sched_d.state_dict() if use_gan else None,
-            "rng": state.capture_rng(data_gen, cuda=True),
+            "rng": state.capture_rng(data_gen, cuda=True), "val": val if use_val else None,
         }, ckpt_dir / CKPT_NAME)
 
     if progress is not None:
         progress("finetune", step, cfg.steps)
     bs = cfg.batch_size
+    if use_val and not val["history"]:
+        score()  # the base: the fine-tune must beat it
 
-    while step < cfg.steps:
+    while step < cfg.steps and not val["stopped"]:
         cancel_point(should_cancel, save, step, cfg.steps)
 
         # ---- G step (gradient accumulation over micro-batches) ----
@@ -251,6 +326,7 @@ def finetune(
             net_d.requires_grad_(False)
         for _ in range(cfg.grad_accum):
             x, y = sample_pairs(lq, tgt, bs, data_gen, device, cfg.flip)
+            x, y = shift_pairs(x, y, cfg.shift, data_gen)
             out = run_restorer(model, x, value_range)  # [0, 1] scale whatever the model's range; differentiable
             l_pix = F.l1_loss(out, y)
             loss = cfg.l1 * l_pix
@@ -287,8 +363,20 @@ def finetune(
         # ---- EMA, bookkeeping, checkpoint ----
         ema_update(ema, model, warmup_decay(cfg.ema_decay, step), lerp=False)
         step += 1
+        if use_val and (step % cfg.val_every == 0 or step == cfg.steps):
+            score()
+        if val["stopped"]:
+            save()  # the last checkpoint says that training stopped here
         after_step(step, cfg, history, opt_g.param_groups[0]["lr"], logs, save, progress)
 
     model.eval()
+    best = None
+    if use_val:
+        ema.load_state_dict(val["best_state"])
+        best = {"step": val["best_step"], "psnr": round(val["best_psnr"], 4), "base_psnr": round(val["base_psnr"], 4),
+                "stopped_early": bool(val["stopped"]), "val_pairs": int(val_lq.shape[0])}
+        if progress is not None and val["stopped"]:
+            progress("finetune", cfg.steps, cfg.steps)
     return FinetuneResult(step=step, model=model, ema=ema, losses=losses, history=history,
-                          resumed_from=resumed_from, seconds=time.perf_counter() - t0)
+                          resumed_from=resumed_from, seconds=time.perf_counter() - t0, best=best,
+                          val_history=list(val["history"]))
