@@ -76,10 +76,6 @@ def adapt(
     if not no_prior:
         check_zoo_model(zoo, prior, "prior", "--prior")
     check_image_folder(data, "--data")
-    try:  # too few images: refused before any work, with the number
-        check_image_count(len(list_images(data)))
-    except ValueError as exc:
-        fail(f"--data {data}: {exc}", 2)
     device = check_device(device)
     if aligned is not True:
         check_detector(None)
@@ -87,6 +83,10 @@ def adapt(
         check_image_folder(hq_dir, "--hq-dir")
     if workdir is not None and workdir.exists() and not workdir.is_dir():
         fail(f"--workdir {workdir}: exists and is not a folder", 2)
+    try:  # the options first, then the data: too few images are refused before any work, with the number
+        check_image_count(len(list_images(data)))
+    except ValueError as exc:
+        fail(f"--data {data}: {exc}", 2)
     pseudo = {"start": start, "constrain_until": constrain_until, "down_N": down_n, "schedule": schedule,
               "fast_steps": fast_steps, "color_correction": color_correction}
     ft = {"steps": steps, "batch_size": batch_size, "lr": lr, "lr_min": lr_min}
