@@ -134,10 +134,6 @@ def create_job(session: Session, tenant_id: str, dataset_id: str, base_model: st
     ds = get_dataset(session, tenant_id, dataset_id)
     if ds.image_count == 0:
         raise ServiceError(400, "empty_dataset", "the dataset has no accepted image")
-    try:  # the engine's minimum (restoration.adaptation.checks), as the CLI applies it
-        check_image_count(ds.image_count)
-    except ValueError as exc:
-        raise ServiceError(422, "too_few_images", str(exc)) from None
     base = resolve_model(session, tenant_id, base_model, kind="restorer")
     try:
         check_name(name)
@@ -149,6 +145,10 @@ def create_job(session: Session, tenant_id: str, dataset_id: str, base_model: st
         raise ServiceError(409, "name_taken", f"a model (or a running job) already uses the name {name!r}")
     params = validate_params(dict(params))
     check_models(session, base, params)
+    try:  # the request's own values first, then the data: the engine's minimum (restoration.adaptation.checks), as the CLI applies it
+        check_image_count(ds.image_count)
+    except ValueError as exc:
+        raise ServiceError(422, "too_few_images", str(exc)) from None
     with quota_lock(session):  # the count and the insert, one request at a time (SQLite too)
         check_active_jobs(session, tenant_id)
         job = Job(tenant_id=tenant_id, dataset_id=ds.id, base_model=base.id, name=name, params=params,

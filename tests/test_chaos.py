@@ -116,7 +116,7 @@ def chaos(tmp_path_factory):
     tag = uuid.uuid4().hex[:8]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACEADAPT_")}
     env.update({
-        "FACEADAPT_HOME": str(home), "FACEADAPT_MODELS_DIR": str(home / "models"),
+        "FACEADAPT_HOME": str(home), "FACEADAPT_MIN_ADAPT_IMAGES": "2", "FACEADAPT_MODELS_DIR": str(home / "models"),
         "FACEADAPT_DATABASE_URL": pg.url, "FACEADAPT_BROKER_URL": rd.url,
         "FACEADAPT_QUEUE_DEFAULT": f"chaos-{tag}", "FACEADAPT_QUEUE_GPU": f"chaos-{tag}-gpu",
         "FACEADAPT_REQUIRE_KEYS": "true", "FACEADAPT_METRICS_TOKEN": f"m-{tag}",

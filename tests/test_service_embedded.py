@@ -21,7 +21,7 @@ FACEADAPT = str(Path(sys.executable).parent / "faceadapt")
 
 def _env(home: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACEADAPT_")}
-    env.update({"FACEADAPT_HOME": str(home), "FACEADAPT_MODELS_DIR": str(home / "models"),
+    env.update({"FACEADAPT_HOME": str(home), "FACEADAPT_MIN_ADAPT_IMAGES": "2", "FACEADAPT_MODELS_DIR": str(home / "models"),
                 "FACEADAPT_FACEXLIB_MODEL_ROOT": str(SHARED / "weights" / "facexlib"), "FACEADAPT_SHARED": str(SHARED),
                 "FACEADAPT_DEVICE": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
     return env

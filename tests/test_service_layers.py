@@ -16,7 +16,7 @@ from service.settings import ServiceSettings, get_settings
 
 REPO = Path(__file__).resolve().parents[1]
 ML_FIELDS = {"home", "models_dir", "facexlib_model_root", "device", "default_restorer", "default_prior", "detector",
-             "image_formats"}
+             "image_formats", "min_adapt_images"}
 
 
 def test_settings_split_into_one_namespace(monkeypatch, tmp_path):

@@ -31,7 +31,7 @@ def home(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     for k in [k for k in os.environ if k.startswith("FACEADAPT_")]:
         mp.delenv(k)
-    env = {"FACEADAPT_HOME": str(home), "FACEADAPT_MODELS_DIR": str(home / "models"), "FACEADAPT_DEVICE": "cpu",
+    env = {"FACEADAPT_HOME": str(home), "FACEADAPT_MIN_ADAPT_IMAGES": "2", "FACEADAPT_MODELS_DIR": str(home / "models"), "FACEADAPT_DEVICE": "cpu",
            "FACEADAPT_FACEXLIB_MODEL_ROOT": str(SHARED / "weights" / "facexlib"), "FACEADAPT_SHARED": str(SHARED)}
     for k, v in env.items():
         mp.setenv(k, v)
@@ -382,7 +382,7 @@ def guarded_api(tmp_path_factory):
     home = tmp_path_factory.mktemp("guarded-home")
     srv, held = _blackhole()
     env = {k: v for k, v in os.environ.items() if not k.startswith("FACEADAPT_")}
-    env.update({"FACEADAPT_HOME": str(home), "FACEADAPT_MODELS_DIR": str(home / "models"), "FACEADAPT_DEVICE": "cpu",
+    env.update({"FACEADAPT_HOME": str(home), "FACEADAPT_MIN_ADAPT_IMAGES": "2", "FACEADAPT_MODELS_DIR": str(home / "models"), "FACEADAPT_DEVICE": "cpu",
                 "FACEADAPT_FACEXLIB_MODEL_ROOT": str(SHARED / "weights" / "facexlib"), "FACEADAPT_SHARED": str(SHARED),
                 "FACEADAPT_BROKER_URL": f"redis://127.0.0.1:{srv.getsockname()[1]}/0", "FACEADAPT_REQUIRE_KEYS": "true",
                 "FACEADAPT_METRICS_TOKEN": "metrics-secret", "FACEADAPT_RATE_LIMIT_PER_MINUTE": "6",

@@ -51,7 +51,7 @@ class WebServe:
 
     def __init__(self, home: Path):
         env = {k: v for k, v in os.environ.items() if not k.startswith("FACEADAPT_")}
-        env.update({"FACEADAPT_HOME": str(home), "FACEADAPT_MODELS_DIR": str(home / "models"),
+        env.update({"FACEADAPT_HOME": str(home), "FACEADAPT_MIN_ADAPT_IMAGES": "2", "FACEADAPT_MODELS_DIR": str(home / "models"),
                     "FACEADAPT_FACEXLIB_MODEL_ROOT": str(SHARED / "weights" / "facexlib"),
                     "FACEADAPT_SHARED": str(SHARED), "FACEADAPT_DEVICE": "cpu", "FACEADAPT_REQUIRE_KEYS": "true",
                     "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
