@@ -286,7 +286,9 @@ def test_adapt_to_success(server, browser, tmp_path):
     page = open_page(browser, server)
     upload_domain(page, [str(zip_of(face_files(6, offset=40), tmp_path / "faces.zip"))], "web-zip")
     expect(page.locator("#domain-status")).to_contain_text("6 image(s) accepted")
-    start_adaptation(page, "web-v1", TINY_PARAMS)
+    # enough fine-tune steps that a sampling every 0.2 s sees the running stage's done / total on a quiet machine too
+    params = {**TINY_PARAMS, "finetune": {**TINY_PARAMS["finetune"], "steps": 60, "ckpt_every": 60}}
+    start_adaptation(page, "web-v1", params)
     view = page.locator("#job-view")
     seen, details = [], set()
     deadline = time.time() + 240

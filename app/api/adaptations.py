@@ -132,7 +132,12 @@ def _resume_point(after: int | None, last_event_id: str | None) -> int:
     "description": "server-sent events (text/event-stream): `status` (status and progress, when they change), `event` "
                    "(each job event; its SSE id is the event id), `end` (the job finished; the stream closes); "
                    "comment lines as heartbeats",
-    "content": {"text/event-stream": {"schema": {"type": "string"}}}}})
+    # the schema of one server-sent event (its fields as the SSE format names them); `data` is a JSON document
+    "content": {"text/event-stream": {"schema": {"type": "object", "properties": {
+        "event": {"type": "string", "enum": ["status", "event", "end"]},
+        "data": {"type": "string", "contentMediaType": "application/json"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer", "minimum": 0}}}}}}})
 async def stream_adaptation(
         request: Request, job_id: str, principal: Principal = CurrentPrincipal,
         after: int = Query(None, ge=0, le=MAX_EVENT_ID, description="start after this event id (as "
