@@ -142,8 +142,10 @@ async def stream_adaptation(
         request: Request, job_id: str, principal: Principal = CurrentPrincipal,
         after: int = Query(None, ge=0, le=MAX_EVENT_ID, description="start after this event id (as "
                                   "Last-Event-ID, for clients that cannot set headers)"),
-        last_event_id: str = Header(None, json_schema_extra={"pattern": "^[0-9]+$"}, description=(
-            "resume after this event id (browsers send it when they reconnect)"))):
+        # HTTP trims a header's surrounding blanks before the server sees it: blanks around the digits, or an empty
+        # value (no resume), are what the server can be sent
+        last_event_id: str = Header(None, json_schema_extra={"pattern": "^[ \t]*[0-9]*[ \t]*$"}, description=(
+            "resume after this event id (browsers send it when they reconnect); empty: from the start"))):
     """Follow a job live as server-sent events: its state at once, then every change and every event until the job
     ends. A reconnect with `Last-Event-ID` resumes after the last event received. The stream holds no database
     session between its looks at the job (every `stream_poll_s`) and closes after `stream_max_s` (reconnect)."""
