@@ -45,3 +45,36 @@ def restorer(facexlib_root):
     yield Restorer.from_zoo("faceadapt-swinir-small", device="cpu")
     mp.undo()
     get_settings.cache_clear()
+
+
+@pytest.fixture
+def embedded_api(tmp_path, monkeypatch, facexlib_root):
+    """The app in process on its embedded defaults (SQLite, local storage under tmp_path), as a TestClient holding a
+    fresh API key of tenant 'acme'; the settings and the model cache are cleared afterwards."""
+    from fastapi.testclient import TestClient
+
+    from restoration.settings import get_settings
+
+    for k, v in {"FACEADAPT_HOME": tmp_path / "home", "FACEADAPT_FACEXLIB_MODEL_ROOT": facexlib_root,
+                 "FACEADAPT_DEVICE": "cpu", "FACEADAPT_DATABASE_URL": "", "FACEADAPT_BROKER_URL": ""}.items():
+        if v == "":
+            monkeypatch.delenv(k, raising=False)
+        else:
+            monkeypatch.setenv(k, str(v))
+    get_settings.cache_clear()
+    try:
+        from app.main import create_app
+        from service.db import session_scope
+        from service.tenants import create_key
+
+        with TestClient(create_app()) as c:
+            with session_scope() as s:
+                c.headers["Authorization"] = f"Bearer {create_key(s, 'acme')}"
+            yield c
+    finally:
+        get_settings.cache_clear()
+        from app import serving
+
+        if serving._cache is not None:
+            serving._cache.clear()
+            serving._cache = None

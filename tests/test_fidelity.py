@@ -127,63 +127,38 @@ def test_aligning_utk_faces_keeps_their_framing(restorer, facexlib_root, shared_
     assert stats["ffhq"][1] < 0.7 and stats["ffhq"][0] < stats["utk200"][0] - 0.3, stats  # what the bug looked like
 
 
-def test_api_fidelity_field(tmp_path, monkeypatch, facexlib_root, shared_dir):
+def test_api_fidelity_field(embedded_api, shared_dir):
     """POST /v1/restore: `fidelity` in [0, 1] (else a 422 naming the field and why), per-face native_size / mode /
     fidelity in JSON mode, X-FaceAdapt-Modes / X-FaceAdapt-Fidelity headers in image mode."""
-    from fastapi.testclient import TestClient
-
-    from restoration.settings import get_settings
-
-    for k, v in {"FACEADAPT_HOME": tmp_path / "home", "FACEADAPT_FACEXLIB_MODEL_ROOT": facexlib_root,
-                 "FACEADAPT_DEVICE": "cpu", "FACEADAPT_DATABASE_URL": "", "FACEADAPT_BROKER_URL": ""}.items():
-        if v == "":
-            monkeypatch.delenv(k, raising=False)
-        else:
-            monkeypatch.setenv(k, str(v))
-    get_settings.cache_clear()
-    try:
-        from app.main import create_app
-        from service.db import session_scope
-        from service.tenants import create_key
-
-        img = (shared_dir / "data/realworld/whole/Blake_Lively.jpg").read_bytes()
-        with TestClient(create_app()) as c:
-            with session_scope() as s:
-                c.headers["Authorization"] = f"Bearer {create_key(s, 'acme')}"
-            post = lambda data, **kw: c.post("/v1/restore", files={"image": ("f.jpg", img, "image/jpeg")},  # noqa: E731
-                                             data=data, **kw)
-            for bad, why in (("1.5", "less than or equal to 1"), ("-0.1", "greater than or equal to 0"),
-                             ("abc", "valid number")):
-                r = post({"fidelity": bad})
-                assert r.status_code == 422 and "fidelity" in r.json()["detail"] and why in r.json()["detail"], r.text
-            r = post({}, headers={"Accept": "application/json"})
-            assert r.status_code == 200, r.text
-            body = r.json()
-            assert body["fidelity"] == "auto" and sum(body["modes"].values()) == len(body["faces"]) >= 1
-            assert body["gray"] is False
-            for f in body["faces"]:  # the mode by native size, or (never worse) a fallback from it, with the reason
-                planned = f["planned"] or f["mode"]
-                assert planned == ("detail_preserving" if f["native_size"] > DETAIL_RATIO * 64 else "restored")
-                assert (f["reason"] is None) == (f["planned"] is None) and f["check"]["detail_kept"] >= 0.8
-                assert f["fidelity"] in (0.0, 1.0)
-            fell = [k for k, f in enumerate(body["faces"], 1) if f["reason"]]
-            r = post({})
-            assert r.status_code == 200 and r.headers["x-faceadapt-gray"] == "no"
-            assert r.headers["x-faceadapt-fell-back"] == (" | ".join(
-                f"face {k}: {body['faces'][k - 1]['reason']}" for k in fell) or "none")
-            r = post({"fidelity": "1"})
-            assert r.status_code == 200 and r.headers["x-faceadapt-fidelity"] == "1"
-            assert r.headers["x-faceadapt-modes"] == f"kept={len(body['faces'])}"
-            r = post({"fidelity": "0.3"})
-            assert r.status_code == 200 and r.headers["x-faceadapt-fidelity"] == "0.3"
-            assert "=" in r.headers["x-faceadapt-modes"] and "kept" not in r.headers["x-faceadapt-modes"]
-    finally:
-        get_settings.cache_clear()
-        from app import serving
-
-        if serving._cache is not None:
-            serving._cache.clear()
-            serving._cache = None
+    img = (shared_dir / "data/realworld/whole/Blake_Lively.jpg").read_bytes()
+    c = embedded_api
+    post = lambda data, **kw: c.post("/v1/restore", files={"image": ("f.jpg", img, "image/jpeg")},  # noqa: E731
+                                     data=data, **kw)
+    for bad, why in (("1.5", "less than or equal to 1"), ("-0.1", "greater than or equal to 0"),
+                     ("abc", "valid number")):
+        r = post({"fidelity": bad})
+        assert r.status_code == 422 and "fidelity" in r.json()["detail"] and why in r.json()["detail"], r.text
+    r = post({}, headers={"Accept": "application/json"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["fidelity"] == "auto" and sum(body["modes"].values()) == len(body["faces"]) >= 1
+    assert body["gray"] is False
+    for f in body["faces"]:  # the mode by native size, or (never worse) a fallback from it, with the reason
+        planned = f["planned"] or f["mode"]
+        assert planned == ("detail_preserving" if f["native_size"] > DETAIL_RATIO * 64 else "restored")
+        assert (f["reason"] is None) == (f["planned"] is None) and f["check"]["detail_kept"] >= 0.8
+        assert f["fidelity"] in (0.0, 1.0)
+    fell = [k for k, f in enumerate(body["faces"], 1) if f["reason"]]
+    r = post({})
+    assert r.status_code == 200 and r.headers["x-faceadapt-gray"] == "no"
+    assert r.headers["x-faceadapt-fell-back"] == (" | ".join(
+        f"face {k}: {body['faces'][k - 1]['reason']}" for k in fell) or "none")
+    r = post({"fidelity": "1"})
+    assert r.status_code == 200 and r.headers["x-faceadapt-fidelity"] == "1"
+    assert r.headers["x-faceadapt-modes"] == f"kept={len(body['faces'])}"
+    r = post({"fidelity": "0.3"})
+    assert r.status_code == 200 and r.headers["x-faceadapt-fidelity"] == "0.3"
+    assert "=" in r.headers["x-faceadapt-modes"] and "kept" not in r.headers["x-faceadapt-modes"]
 
 
 def test_codeformer_takes_the_fidelity_as_its_w(tmp_path, facexlib_root, shared_dir, monkeypatch):

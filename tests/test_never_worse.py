@@ -146,56 +146,31 @@ def test_aligned_512_crop_keeps_its_border_and_its_tone(restorer, shared_dir):
     assert not np.array_equal(old[:band], crop[:band])
 
 
-def test_api_says_why_and_keeps_gray(tmp_path, monkeypatch, facexlib_root, shared_dir):
+def test_api_says_why_and_keeps_gray(embedded_api, shared_dir):
     """POST /v1/restore: a gray photo comes back gray (X-FaceAdapt-Gray: kept, JSON gray true) unless color=true; the
     JSON face list carries each face's check, and a face that fell back its planned mode and reason."""
     import base64
     import io
 
-    from fastapi.testclient import TestClient
+    gray = load_image(shared_dir / "data/realworld/cropped_gray/Einstein01.png")
+    buf = io.BytesIO()
+    Image.fromarray(cv2.resize(gray, (256, 256), interpolation=cv2.INTER_AREA)).save(buf, "PNG")
+    photo = (shared_dir / "data/realworld/whole/03.jpg").read_bytes()
+    c = embedded_api
 
-    from restoration.settings import get_settings
+    def post(data, img=buf.getvalue(), **kw):
+        return c.post("/v1/restore", files={"image": ("f.png", img, "image/png")}, data=data, **kw)
 
-    for k, v in {"FACEADAPT_HOME": tmp_path / "home", "FACEADAPT_FACEXLIB_MODEL_ROOT": facexlib_root,
-                 "FACEADAPT_DEVICE": "cpu", "FACEADAPT_DATABASE_URL": "", "FACEADAPT_BROKER_URL": ""}.items():
-        if v == "":
-            monkeypatch.delenv(k, raising=False)
-        else:
-            monkeypatch.setenv(k, str(v))
-    get_settings.cache_clear()
-    try:
-        from app.main import create_app
-        from service.db import session_scope
-        from service.tenants import create_key
-
-        gray = load_image(shared_dir / "data/realworld/cropped_gray/Einstein01.png")
-        buf = io.BytesIO()
-        Image.fromarray(cv2.resize(gray, (256, 256), interpolation=cv2.INTER_AREA)).save(buf, "PNG")
-        photo = (shared_dir / "data/realworld/whole/03.jpg").read_bytes()
-        with TestClient(create_app()) as c:
-            with session_scope() as s:
-                c.headers["Authorization"] = f"Bearer {create_key(s, 'acme')}"
-
-            def post(data, img=buf.getvalue(), **kw):
-                return c.post("/v1/restore", files={"image": ("f.png", img, "image/png")}, data=data, **kw)
-
-            r = post({"aligned": "true"})
-            assert r.status_code == 200 and r.headers["x-faceadapt-gray"] == "kept", r.text
-            assert is_gray(np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")))
-            r = post({"aligned": "true", "color": "true"})
-            assert r.status_code == 200 and r.headers["x-faceadapt-gray"] == "no"
-            r = post({}, img=photo, headers={"Accept": "application/json"})
-            body = r.json()
-            assert r.status_code == 200 and body["gray"] is False and body["faces"], r.text
-            out = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["image"]))).convert("RGB"))
-            assert out.shape == load_image(photo).shape
-            for f in body["faces"]:
-                assert f["check"]["detail_kept"] >= MIN_DETAIL_KEPT and f["check"]["lowpass_db"] >= 30
-            assert any(f["reason"] and f["planned"] == "restored" for f in body["faces"])  # 03.jpg's face, smeared
-    finally:
-        get_settings.cache_clear()
-        from app import serving
-
-        if serving._cache is not None:
-            serving._cache.clear()
-            serving._cache = None
+    r = post({"aligned": "true"})
+    assert r.status_code == 200 and r.headers["x-faceadapt-gray"] == "kept", r.text
+    assert is_gray(np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")))
+    r = post({"aligned": "true", "color": "true"})
+    assert r.status_code == 200 and r.headers["x-faceadapt-gray"] == "no"
+    r = post({}, img=photo, headers={"Accept": "application/json"})
+    body = r.json()
+    assert r.status_code == 200 and body["gray"] is False and body["faces"], r.text
+    out = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["image"]))).convert("RGB"))
+    assert out.shape == load_image(photo).shape
+    for f in body["faces"]:
+        assert f["check"]["detail_kept"] >= MIN_DETAIL_KEPT and f["check"]["lowpass_db"] >= 30
+    assert any(f["reason"] and f["planned"] == "restored" for f in body["faces"])  # 03.jpg's face, smeared

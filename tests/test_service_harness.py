@@ -7,6 +7,7 @@ Nothing of our own is mocked. When the bundled small default models are not in t
 from __future__ import annotations
 
 import io
+import zipfile
 import json
 import os
 import signal
@@ -325,6 +326,15 @@ def adapted(service_stack, tenant_a):
     assert r.status_code == 202, r.text
     job = st.wait_job(tenant_a, r.json()["id"])
     return {"dataset": ds, "job": job, "seconds": time.time() - t0}
+
+
+def zip_bytes(entries: dict[str, bytes]) -> bytes:
+    """A zip (deflated) holding `entries` (name -> bytes)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    return buf.getvalue()
 
 
 def png_bytes(w: int, h: int, color=(120, 100, 90)) -> bytes:

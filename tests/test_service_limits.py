@@ -1,22 +1,11 @@
 """Bad input: every limit answers a 4xx JSON error naming it, and nothing partial is stored."""
 from __future__ import annotations
 
-import io
-import zipfile
-
 import pytest
 
 pytest_plugins = ["test_service_harness"]
 
-from test_service_harness import face_files, png_bytes  # noqa: E402
-
-
-def _zip(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in entries.items():
-            z.writestr(name, data)
-    return buf.getvalue()
+from test_service_harness import face_files, png_bytes, zip_bytes as _zip  # noqa: E402
 
 
 def _stored(st) -> tuple[int, int, int]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import threading
 import time
-import zipfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 pytest_plugins = ["test_service_harness"]
 
-from test_service_harness import SHARED, ensure_default_models, png_bytes  # noqa: E402
+from test_service_harness import SHARED, ensure_default_models, png_bytes, zip_bytes as _zip  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -305,14 +304,6 @@ def test_rate_limit_is_per_tenant_with_retry_after():
     assert e.value.status == 429 and e.value.code == "rate_limited" and 1 <= int(e.value.headers["Retry-After"]) <= 10
     rl.check("b")  # another tenant is not affected
     RateLimiter(0, 1).check("a")  # 0: no limit
-
-
-def _zip(entries: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in entries.items():
-            z.writestr(name, data)
-    return buf.getvalue()
 
 
 def test_zip_entries_go_to_disk_and_are_counted_before_any_decode(tmp_path):
