@@ -25,8 +25,8 @@ import pytest
 
 pytest_plugins = ["test_service_harness"]
 
-from test_service_harness import (SHARED, TINY_PARAMS, Stack, Workers, ensure_default_models,  # noqa: E402
-                                  face_files, free_port, start_api, stop_api, wait_ready)
+from test_service_harness import (SHARED, TINY_PARAMS, ensure_default_models, start_stack,  # noqa: E402
+                                  face_files, free_port, stop_api, wait_ready)
 
 STAGES = ["prepare", "targets", "finetune", "evaluate", "register"]
 
@@ -127,23 +127,16 @@ def chaos(tmp_path_factory):
         "FACEADAPT_WORKER_TTL_S": "10", "FACEADAPT_TASK_MAX_ATTEMPTS": "4", "FACEADAPT_BLOB_GC_INTERVAL_S": "3600",
         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
     })
-    ensure_default_models(home, env)
-    logdir = home / "logs"
-    logdir.mkdir()
-    workers = Workers(env, logdir)
-    api = start_api(env, logdir / "api.log")
-    workers.start()
-    workers.start()
-    st = Stack(api.url, env, home, workers, pg.url)
+    st, api = start_stack(env, home, pg.url)
     st.pg, st.redis = pg, rd
     try:
-        wait_ready(api, logdir / "api.log", timeout=180)
+        wait_ready(api, home / "logs" / "api.log", timeout=180)
         st.key = st.admin_key("chaos").strip()
         yield st
     finally:
         st.client.close()
         stop_api(api)
-        workers.stop()
+        st.workers.stop()
         rd.destroy()
         pg.destroy()
 

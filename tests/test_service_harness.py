@@ -189,6 +189,19 @@ def start_s3():
     return server
 
 
+def start_stack(env: dict, home: Path, db_url: str) -> tuple["Stack", subprocess.Popen]:
+    """The default models in `home`, an API process and two worker processes on `env` (logs in home/logs); the caller
+    waits for the API (`wait_ready`) and stops it all."""
+    ensure_default_models(home, env)
+    logdir = home / "logs"
+    logdir.mkdir()
+    workers = Workers(env, logdir)
+    api = start_api(env, logdir / "api.log")
+    workers.start()
+    workers.start()
+    return Stack(api.url, env, home, workers, db_url), api
+
+
 def start_api(env: dict, log_path: Path) -> subprocess.Popen:
     """A real uvicorn API process on 127.0.0.1 (its URL is `proc.url`)."""
     port = free_port()
@@ -275,22 +288,15 @@ def service_stack(tmp_path_factory):
         env.update({"FACEADAPT_STORAGE_BACKEND": "s3", "FACEADAPT_S3_BUCKET": f"fa-{tag}", "FACEADAPT_S3_PREFIX": "blobs",
                     "FACEADAPT_S3_ENDPOINT_URL": s3.url, "FACEADAPT_S3_REGION": "us-east-1",
                     "FACEADAPT_S3_ACCESS_KEY_ID": "test", "FACEADAPT_S3_SECRET_ACCESS_KEY": "test"})
-    ensure_default_models(home, env)
-    logdir = home / "logs"
-    logdir.mkdir()
-    workers = Workers(env, logdir)
-    api = start_api(env, logdir / "api.log")
-    workers.start()
-    workers.start()
-    stack = Stack(api.url, env, home, workers, db_url)
+    stack, api = start_stack(env, home, db_url)
     stack.webhook_port = hook_port
     try:
-        wait_ready(api, logdir / "api.log")
+        wait_ready(api, home / "logs" / "api.log")
         yield stack
     finally:
         stack.client.close()
         stop_api(api)
-        workers.stop()
+        stack.workers.stop()
         if s3 is not None:
             s3.stop()
         if os.environ.get("FACEADAPT_TEST_KEEP"):
