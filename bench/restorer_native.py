@@ -3,11 +3,19 @@ damaged there with the standard pipeline scaled for that size (`restoration.degr
 2000000 + i), saved as uint8 like an uploaded crop, and restored through `restoration.faces.restore.Restorer.restore_crops` (the product path:
 resize to the model size, restore, paste back by the native-size rule). PSNR / SSIM (RGB, at the native size)
 against the clean face at that size, next to the damaged input and the bicubic baseline (the same low-resolution
-image upsampled bicubically instead of bilinearly).
+image upsampled bicubically instead of bilinearly), with two texture figures: sharpness (no reference; noise raises
+it) and detail (the share of the clean face's fine detail the image has in place, `detail_recovered`).
 
     python bench/restorer_native.py                                   # the bundled restorer, 200 faces, 128 px
     python bench/restorer_native.py --sizes 128,192 --n 100 --model runs/restorer3   # a training run's last EMA
     python bench/restorer_native.py --model restoration/zoo_defaults/faceadapt-swinir-small --model runs/restorer3
+
+`--damages` picks the test damage (comma-separated, one table each): `standard` (above), `broad` (the broad damage
+model with the bundled restorer's held-out types left out: what it trained on), and one held-out type by name
+(`motion_blur`, `shot_noise`: the broad model with that type forced into its first round; damage the restorer never
+saw in training):
+
+    python bench/restorer_native.py --damages standard,broad,motion_blur,shot_noise --n 200
 
 `--model` takes a zoo name, a zoo folder or a training run folder (its last checkpoint's EMA weights); repeat it to
 compare models on the same faces. `--flip-ensemble` adds, per model, a row for the average of its outputs on the face
@@ -23,6 +31,7 @@ import numpy as np
 import torch
 
 from restoration.data import FacesDataset
+from restoration.degrade import DAMAGE_TYPES, HELD_OUT, BroadDamage
 from restoration.faces import Restorer
 from restoration.metrics import sharpness as one_sharpness
 from restoration.models import CARD, Zoo
@@ -57,13 +66,24 @@ def _load_restorer(spec: str, zoo_dir: str):
 
 
 @torch.no_grad()
-def measure(restorers: list, size: int, n: int) -> tuple[list[dict], int]:
+def test_damage(name: str):
+    """The test damage called `name` (module doc)."""
+    if name == "standard":
+        return degradation_params()
+    if name == "broad":
+        return BroadDamage(holdout=HELD_OUT)
+    if name in DAMAGE_TYPES:
+        return BroadDamage(force=(name,))
+    raise SystemExit(f"--damages: unknown damage {name!r}; use standard, broad or one of {', '.join(DAMAGE_TYPES)}")
+
+
+def measure(restorers: list, size: int, n: int, damage=None) -> tuple[list[dict], int]:
     """Score each `Restorer` on `n` test faces at native `size` (standard damage scaled for that size, seeds
     TEST_SEED + i, saved as uint8 crops, restored by `restore_crops`). Returns rows {label, psnr, ssim} (the damaged
     input, the bicubic baseline, then one per restorer, labelled "restorer <i>") and the number of faces."""
     ds = FacesDataset("test", size, limit=n)
     gt = torch.stack([ds[i] for i in range(len(ds))])
-    lq, lqb = degrade_pair(gt, degradation_params(), TEST_SEED)
+    lq, lqb = degrade_pair(gt, damage if damage is not None else degradation_params(), TEST_SEED)
     crops = [(lq[i].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8) for i in range(len(lq))]
     images = [("input", lq), ("bicubic", lqb)]
     for i, restorer in enumerate(restorers):
@@ -72,7 +92,8 @@ def measure(restorers: list, size: int, n: int) -> tuple[list[dict], int]:
     rows = []
     for label, img in images:
         p, s = psnr_ssim(img.clamp(0, 1), gt)
-        rows.append({"label": label, "psnr": float(np.mean(p)), "ssim": float(np.mean(s)), "sharpness": sharpness(img)})
+        rows.append({"label": label, "psnr": float(np.mean(p)), "ssim": float(np.mean(s)), "sharpness": sharpness(img),
+                     "detail": detail_recovered(img, gt)})
     rows.append({"label": "clean", "sharpness": sharpness(gt)})
     return rows, len(gt)
 
@@ -83,6 +104,25 @@ def sharpness(img: torch.Tensor) -> float:
     return float(np.mean([one_sharpness(im.clamp(0, 1)) for im in img]))
 
 
+def _highpass(img: torch.Tensor) -> torch.Tensor:
+    """The luma of NCHW images minus its Gaussian blur (sigma 1 px): their fine detail."""
+    y = (img.clamp(0, 1) * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    k = torch.exp(-0.5 * torch.arange(-3, 4, dtype=torch.float32) ** 2)
+    k = k / k.sum()
+    blur = torch.nn.functional.conv2d(torch.nn.functional.pad(y, (3, 3, 0, 0), mode="reflect"), k.view(1, 1, 1, 7))
+    blur = torch.nn.functional.conv2d(torch.nn.functional.pad(blur, (0, 0, 3, 3), mode="reflect"), k.view(1, 1, 7, 1))
+    return y - blur
+
+
+def detail_recovered(img: torch.Tensor, gt: torch.Tensor) -> float:
+    """Mean over the faces of the share of the clean face's fine detail that the image has, in place: the projection
+    of its high-pass on the clean one's, <hp(img), hp(gt)> / <hp(gt), hp(gt)> (1: all of it; noise and invented
+    texture, uncorrelated with the clean face, add nothing; a blur lowers it). A full-reference texture figure beside
+    sharpness, which noise raises."""
+    a, b = _highpass(img), _highpass(gt)
+    return float(((a * b).sum((1, 2, 3)) / (b * b).sum((1, 2, 3)).clamp_min(1e-12)).mean())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", action="append", help="zoo name/folder or training run folder (repeatable); "
@@ -90,6 +130,8 @@ def main() -> None:
     ap.add_argument("--zoo-dir", default=str(REPO / "restoration" / "zoo_defaults"))
     ap.add_argument("--sizes", default="128", help="comma-separated native sizes (px)")
     ap.add_argument("--n", type=int, default=200, help="test faces")
+    ap.add_argument("--damages", default="standard", help="comma-separated test damages: standard, broad, or a "
+                                                           "damage type (held out: " + ", ".join(HELD_OUT) + ")")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--flip-ensemble", action="store_true", help="also score each model averaged with its mirror pass")
     args = ap.parse_args()
@@ -101,19 +143,22 @@ def main() -> None:
                    for r, label in list(models)]
     names = {"input": "damaged input (bilinear up)", "bicubic": "bicubic baseline",
              **{f"restorer {i}": f"restorer {label}" for i, (_, label) in enumerate(models)}}
-    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU; {args.n} UTK200 test faces, standard damage "
-          f"scaled for each size, seeds {TEST_SEED}+i")
-    for size in [int(s) for s in args.sizes.split(",")]:
+    damages = [d.strip() for d in args.damages.split(",") if d.strip()]
+    specs = {d: test_damage(d) for d in damages}
+    print(f"torch {torch.__version__}, {args.threads} thread(s), CPU; {args.n} UTK200 test faces, damage scaled for "
+          f"each size, seeds {TEST_SEED}+i")
+    for damage, size in [(d, int(s)) for d in damages for s in args.sizes.split(",")]:
         t0 = time.time()
-        rows, n = measure([r for r, _ in models], size, args.n)
-        print(f"\nnative {size} px ({n} faces)")
+        rows, n = measure([r for r, _ in models], size, args.n, specs[damage])
+        print(f"\n{damage} damage, native {size} px ({n} faces)")
         bic = next(r["psnr"] for r in rows if r["label"] == "bicubic")
         for r in rows:
             if "psnr" not in r:
-                print(f"  {names.get(r['label'], r['label']):60} {'':29}  sharpness {r['sharpness']:.3e}")
+                print(f"  {names.get(r['label'], r['label']):44} {'':29}  sharpness {r['sharpness']:.3e}")
                 continue
             gain = f"  {r['psnr'] - bic:+.2f} dB vs bicubic" if r["label"].startswith("restorer") else ""
-            print(f"  {names[r['label']]:60} {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}  sharpness {r['sharpness']:.3e}{gain}")
+            print(f"  {names[r['label']]:44} {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}  sharpness {r['sharpness']:.3e}"
+                  f"  detail {r['detail']:.3f}{gain}")
         print(f"  ({time.time() - t0:.0f} s)")
 
 

@@ -14,8 +14,9 @@ import typer
 from cli.app import app
 from cli.checks import check_device
 from cli.errors import fail
+from restoration.degrade import DAMAGE_TYPES, HELD_OUT, BroadDamage
 from restoration.models import CARD, ModelNotFound, Zoo, ZooError
-from restoration.training import (PIXEL_LOSSES, PriorTrainConfig, RestorerTrainConfig, TrainSetupError, export,
+from restoration.training import (DAMAGE_MODELS, PIXEL_LOSSES, PriorTrainConfig, RestorerTrainConfig, TrainSetupError, export,
                                   last_checkpoint, train_prior, train_restorer)
 
 train_app = typer.Typer(
@@ -154,8 +155,12 @@ def restorer(
     model_json: Optional[str] = typer.Option(None, "--model-json", help="swinir_face constructor config as JSON (default: the small 64 px config)."),
     pixel_loss: Optional[str] = typer.Option(None, "--pixel-loss", help="'l1' (default) or 'mse' (optimises PSNR directly; for a last stage started with --init-from)."),
     native_sizes: Optional[str] = typer.Option(None, "--native-sizes", help="Comma-separated face sizes, e.g. 64,96,128,192: each face is damaged at one of them and resized to 64 as the pipeline resizes a crop (default: damaged at 64)."),
+    damage: Optional[str] = typer.Option(None, "--damage", help="Damage model: 'standard' (default; one pass of blur, resize, noise, JPEG) or 'broad' (two shuffled rounds with colour noise and ringing)."),
+    hold_out: Optional[str] = typer.Option(None, "--hold-out", help=f"With --damage broad: comma-separated damage types never trained on ({', '.join(DAMAGE_TYPES)}); the bundled restorer holds out {','.join(HELD_OUT)}."),
+    native_loss: bool = typer.Option(False, "--native-loss", help="With --native-sizes: one native size per batch, the loss taken at that size through the product's paste (bicubic upsampling of the output) instead of at 64 px."),
 ):
-    """Train the small swinir_face restorer on synthetic degradations (L1 + small GAN term) at 64x64."""
+    """Train the small swinir_face restorer on synthetic degradations (L1 + small GAN term) at 64x64; --damage broad
+    --hold-out ... trains on the broad damage model with some damage types held out."""
     _check_fresh(out, resume)
     cfg = _common(RestorerTrainConfig(), out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every,
                   data_root, cache_dir, limit, until, max_minutes, init_from)
@@ -177,6 +182,22 @@ def restorer(
             raise typer.BadParameter(f"--native-sizes takes comma-separated integers, not {native_sizes!r}")
         if not cfg.native_sizes or min(cfg.native_sizes) < 16 or max(cfg.native_sizes) > 1024:
             raise typer.BadParameter("--native-sizes: sizes from 16 to 1024 px")
+    if damage is not None:
+        if damage not in DAMAGE_MODELS:
+            raise typer.BadParameter(f"--damage is one of {', '.join(DAMAGE_MODELS)}, not {damage!r}")
+        cfg.damage = damage
+    if hold_out:
+        if cfg.damage != "broad":
+            raise typer.BadParameter("--hold-out needs --damage broad")
+        cfg.damage_holdout = [v.strip() for v in hold_out.split(",") if v.strip()]
+        try:
+            BroadDamage(holdout=tuple(cfg.damage_holdout))
+        except ValueError as exc:
+            raise typer.BadParameter(f"--hold-out: {exc}")
+    if native_loss:
+        if not cfg.native_sizes:
+            raise typer.BadParameter("--native-loss needs --native-sizes")
+        cfg.native_loss = True
     _run(train_restorer, cfg, resume)
 
 

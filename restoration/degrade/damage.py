@@ -419,7 +419,8 @@ def degrade(
 ):
     """Degrade an HxWx3 float RGB image in [0, 1] (uint8 accepted); returns float32 of the same shape.
 
-    ``rng``: a ``np.random.Generator`` (or an int seed); the same seed gives the same output.
+    ``rng``: a ``np.random.Generator`` (or an int seed); the same seed gives the same output. ``params`` may also be
+    another damage model with an ``apply(img, rng)`` method (:class:`restoration.degrade.broad.BroadDamage`).
     ``return_info=True`` returns ``(out, info)`` where ``info`` holds the drawn values.
     """
     if rng is None:
@@ -427,6 +428,10 @@ def degrade(
     elif not isinstance(rng, np.random.Generator):
         rng = np.random.default_rng(rng)
     x = _as_float_image(img)
+    if not isinstance(params, DegradationParams):  # another damage model (restoration.degrade.broad): its own draws
+        if return_info:
+            raise ValueError("return_info is for DegradationParams only")
+        return params.apply(x, rng)
     info = sample_degradation(params, rng, x.shape)
     out = apply_degradation(x, info)
     return (out, info) if return_info else out

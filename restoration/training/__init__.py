@@ -13,7 +13,7 @@ The public surface of the subpackage: code outside `restoration` imports these n
 from __future__ import annotations
 
 from restoration.training.recipes import (PRIOR_MODEL_SMALL, RESTORER_MODEL_SMALL, DIFFUSION_DEFAULT, PIXEL_LOSSES,
-                                          PriorTrainConfig, RestorerTrainConfig, make_diffusion)
+                                          DAMAGE_MODELS, PriorTrainConfig, RestorerTrainConfig, make_diffusion)
 from restoration.training.runs import (TrainSetupError, last_checkpoint, list_checkpoints, load_run_model,
                                        param_count)
 from restoration.training.prior import train_prior
@@ -27,7 +27,7 @@ from restoration.training.finetune_codeformer import (CodeFormerFinetuneConfig, 
                                                       trainable_parameters, finetune_codeformer)
 
 __all__ = [
-    "PRIOR_MODEL_SMALL", "RESTORER_MODEL_SMALL", "DIFFUSION_DEFAULT", "PIXEL_LOSSES", "PriorTrainConfig",
+    "PRIOR_MODEL_SMALL", "RESTORER_MODEL_SMALL", "DIFFUSION_DEFAULT", "PIXEL_LOSSES", "DAMAGE_MODELS", "PriorTrainConfig",
     "RestorerTrainConfig", "make_diffusion", "TrainSetupError", "last_checkpoint", "list_checkpoints",
     "load_run_model", "param_count", "train_prior", "train_restorer", "degradation_params", "degrade_native_batch",
     "psnr_ssim", "save_grid", "sample_prior", "denoise_psnr", "evaluate_restorer", "degrade_pair", "LICENSE_TEXT",

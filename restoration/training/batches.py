@@ -7,15 +7,19 @@ from typing import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from restoration.data.faces import FacesDataset
+from restoration.degrade.broad import BroadDamage
 from restoration.degrade.damage import DegradationParams, degrade_batch
+from restoration.faces.fidelity import DETAIL_RATIO
 from restoration.models.io import resize_for_model
 from restoration.runtime import ProgressFn
 
 __all__ = ["EpochBatches", "load_faces", "batch_images", "load_uint8", "stack_uint8", "to_float", "sample_pairs",
-           "degradation_params", "damage_batch", "degrade_native_batch"]
+           "degradation_params", "training_damage", "damage_batch", "degrade_native_batch", "native_batch",
+           "pasted_output"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,7 +123,21 @@ def degradation_params(overrides: dict | None = None) -> DegradationParams:
     return DegradationParams(**(overrides or {}))
 
 
-def damage_batch(gt: torch.Tensor, params: DegradationParams, rng: np.random.Generator, native_sizes: list[int],
+def training_damage(model: str, overrides: dict | None = None, holdout: list | None = None):
+    """The damage model of a restorer run: 'standard' (`degradation_params(overrides)`) or 'broad' (`BroadDamage`
+    with the damage types `holdout` never drawn)."""
+    if model == "standard":
+        if holdout:
+            raise ValueError("damage_holdout is for the 'broad' damage model")
+        return degradation_params(overrides)
+    if model == "broad":
+        if overrides:
+            raise ValueError("degradation overrides are for the 'standard' damage model")
+        return BroadDamage(holdout=tuple(holdout or ()))
+    raise ValueError(f"damage model is 'standard' or 'broad', not {model!r}")
+
+
+def damage_batch(gt: torch.Tensor, params: DegradationParams | BroadDamage, rng: np.random.Generator, native_sizes: list[int],
                  size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(lq, gt) for clean faces `gt` (NCHW [0, 1]): damaged at their own size (`degrade_batch`; `gt` returned as
     is), or, with `native_sizes`, each at a native size drawn from them (`degrade_native_batch`, both at `size`)."""
@@ -128,7 +146,7 @@ def damage_batch(gt: torch.Tensor, params: DegradationParams, rng: np.random.Gen
     return degrade_batch(gt, params, rng)[0], gt
 
 
-def degrade_native_batch(gt_hi: torch.Tensor, params: DegradationParams, rng: np.random.Generator, sizes: list[int],
+def degrade_native_batch(gt_hi: torch.Tensor, params: DegradationParams | BroadDamage, rng: np.random.Generator, sizes: list[int],
                          size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(lq, gt) at `size` for faces seen at native sizes drawn from `sizes`: each clean face (NCHW, loaded at least
     as large as the largest size) is resized to its native size, damaged there (`degrade` scales the damage for
@@ -142,3 +160,28 @@ def degrade_native_batch(gt_hi: torch.Tensor, params: DegradationParams, rng: np
         s = int(sizes[int(rng.integers(len(sizes)))])
         lqs.append(resize(degrade_batch(resize(gt_hi[i:i + 1], s), params, rng)[0], size))
     return torch.cat(lqs), resize(gt_hi, size)
+
+
+def native_batch(gt_hi: torch.Tensor, params: DegradationParams | BroadDamage, rng: np.random.Generator,
+                 sizes: list[int], size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One native size `s` drawn from `sizes` for the whole batch: (lq at `size`, the damaged faces at `s`, the clean
+    faces at `s`), the faces resized to `s`, damaged there and resized to `size` like a crop in the pipeline."""
+    s = int(sizes[int(rng.integers(len(sizes)))])
+    gt_s = resize_for_model(gt_hi, s).clamp(0, 1)
+    lq_s = degrade_batch(gt_s, params, rng)[0]
+    return resize_for_model(lq_s, size).clamp(0, 1), lq_s, gt_s
+
+
+def pasted_output(out: torch.Tensor, lq: torch.Tensor, lq_s: torch.Tensor) -> torch.Tensor:
+    """What the product shows of the model's output `out` (for input `lq`, both at the model size) on faces whose
+    native crops are `lq_s`, as `restoration.faces.fidelity.blend_aligned` pastes it with the default fidelity: the
+    output itself at the model size, upsampled bicubically up to DETAIL_RATIO x the model size, and above that the
+    native crop plus the upsampled change (the detail-preserving mode). Differentiable in `out`."""
+    size, s = out.shape[-1], lq_s.shape[-1]
+    if s == size:
+        return out
+    if s < size:  # a face smaller than the model input: shrunk back by area, as `resize` does
+        return F.interpolate(out, size=(s, s), mode="area")
+    if s <= DETAIL_RATIO * size:
+        return F.interpolate(out, size=(s, s), mode="bicubic", align_corners=False)
+    return lq_s + F.interpolate(out - lq, size=(s, s), mode="bicubic", align_corners=False)

@@ -2,6 +2,7 @@
 the prior's samples and one-shot denoising, and sample grids (the trainers' grids, bench/default_models.py)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
+from restoration.degrade.broad import BroadDamage
 from restoration.degrade.damage import DegradationParams, apply_degradation, sample_degradation
 from restoration.metrics import quality
 from restoration.runtime import ProgressFn
@@ -98,7 +100,7 @@ def evaluate_restorer(model: nn.Module, gt01: torch.Tensor, params: DegradationP
     return res
 
 
-def degrade_pair(gt01: torch.Tensor, params: DegradationParams | None = None,
+def degrade_pair(gt01: torch.Tensor, params: DegradationParams | BroadDamage | None = None,
                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Degrade each image i of `gt01` (N,3,S,S in [0,1]) with `np.random.default_rng(seed + i)`.
 
@@ -110,6 +112,10 @@ def degrade_pair(gt01: torch.Tensor, params: DegradationParams | None = None,
     lq, lqb = [], []
     for i in range(len(gt01)):
         a = gt01[i].permute(1, 2, 0).cpu().numpy().astype(np.float32)
+        if isinstance(params, BroadDamage):  # the same draws twice, ending bilinear / bicubic
+            lq.append(replace(params, final_up="bilinear").apply(a, np.random.default_rng(seed + i)))
+            lqb.append(replace(params, final_up="bicubic").apply(a, np.random.default_rng(seed + i)))
+            continue
         info = sample_degradation(params, np.random.default_rng(seed + i), a.shape)
         lq.append(apply_degradation(a, info))
         lqb.append(apply_degradation(a, dict(info, up_interp="bicubic")))

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from restoration.diffusion.gaussian import create_gaussian_diffusion
 
 __all__ = ["PRIOR_ARCH", "RESTORER_ARCH", "PRIOR_MODEL_SMALL", "RESTORER_MODEL_SMALL", "DIFFUSION_DEFAULT",
-           "PSEUDO_TARGET_DEFAULTS_REFERENCE", "PIXEL_LOSSES", "TrainConfig", "PriorTrainConfig",
+           "PSEUDO_TARGET_DEFAULTS_REFERENCE", "PIXEL_LOSSES", "DAMAGE_MODELS", "TrainConfig", "PriorTrainConfig",
            "RestorerTrainConfig", "make_diffusion"]
 
 PRIOR_ARCH = "iddpm_unet"
@@ -33,6 +33,8 @@ PSEUDO_TARGET_DEFAULTS_REFERENCE: dict = dict(start=150, constrain_until=90, dow
 
 #: the restorer's pixel losses: 'l1' (default) or 'mse' (optimises PSNR directly)
 PIXEL_LOSSES = ("l1", "mse")
+#: the restorer trainer's damage models (`RestorerTrainConfig.damage`)
+DAMAGE_MODELS = ("standard", "broad")
 
 
 @dataclass
@@ -88,7 +90,17 @@ class RestorerTrainConfig(TrainConfig):
     pixel_loss: str = "l1"
     disc_lr: float = 2e-4
     disc_channels: int = 32
+    # The damage model: 'standard' (`restoration.degrade.damage`, `degradation` overrides its DegradationParams) or
+    # 'broad' (`restoration.degrade.broad`: two shuffled rounds, colour noise, ringing; `damage_holdout` names the
+    # damage types never drawn, e.g. HELD_OUT, so that a benchmark can test them alone).
+    damage: str = "standard"
     degradation: dict = field(default_factory=dict)  # overrides of DegradationParams (empty: standard)
+    damage_holdout: list = field(default_factory=list)
+    # With `native_sizes`: the pixel loss is taken where the product shows the face, at its native size, through the
+    # same paste as `restoration.faces.fidelity.blend_aligned` (bicubic upsampling of the output up to DETAIL_RATIO x
+    # `size`, the detail-preserving correction above), instead of on the output against the clean face at `size`.
+    # The model learns what survives the upsampling (the optimal pre-filter), not a blur of it.
+    native_loss: bool = False
     n_grid: int = 8
     # Train on what the product feeds the model: each face is damaged at a native size drawn from this list (the
     # damage scaled for that size, as `degrade` does), then resized to `size` the way the pipeline resizes a crop

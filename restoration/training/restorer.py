@@ -1,7 +1,9 @@
 """`train_restorer`: the small face restorer (`faceadapt train restorer`), one loop read top to bottom.
 
-A small `swinir_face` trained on the standard synthetic degradations (`restoration.degrade.damage`, overridable by
-`cfg.degradation`; optionally damaged at native sizes, `cfg.native_sizes`) with an L1 (or MSE) pixel loss plus, after
+A small `swinir_face` trained on synthetic degradations (`cfg.damage`: the standard `restoration.degrade.damage`,
+overridable by `cfg.degradation`, or the broad `restoration.degrade.broad` with `cfg.damage_holdout` held out;
+optionally damaged at native sizes, `cfg.native_sizes`, with the loss taken there through the product's paste,
+`cfg.native_loss`) with an L1 (or MSE) pixel loss plus, after
 `gan_start` steps, a small non-saturating GAN term against a spectral-norm patch discriminator (warmed up 100 steps
 before). AdamW with a warm-up and cosine decay (`schedules.warmup_lr`), gradient clipping, an EMA of the weights.
 LPIPS is not used: no LPIPS weights are available on these machines. Seeded and resumable (see `runs.Run`); every
@@ -15,13 +17,15 @@ import torch.nn as nn
 
 from restoration.data.faces import FacesDataset
 from restoration.models.archs import build
+from restoration.models.io import resize_for_model
 from restoration.runtime import ProgressFn
-from restoration.training.batches import EpochBatches, batch_images, damage_batch, degradation_params
+from restoration.training.batches import (EpochBatches, batch_images, damage_batch, native_batch, pasted_output,
+                                          training_damage)
 from restoration.training.discriminators import PatchDiscriminator
 from restoration.training.ema import ema_update, make_ema, warmup_decay
 from restoration.training.evaluate import psnr_ssim, save_grid
 from restoration.training.losses import gan_loss
-from restoration.training.recipes import PIXEL_LOSSES, RESTORER_ARCH, RestorerTrainConfig
+from restoration.training.recipes import DAMAGE_MODELS, PIXEL_LOSSES, RESTORER_ARCH, RestorerTrainConfig
 from restoration.training.runs import Run
 from restoration.training.schedules import set_lr, warmup_lr
 
@@ -38,11 +42,15 @@ def train_restorer(cfg: RestorerTrainConfig, progress: ProgressFn | None = None,
     batches = EpochBatches(len(images), cfg.batch_size, gen)
     if cfg.pixel_loss not in PIXEL_LOSSES:
         raise ValueError(f"pixel_loss is one of {', '.join(PIXEL_LOSSES)}, not {cfg.pixel_loss!r}")
+    if cfg.damage not in DAMAGE_MODELS:
+        raise ValueError(f"damage is one of {', '.join(DAMAGE_MODELS)}, not {cfg.damage!r}")
+    if cfg.native_loss and not cfg.native_sizes:
+        raise ValueError("native_loss needs native_sizes (the sizes the loss is taken at)")
     model = build(RESTORER_ARCH, cfg.model).to(run.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     disc = PatchDiscriminator(cfg.disc_channels).to(run.device).train()
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.999))
-    params = degradation_params(cfg.degradation)
+    params = training_damage(cfg.damage, cfg.degradation, cfg.damage_holdout)
     np_rng = np.random.default_rng(cfg.seed)  # the damage
     ema = make_ema(model)
     extra = run.start(model, ema, opt, gen, batches, resume, extra_state=lambda: {
@@ -75,16 +83,24 @@ def train_restorer(cfg: RestorerTrainConfig, progress: ProgressFn | None = None,
             gt = batch_images(images, batches.next(), gen, flip=True).to(run.device)
             lr = warmup_lr(run.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
             set_lr(opt, lr)
-            lq, gt = damage_batch(gt, params, np_rng, cfg.native_sizes, cfg.size)
-            lq, gt = lq.to(run.device), gt.to(run.device)
+            if cfg.native_loss:  # one native size per batch; the loss where the product shows the face
+                lq, lq_s, gt_s = (t.to(run.device) for t in native_batch(gt, params, np_rng, cfg.native_sizes,
+                                                                          cfg.size))
+                out = model(lq)
+                shown, target = pasted_output(out, lq, lq_s), gt_s
+                gt = resize_for_model(gt_s, cfg.size).clamp(0, 1)  # the discriminator's real faces
+            else:
+                lq, gt = damage_batch(gt, params, np_rng, cfg.native_sizes, cfg.size)
+                lq, gt = lq.to(run.device), gt.to(run.device)
+                out = model(lq)
+                shown, target = out, gt
 
             # generator: pixel loss (+ the GAN term from `gan_start`)
-            out = model(lq)
-            l1 = (out - gt).abs().mean()
+            l1 = (shown - target).abs().mean()
             loss = l1
             vals = {"l1": l1.item()}
             if cfg.pixel_loss == "mse":
-                loss = (out - gt).pow(2).mean()
+                loss = (shown - target).pow(2).mean()
                 vals["mse"] = loss.item()
             use_gan = cfg.gan_weight > 0 and run.step >= cfg.gan_start
             if use_gan:
