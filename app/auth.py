@@ -11,7 +11,10 @@ import ipaddress
 from dataclasses import dataclass
 
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
+from starlette.datastructures import Headers
 
 from service.db import session_factory
 from service.errors import ServiceError
@@ -63,9 +66,47 @@ def resolve_principal(session: Session, authorization: str | None, required: boo
     return Principal(tenant.id, tenant.name)
 
 
+#: the public tenant's principal per (database, tenant name), once it exists: tenants are never deleted, so a request
+#: without a key needs no database round trip after the first
+_PUBLIC: dict[tuple[str, str], Principal] = {}
+
+
+def public_principal_if_known(request: Request) -> Principal | None:
+    """The public tenant's principal, without touching the database, for a request that sends no key where none is
+    required and once the tenant is known; else None (`principal_dependency` decides)."""
+    if request.headers.get("authorization") or keys_required(request.scope):
+        return None
+    settings = get_settings()
+    return _PUBLIC.get((settings.db_url, settings.public_tenant))
+
+
 def principal_dependency(request: Request) -> Principal:
     with session_factory()() as session:
-        return resolve_principal(session, request.headers.get("authorization"), keys_required(request.scope))
+        principal = resolve_principal(session, request.headers.get("authorization"), keys_required(request.scope))
+    settings = get_settings()
+    if not request.headers.get("authorization") and principal.tenant_name == settings.public_tenant:
+        _PUBLIC[(settings.db_url, settings.public_tenant)] = principal
+    return principal
+
+
+class PrivateRoutesMiddleware:
+    """ASGI middleware: /metrics and the API docs are not open when API keys are required (`private_route_error`);
+    other requests pass straight through (plain ASGI: no extra task or body stream per request)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("GET", "HEAD"):  # others: the router's 405
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        if (path == "/metrics" or path in DOC_PATHS) and keys_required(scope):
+            authorization = Headers(scope=scope).get("authorization")
+            err = await run_in_threadpool(private_route_error, path, authorization)
+            if err is not None:
+                response = JSONResponse(err.body(), status_code=err.status, headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
 
 
 DOC_PATHS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -14,10 +13,10 @@ from starlette.routing import Match, Mount
 
 from app import web
 from app.api import adaptations, datasets, health, models, restore
-from app.auth import DOC_PATHS, keys_required, private_route_error
+from app.auth import PrivateRoutesMiddleware
 from app.errors import UnexpectedErrorMiddleware, document_errors
 from app.limits import BodyLimitMiddleware
-from app.metrics import LATENCY, REQUESTS
+from app.metrics import ObserveMiddleware
 from app.schemas import ErrorBody, params_schema
 from app.serving import get_cache, preload_default
 from restoration.faces import demo_model_warning
@@ -75,31 +74,8 @@ def create_app(run_startup: bool = True) -> FastAPI:
     )
 
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_upload_bytes)
-
-    @app.middleware("http")
-    async def observe(request: Request, call_next):
-        t0 = time.perf_counter()
-        status = 500  # an unhandled error: answered by `unexpected_error` below
-        try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
-        finally:
-            route = request.scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
-            REQUESTS.labels(label, request.method, str(status)).inc()
-            LATENCY.labels(label, request.method).observe(time.perf_counter() - t0)
-
-    @app.middleware("http")
-    async def guard_private_routes(request: Request, call_next):
-        """/metrics and the API docs are not open when API keys are required (app.auth.private_route_error)."""
-        path = request.url.path
-        private = path == "/metrics" or path in DOC_PATHS
-        if private and request.method in ("GET", "HEAD") and keys_required(request.scope):  # others: the router's 405
-            err = await run_in_threadpool(private_route_error, path, request.headers.get("authorization"))
-            if err is not None:
-                return JSONResponse(err.body(), status_code=err.status, headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+    app.add_middleware(ObserveMiddleware)
+    app.add_middleware(PrivateRoutesMiddleware)  # /metrics and the API docs when API keys are required
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):

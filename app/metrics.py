@@ -29,6 +29,38 @@ BATCH_SIZE = Histogram("faceadapt_restore_batch_size", "Face crops per restore m
 MODEL_LOADS = Counter("faceadapt_model_loads_total", "Models loaded into this API process", registry=REGISTRY)
 
 
+class ObserveMiddleware:
+    """ASGI middleware: every HTTP request counted (`REQUESTS`, by route template, method and status) and timed
+    (`LATENCY`). An exception that escapes counts as a 500 (the outer UnexpectedErrorMiddleware answers it). Plain
+    ASGI, not Starlette's BaseHTTPMiddleware: no extra task and body stream per request."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = 500
+
+        async def observed_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        except Exception:
+            status = 500
+            raise
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            REQUESTS.labels(label, scope["method"], str(status)).inc()
+            LATENCY.labels(label, scope["method"]).observe(time.perf_counter() - t0)
+
+
 class BrokerProbe:
     """The broker's health and queue depths, measured in a background thread at most every
     `broker_probe_max_age_s`; a caller waits at most `broker_probe_timeout_s` for a fresh answer, then gets the last

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Iterator
 
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
-from app.auth import Principal, principal_dependency
+from app.auth import Principal, principal_dependency, public_principal_if_known
 from app.limits import rate_limiter
 from service.db import session_factory
 
@@ -20,9 +21,10 @@ def db_session() -> Iterator[Session]:
         s.close()
 
 
-def limited_principal(request: Request) -> Principal:
-    """The calling tenant, after taking one request of its rate limit (429 `rate_limited` with Retry-After)."""
-    principal = principal_dependency(request)
+async def limited_principal(request: Request) -> Principal:
+    """The calling tenant, after taking one request of its rate limit (429 `rate_limited` with Retry-After). The
+    public tenant, once known, is answered on the event loop; a key is checked in the database (a worker thread)."""
+    principal = public_principal_if_known(request) or await run_in_threadpool(principal_dependency, request)
     rate_limiter().check(principal.tenant_id)
     return principal
 

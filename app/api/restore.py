@@ -59,13 +59,9 @@ async def restore(
     check_image_format(data, settings, image.filename or "image")  # from the signature, before any decoder runs
     pixels = check_pixels(data, settings, image.filename or "image") or settings.max_image_pixels
 
-    def lookup():
-        with session_factory()() as s:
-            return resolve_model(s, principal.tenant_id, model)
-
-    row = await run_in_threadpool(lookup)
-
     def work():
+        with session_factory()() as s:  # the model first: an unknown one is a 404 before any decoding
+            row = resolve_model(s, principal.tenant_id, model)
         # admission: the decoded pixels of the restores in flight stay within restore_pixel_budget (wait, then 429)
         with pixel_budget().admit(pixels, settings.restore_admission_wait_s):
             try:
@@ -75,9 +71,9 @@ async def restore(
             with get_cache().use(row) as loaded:  # the model stays loaded until this request is done with it
                 res = loaded.restore(img, aligned, only_center_face, max_faces=settings.max_faces_per_image,
                                      fidelity=fidelity, color=color)
-            return encode_image(res.image, format), res
+            return encode_image(res.image, format), res, row
 
-    encoded, res = await run_in_threadpool(work)
+    encoded, res, row = await run_in_threadpool(work)
     faces = res.faces
     modes = mode_counts(faces)
     if "application/json" in request.headers.get("accept", ""):
