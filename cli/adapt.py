@@ -11,7 +11,7 @@ from tqdm import tqdm
 from cli.app import app
 from cli.checks import check_detector, check_device, check_image_folder, check_new_model_name, check_zoo_model
 from cli.errors import fail
-from restoration.adaptation import check_image_count, default_config, list_images, run_adaptation
+from restoration.adaptation import check_min_images, default_config, list_images, run_adaptation
 from restoration.models import Zoo, ZooError
 from restoration.runtime import Cancelled
 from restoration.settings import get_settings
@@ -84,7 +84,7 @@ def adapt(
     if workdir is not None and workdir.exists() and not workdir.is_dir():
         fail(f"--workdir {workdir}: exists and is not a folder", 2)
     try:  # the options first, then the data: too few images are refused before any work, with the number
-        check_image_count(len(list_images(data)))
+        check_min_images(len(list_images(data)))
     except ValueError as exc:
         fail(f"--data {data}: {exc}", 2)
     pseudo = {"start": start, "constrain_until": constrain_until, "down_N": down_n, "schedule": schedule,

@@ -14,7 +14,7 @@ from restoration.faces import FaceHelper, ImageError, load_image
 from service import blobs
 from service.db import session_factory
 from service.errors import ServiceError
-from service.limits import UploadedFile, check_image_count, check_pixels, is_zip, too_small, unpack_zip
+from service.limits import UploadedFile, check_max_images, check_pixels, is_zip, too_small, unpack_zip
 from service.rows import DATASET_NAME_MAX, FINAL_STATUSES, Dataset, ImageRow, Job, new_id, owned
 from service.settings import ServiceSettings
 
@@ -43,7 +43,7 @@ def _ingest(tenant_id: str, name: str, uploads: list[UploadedFile], settings: Se
     if len(uploads) == 1 and is_zip(uploads[0].head()):
         # non-image entries are rejected, not unpacked; the images go to files in `tmp`
         uploads = unpack_zip(uploads[0].data, settings, rejected, dest=tmp)
-    check_image_count(len(uploads), settings)
+    check_max_images(len(uploads), settings)
     small = {}
     for i, u in enumerate(uploads):  # every limit first (headers only): nothing is decoded or stored if one fails
         data = u.data

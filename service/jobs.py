@@ -19,7 +19,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from restoration.adaptation import AdaptConfig, STAGES, check_cards, check_image_count
+from restoration.adaptation import AdaptConfig, STAGES, check_cards, check_min_images
 from restoration.models import ModelCard, ZooError, check_name
 from service.datasets import get_dataset
 from service.errors import LimitExceeded, ServiceError
@@ -146,7 +146,7 @@ def create_job(session: Session, tenant_id: str, dataset_id: str, base_model: st
     params = validate_params(dict(params))
     check_models(session, base, params)
     try:  # the request's own values first, then the data: the engine's minimum (restoration.adaptation.checks), as the CLI applies it
-        check_image_count(ds.image_count)
+        check_min_images(ds.image_count)
     except ValueError as exc:
         raise ServiceError(422, "too_few_images", str(exc)) from None
     with quota_lock(session):  # the count and the insert, one request at a time (SQLite too)

@@ -203,12 +203,13 @@ def unpack_zip(data: bytes, settings: ServiceSettings, rejected: list | None = N
             if path is not None:
                 buf.close()
         out.append(UploadedFile(name, buf.getvalue()) if path is None else UploadedFile(name, path=path))
-        check_image_count(len(out), settings)  # counted as they come: no work past the limit
-    check_image_count(len(out), settings)
+        check_max_images(len(out), settings)  # counted as they come: no work past the limit
+    check_max_images(len(out), settings)
     return out
 
 
-def check_image_count(n: int, settings: ServiceSettings) -> None:
+def check_max_images(n: int, settings: ServiceSettings) -> None:
+    """Refuse (413 `max_dataset_images`) a dataset of more than `max_dataset_images` images."""
     if n > settings.max_dataset_images:
         raise LimitExceeded("max_dataset_images", settings.max_dataset_images,
                             f"{n} images, more than max_dataset_images ({settings.max_dataset_images})")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from restoration.adaptation import (MIN_IMAGES, SMALL_SET, AdaptConfig, check_image_count, default_config,
+from restoration.adaptation import (MIN_IMAGES, SMALL_SET, AdaptConfig, check_min_images, default_config,
                                     scale_for_faces)
 from restoration.adaptation.config import held_out_count
 from restoration.settings import get_settings
@@ -29,11 +29,11 @@ def default_minimum(monkeypatch):
 
 def test_too_few_images_refused_with_the_number(default_minimum):
     assert get_settings().min_adapt_images == MIN_IMAGES == 8
-    check_image_count(8)
-    with pytest.raises(ValueError, match=r"3 images with a face: too few to adapt to; at least 8 are needed"):
-        check_image_count(3)
+    check_min_images(8)
+    with pytest.raises(ValueError, match=r"3 images: too few to adapt to; at least 8 are needed"):
+        check_min_images(3)
     with pytest.raises(ValueError, match="at least 5"):
-        check_image_count(4, minimum=5)
+        check_min_images(4, minimum=5)
 
 
 def test_cli_adapt_refuses_three_images_before_any_work(tmp_path, shared_dir, default_minimum, monkeypatch):
@@ -52,7 +52,7 @@ def test_cli_adapt_refuses_three_images_before_any_work(tmp_path, shared_dir, de
     r = CliRunner().invoke(app, ["adapt", "--data", str(data), "--name", "too-few", "--device", "cpu",
                                  "--workdir", str(tmp_path / "work")])
     assert r.exit_code == 2, r.output
-    assert "3 images with a face: too few to adapt to; at least 8 are needed" in r.output
+    assert "3 images: too few to adapt to; at least 8 are needed" in r.output
     assert not (tmp_path / "work").exists() and not (tmp_path / "home" / "adapt").exists()
 
 

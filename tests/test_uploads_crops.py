@@ -203,5 +203,5 @@ def test_adaptation_of_too_few_images_refused(service_stack, tenant_a, shared_di
     r = st.client.post("/v1/adaptations", json={"dataset_id": r.json()["id"], "base_model": "default",
                                                  "name": "too-few"}, headers=st.auth(tenant_a))
     assert r.status_code == 422, r.text
-    assert "1 image with a face: too few to adapt to; at least 2 are needed" in r.text
+    assert "1 image: too few to adapt to; at least 2 are needed" in r.text
     assert st.sql("SELECT count(*) FROM jobs WHERE name = 'too-few'")[0][0] == 0

@@ -3,7 +3,7 @@
 `check_job(zoo, base, prior, config, name=...)` raises `restoration.models.zoo.ModelNotFound` (a `ZooError` and a
 `KeyError`) for a model the zoo does not hold and `ValueError` for everything else, with the messages the CLI has
 always printed; it returns the side of the job's face crops. `check_cards` is the same rule on model cards already
-read (a service that keeps its cards elsewhere than in a `Zoo`). `check_image_count` refuses a set too small to
+read (a service that keeps its cards elsewhere than in a `Zoo`). `check_min_images` refuses a set too small to
 adapt to (`MIN_IMAGES`), before any work.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from restoration.adaptation.config import AdaptConfig, crop_size
 from restoration.models.zoo import ModelNotFound
 from restoration.settings import get_settings
 
-__all__ = ["FIXED_SIZE_ARCHS", "MAX_SIZE_FACTOR", "MIN_IMAGES", "min_images", "check_image_count", "check_cards", "check_job"]
+__all__ = ["FIXED_SIZE_ARCHS", "MAX_SIZE_FACTOR", "MIN_IMAGES", "min_images", "check_min_images", "check_cards", "check_job"]
 
 #: The fewest images an adaptation takes by default (the setting FACEADAPT_MIN_ADAPT_IMAGES), measured with
 #: bench/adaptation.py (docs/ADAPTATION.md): from 8 face crops the default job beat the base on held-out faces of two
@@ -49,11 +49,11 @@ def min_images() -> int:
     return int(get_settings().min_adapt_images)
 
 
-def check_image_count(count: int, minimum: int | None = None) -> None:
-    """Refuse (ValueError, with the numbers) a set of `count` images (with a face) below `minimum` (None: `min_images()`)."""
+def check_min_images(count: int, minimum: int | None = None) -> None:
+    """Refuse (ValueError, with the numbers) a set of `count` images below `minimum` (None: `min_images()`)."""
     minimum = min_images() if minimum is None else int(minimum)
     if count < minimum:
-        raise ValueError(f"{count} image{'s' if count != 1 else ''} with a face: too few to adapt to; at least "
+        raise ValueError(f"{count} image{'s' if count != 1 else ''}: too few to adapt to; at least "
                          f"{minimum} are needed (with fewer, adaptation was measured not to beat the base model on "
                          f"held-out faces: docs/ADAPTATION.md)")
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from restoration.adaptation.card import register
-from restoration.adaptation.checks import check_image_count, check_job
+from restoration.adaptation.checks import check_min_images, check_job
 from restoration.adaptation.config import AdaptConfig
 from restoration.adaptation.evaluate import evaluate
 from restoration.adaptation.gate import QualityGateFailed
@@ -219,7 +219,7 @@ def run_adaptation(
     """All stages, one shard: prepare -> targets -> finetune -> evaluate -> register. Resumable (same workdir).
 
     `base` / `prior` default to the settings' default restorer / prior. The job is checked first (`check_job`).
-    A folder of fewer images than `check_image_count` takes is refused (ValueError) before any work.
+    A folder of fewer images than `check_min_images` takes is refused (ValueError) before any work.
     `gt_dir`: ground truth with the same file names as `data_dir` (aligned inputs only; evaluation only). Returns a
     summary dict with the stage results; a model the quality gate refuses is not registered ("refused" says why).
     """
@@ -234,7 +234,7 @@ def run_adaptation(
     workdir = Path(workdir) if workdir is not None else settings.home_dir / "adapt" / name
     size = check_job(zoo, base, prior, cfg, name=name if register_model else None, overwrite=overwrite)
     images = list_images(data_dir)
-    check_image_count(len(images))
+    check_min_images(len(images))
     gt = None
     if gt_dir is not None:
         gt = {str(p): Path(gt_dir) / p.name for p in images if (Path(gt_dir) / p.name).is_file()}
