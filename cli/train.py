@@ -155,8 +155,9 @@ def restorer(
     model_json: Optional[str] = typer.Option(None, "--model-json", help="swinir_face constructor config as JSON (default: the small 64 px config)."),
     pixel_loss: Optional[str] = typer.Option(None, "--pixel-loss", help="'l1' (default) or 'mse' (optimises PSNR directly; for a last stage started with --init-from)."),
     native_sizes: Optional[str] = typer.Option(None, "--native-sizes", help="Comma-separated face sizes, e.g. 64,96,128,192: each face is damaged at one of them and resized to 64 as the pipeline resizes a crop (default: damaged at 64)."),
-    damage: Optional[str] = typer.Option(None, "--damage", help="Damage model: 'standard' (default; one pass of blur, resize, noise, JPEG) or 'broad' (two shuffled rounds with colour noise and ringing)."),
+    damage: Optional[str] = typer.Option(None, "--damage", help="Damage model: 'standard' (default; one pass of blur, resize, noise, JPEG) or 'broad' (35% of the faces the standard pass, the others two shuffled rounds with colour noise and ringing)."),
     hold_out: Optional[str] = typer.Option(None, "--hold-out", help=f"With --damage broad: comma-separated damage types never trained on ({', '.join(DAMAGE_TYPES)}); the bundled restorer holds out {','.join(HELD_OUT)}."),
+    gradient_weight: Optional[float] = typer.Option(None, "--gradient-weight", help="Weight of an L1 between the output's and the clean face's finite differences (default 0: none)."),
     native_loss: bool = typer.Option(False, "--native-loss", help="With --native-sizes: one native size per batch, the loss taken at that size through the product's paste (bicubic upsampling of the output) instead of at 64 px."),
 ):
     """Train the small swinir_face restorer on synthetic degradations (L1 + small GAN term) at 64x64; --damage broad
@@ -194,6 +195,10 @@ def restorer(
             BroadDamage(holdout=tuple(cfg.damage_holdout))
         except ValueError as exc:
             raise typer.BadParameter(f"--hold-out: {exc}")
+    if gradient_weight is not None:
+        if gradient_weight < 0:
+            raise typer.BadParameter("--gradient-weight must be >= 0")
+        cfg.gradient_weight = gradient_weight
     if native_loss:
         if not cfg.native_sizes:
             raise typer.BadParameter("--native-loss needs --native-sizes")

@@ -9,7 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
-from restoration.degrade import DAMAGE_TYPES, HELD_OUT, BroadDamage, degrade
+from restoration.degrade import DAMAGE_TYPES, DEFAULT, HELD_OUT, BroadDamage, DamageMix, broad_mix, degrade
 from restoration.degrade.broad import BLURS, NOISES, RESIZES
 from restoration.faces.fidelity import decide, blend_aligned
 from restoration.training.batches import native_batch, pasted_output, training_damage
@@ -61,7 +61,7 @@ def test_bad_settings_are_refused_with_the_reason(kwargs, words):
 
 
 def test_training_damage_and_the_bicubic_baseline_pair():
-    assert isinstance(training_damage("broad", None, list(HELD_OUT)), BroadDamage)
+    assert isinstance(training_damage("broad", None, list(HELD_OUT)), DamageMix)
     with pytest.raises(ValueError, match="'standard' or 'broad'"):
         training_damage("weird")
     with pytest.raises(ValueError, match="for the 'broad' damage model"):
@@ -107,11 +107,13 @@ def test_restorer_trains_on_broad_damage_with_the_native_loss(tmp_path, faces_ro
     cfg = RestorerTrainConfig(out_dir=str(out), size=16, batch_size=2, steps=2, limit=4, model=TINY_RESTORER,
                               data_root=str(faces_root), cache_dir=None, ckpt_every=1, sample_every=2, n_grid=2,
                               gan_weight=0.0, warmup_steps=1, native_sizes=[16, 32, 48], native_loss=True,
-                              damage="broad", damage_holdout=list(HELD_OUT))
+                              damage="broad", damage_holdout=list(HELD_OUT), gradient_weight=0.5)
     assert train_restorer(cfg, show_bar=False)["step"] == 2
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    assert any("grad" in r for r in rows)
     card = json.loads((export(out, tmp_path / "zoo" / "broad") / "card.json").read_text())
     recipe = card["extra"]["training"]["recipe"]
-    assert "native size" in recipe and "held out: motion_blur, shot_noise" in recipe
+    assert "gradient L1 at the native size" in recipe and "standard + broad damage (held out: motion_blur, shot_noise)" in recipe
     with pytest.raises(ValueError, match="native_loss needs native_sizes"):
         train_restorer(RestorerTrainConfig(out_dir=str(tmp_path / "x"), native_loss=True), show_bar=False)
 
@@ -128,3 +130,15 @@ def test_train_cli_refuses_bad_damage_options_before_any_work(tmp_path, args, wo
     assert r.exit_code == 2, r.output
     assert words in " ".join(r.output.split())
     assert not out.exists()
+
+
+def test_the_mix_draws_both_parts_and_is_seeded():
+    mix = broad_mix()
+    assert mix.parts[0] == DEFAULT and isinstance(mix.parts[1], BroadDamage) and mix.parts[1].holdout == HELD_OUT
+    rng = np.random.default_rng(0)
+    picks = [int(rng.choice(2, p=np.asarray(mix.probs) / sum(mix.probs))) for _ in range(400)]
+    assert 0.25 < picks.count(0) / 400 < 0.45
+    img = face()
+    assert np.array_equal(degrade(img, mix, 5), degrade(img, mix, 5))
+    with pytest.raises(ValueError, match="non-negative probabilities"):
+        DamageMix((DEFAULT,), (0.5, 0.5))

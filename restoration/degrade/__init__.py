@@ -9,9 +9,10 @@ from __future__ import annotations
 from restoration.degrade.damage import (DegradationParams, DEFAULT, DOMAIN_SHIFT, CAMERA, SCAN, PRESETS,
                                         domain_shift_params, sample_degradation, apply_degradation, degrade,
                                         degrade_batch)
-from restoration.degrade.broad import DAMAGE_TYPES, HELD_OUT, BroadDamage
+from restoration.degrade.broad import DAMAGE_TYPES, HELD_OUT, BroadDamage, DamageMix, broad_mix
 
 __all__ = [
     "DegradationParams", "DEFAULT", "DOMAIN_SHIFT", "CAMERA", "SCAN", "PRESETS", "domain_shift_params",
     "sample_degradation", "apply_degradation", "degrade", "degrade_batch", "BroadDamage", "DAMAGE_TYPES", "HELD_OUT",
+    "DamageMix", "broad_mix",
 ]

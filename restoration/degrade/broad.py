@@ -27,9 +27,10 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from restoration.degrade.damage import _as_float_image, _correlate, _jpeg, gaussian_kernel
+from restoration.degrade.damage import (DEFAULT, DegradationParams, _as_float_image, _correlate, _jpeg, degrade,
+                                        gaussian_kernel)
 
-__all__ = ["DAMAGE_TYPES", "BroadDamage", "HELD_OUT", "motion_kernel", "sinc_kernel"]
+__all__ = ["DAMAGE_TYPES", "BroadDamage", "DamageMix", "HELD_OUT", "motion_kernel", "sinc_kernel", "broad_mix"]
 
 BLURS = ("gaussian_blur", "motion_blur", "ringing")
 RESIZES = ("resize", "pixelate")
@@ -196,3 +197,33 @@ class BroadDamage:
         clean = np.clip(x, 0.0, 1.0)
         shot = (nrng.poisson(clean * peak) / peak - clean).astype(np.float32)
         return x + _correlate(shot, corr * 0.5)
+
+
+@dataclass(frozen=True)
+class DamageMix:
+    """A mixture of damage models: each image gets ``parts[i]`` with probability ``probs[i]`` (drawn from the one
+    generator). Keeps the lighter standard damage in a broad training set, so that mild damage is not treated as
+    heavy."""
+
+    parts: tuple
+    probs: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.parts or len(self.parts) != len(self.probs) or any(p < 0 for p in self.probs) \
+                or sum(self.probs) <= 0:
+            raise ValueError("a damage mix needs parts and as many non-negative probabilities, not all zero")
+
+    def apply(self, img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        p = np.asarray(self.probs, np.float64)
+        part = self.parts[int(rng.choice(len(p), p=p / p.sum()))]
+        return degrade(img, part, rng)
+
+    def to_dict(self) -> dict:
+        return {"parts": [{"kind": "standard" if isinstance(q, DegradationParams) else "broad", **q.to_dict()}
+                          for q in self.parts], "probs": list(self.probs)}
+
+
+def broad_mix(holdout: tuple[str, ...] = HELD_OUT, standard_prob: float = 0.35) -> DamageMix:
+    """The bundled restorer's training damage: the standard one pass (`DEFAULT`) with probability `standard_prob`,
+    else the broad model with `holdout` held out."""
+    return DamageMix((DEFAULT, BroadDamage(holdout=tuple(holdout))), (standard_prob, 1.0 - standard_prob))

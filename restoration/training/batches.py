@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from restoration.data.faces import FacesDataset
-from restoration.degrade.broad import BroadDamage
+from restoration.degrade.broad import BroadDamage, broad_mix
 from restoration.degrade.damage import DegradationParams, degrade_batch
 from restoration.faces.fidelity import DETAIL_RATIO
 from restoration.models.io import resize_for_model
@@ -124,8 +124,8 @@ def degradation_params(overrides: dict | None = None) -> DegradationParams:
 
 
 def training_damage(model: str, overrides: dict | None = None, holdout: list | None = None):
-    """The damage model of a restorer run: 'standard' (`degradation_params(overrides)`) or 'broad' (`BroadDamage`
-    with the damage types `holdout` never drawn)."""
+    """The damage model of a restorer run: 'standard' (`degradation_params(overrides)`) or 'broad' (`broad_mix`: the
+    standard pass for some faces, `BroadDamage` with the damage types `holdout` never drawn for the others)."""
     if model == "standard":
         if holdout:
             raise ValueError("damage_holdout is for the 'broad' damage model")
@@ -133,7 +133,7 @@ def training_damage(model: str, overrides: dict | None = None, holdout: list | N
     if model == "broad":
         if overrides:
             raise ValueError("degradation overrides are for the 'standard' damage model")
-        return BroadDamage(holdout=tuple(holdout or ()))
+        return broad_mix(tuple(holdout or ()))
     raise ValueError(f"damage model is 'standard' or 'broad', not {model!r}")
 
 

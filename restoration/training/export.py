@@ -40,8 +40,9 @@ def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | No
                        if kind == "prior" else
                        f"{'MSE' if tcfg.get('pixel_loss') == 'mse' else 'L1'}"
                        f"{' + non-saturating GAN (small spectral-norm patch discriminator)' if tcfg.get('gan_weight', 0) > 0 else ''}"
+                       f"{' + gradient L1' if tcfg.get('gradient_weight', 0) > 0 else ''}"
                        f"{' at the native size through the product paste' if tcfg.get('native_loss') else ''}"
-                       f"{'; broad damage (held out: ' + ', '.join(tcfg.get('damage_holdout') or ['none']) + ')' if tcfg.get('damage') == 'broad' else ''}"
+                       f"{'; standard + broad damage (held out: ' + ', '.join(tcfg.get('damage_holdout') or ['none']) + ')' if tcfg.get('damage') == 'broad' else ''}"
                        ", AdamW, EMA; no LPIPS (no LPIPS weights available locally)"),
             "steps": s["step"], "seed": tcfg["seed"], "batch_size": tcfg["batch_size"], "lr": tcfg["lr"],
             "lr_schedule": tcfg["lr_schedule"], "ema_rate": tcfg["ema_rate"], "size": tcfg["size"],

@@ -101,6 +101,9 @@ class RestorerTrainConfig(TrainConfig):
     # `size`, the detail-preserving correction above), instead of on the output against the clean face at `size`.
     # The model learns what survives the upsampling (the optimal pre-filter), not a blur of it.
     native_loss: bool = False
+    # weight of an L1 between the finite differences of the output (as shown, with native_loss) and of the clean face
+    # (`losses.gradient_l1`): edges where the clean face has them, against the pixel loss's average of guesses
+    gradient_weight: float = 0.0
     n_grid: int = 8
     # Train on what the product feeds the model: each face is damaged at a native size drawn from this list (the
     # damage scaled for that size, as `degrade` does), then resized to `size` the way the pipeline resizes a crop

@@ -24,7 +24,7 @@ from restoration.training.batches import (EpochBatches, batch_images, damage_bat
 from restoration.training.discriminators import PatchDiscriminator
 from restoration.training.ema import ema_update, make_ema, warmup_decay
 from restoration.training.evaluate import psnr_ssim, save_grid
-from restoration.training.losses import gan_loss
+from restoration.training.losses import gan_loss, gradient_l1
 from restoration.training.recipes import DAMAGE_MODELS, PIXEL_LOSSES, RESTORER_ARCH, RestorerTrainConfig
 from restoration.training.runs import Run
 from restoration.training.schedules import set_lr, warmup_lr
@@ -102,6 +102,10 @@ def train_restorer(cfg: RestorerTrainConfig, progress: ProgressFn | None = None,
             if cfg.pixel_loss == "mse":
                 loss = (shown - target).pow(2).mean()
                 vals["mse"] = loss.item()
+            if cfg.gradient_weight > 0:
+                grad = gradient_l1(shown, target)
+                loss = loss + cfg.gradient_weight * grad
+                vals["grad"] = grad.item()
             use_gan = cfg.gan_weight > 0 and run.step >= cfg.gan_start
             if use_gan:
                 disc.requires_grad_(False)
