@@ -29,7 +29,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from service.db import session_factory
+from service.db import for_update, session_factory
 from service.rows import FINAL_STATUSES, Blob, BlobRef, Dataset, Job, JobStep, ModelRow, utcnow
 from service.storage import content_key, get_storage
 
@@ -109,7 +109,7 @@ def collect(keys: Iterable[str]) -> int:
 def collect_job(job_id: str) -> int:
     """A job ended: its step outputs are no longer needed (the model has its own references). Idempotent."""
     with session_factory()() as s:
-        job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        job = for_update(s, Job, Job.id == job_id)
         if job is None or job.status not in FINAL_STATUSES:
             return 0
         keys = drop_refs(s, f"job:{job_id}")

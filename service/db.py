@@ -12,7 +12,7 @@ from typing import Iterator
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, text
+from sqlalchemy import create_engine, event, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -65,6 +65,18 @@ def session_factory(url: str | None = None) -> sessionmaker[Session]:
 def session() -> Session:
     """A new session of the configured database (the caller closes it: `with session() as s:`)."""
     return session_factory()()
+
+
+def for_update(s: Session, model, *where):
+    """The one row of `model` matching `where`, locked until `s` commits: `SELECT ... FOR UPDATE` on PostgreSQL. On
+    SQLite, where that is a plain read outside any transaction, a no-op UPDATE of the row comes first: it begins the
+    write transaction, so nothing changes the database between this read and the commit (another process's locking
+    read waits, `busy_timeout`). Without it a worker could claim a step between a reaper's read and its write, and
+    the reaper's write would undo the claim."""
+    if s.get_bind().dialect.name == "sqlite":
+        key = next(iter(model.__table__.primary_key.columns))
+        s.execute(model.__table__.update().where(*where).values({key.name: key}))
+    return s.scalar(select(model).where(*where).with_for_update())
 
 
 def existing_url(settings: ServiceSettings) -> str | None:

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from restoration.adaptation import AdaptConfig, STAGES, check_cards, check_min_images
 from restoration.models import ModelCard, ZooError, check_name
+from service.db import for_update
 from service.datasets import get_dataset
 from service.errors import LimitExceeded, ServiceError
 from service.params import engine_params, validate_params
@@ -175,7 +176,7 @@ def create_job(session: Session, tenant_id: str, dataset_id: str, base_model: st
     except Exception as exc:  # broker unreachable: the job must not stay 'queued' without a message
         log.error("job %s: could not be queued: %s", job.id, exc)
         session.rollback()
-        j = session.scalar(select(Job).where(Job.id == job.id).with_for_update())
+        j = for_update(session, Job, Job.id == job.id)
         if j is not None and j.status == "queued":
             prepare = session.scalar(select(JobStep).where(JobStep.job_id == job.id, JobStep.stage == "prepare"))
             if prepare is None or prepare.status == "pending":  # the message surely did not go out
@@ -202,7 +203,7 @@ def list_jobs(session: Session, tenant_id: str, limit: int) -> list[Job]:
 
 
 def cancel_job(session: Session, tenant_id: str, job_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+    job = for_update(session, Job, Job.id == job_id)
     if job is None or job.tenant_id != tenant_id:
         raise ServiceError(404, "job_not_found", f"no adaptation job {job_id!r}")
     if job.status in FINAL_STATUSES:

@@ -20,7 +20,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from service.blobs import collect_job
-from service.db import session
+from service.db import for_update, session
 from service.jobs import ORDER, SHARDED, STATUS, event, fail, finish_cancelled, shard_label, stage_of, workdir
 from service.queue import enqueue, ping_broker
 from service.rows import FINAL_STATUSES, Job, JobStep, WorkerBeat, utcnow
@@ -43,7 +43,7 @@ def aware(dt: datetime | None) -> datetime | None:
 # ------------------------------------------------------------------------------------------------- claiming
 def locked(s: Session, job_id: str, stage: str, shard: int) -> tuple[Job | None, JobStep | None]:
     """Lock the job row, then the step row: every writer takes them in this order (no deadlocks)."""
-    job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+    job = for_update(s, Job, Job.id == job_id)
     if job is None:
         return None, None
     step = s.scalar(select(JobStep).where(JobStep.job_id == job_id, JobStep.stage == stage, JobStep.shard == shard)
@@ -213,7 +213,7 @@ def finish_step(job_id: str, stage: str, shard: int, result: dict, seconds: floa
 def fail_step(job_id: str, stage: str, shard: int, message: str) -> None:
     """The stage raised: the job fails with `message` (unless it already ended)."""
     with session() as s:
-        job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        job = for_update(s, Job, Job.id == job_id)
         if job is not None and job.status not in FINAL_STATUSES:
             fail(s, job, stage, message)
             release(s, job_id, stage, shard, "failed")
@@ -224,7 +224,7 @@ def stop_cancelled(job_id: str, stage: str, shard: int) -> str:
     """The stage stopped at a batch boundary: the job was cancelled ('cancelled'), this worker is shutting down (the
     step is handed over: `hand_over`), or another worker took the lease ('cancelled', the new holder goes on)."""
     with session() as s:
-        job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        job = for_update(s, Job, Job.id == job_id)
         if job is not None and job.cancel_requested:
             finish_cancelled(s, job, stage, f"cancelled during {stage}")
             release(s, job_id, stage, shard, "cancelled")
@@ -265,7 +265,7 @@ def advance(job_id: str, stage: str, shard: int) -> None:
     again.
     """
     with session() as s:
-        job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        job = for_update(s, Job, Job.id == job_id)
         if job is None or job.status in FINAL_STATUSES:
             return
         steps = s.scalars(select(JobStep).where(JobStep.job_id == job_id)).all()

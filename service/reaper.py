@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select
 
-from service.db import session
+from service.db import for_update, session
 from service.jobs import ORDER, event, fail, finish_cancelled
 from service.leases import advance, aware, locked, prune_workers
 from service.queue import enqueue
@@ -88,7 +88,7 @@ def expire_jobs() -> int:
         ids = s.scalars(select(Job.id).where(Job.status.not_in(FINAL_STATUSES), Job.created_at < limit)).all()
     for job_id in ids:
         with session() as s:
-            job = s.scalar(select(Job).where(Job.id == job_id).with_for_update())
+            job = for_update(s, Job, Job.id == job_id)
             if job is None or job.status in FINAL_STATUSES:
                 continue
             fail(s, job, job.stage, f"the job ran longer than max_job_runtime_s ({settings.max_job_runtime_s:g} s)",

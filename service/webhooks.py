@@ -25,7 +25,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import inspect, select
 from sqlalchemy.orm import Session
 
-from service.db import session
+from service.db import for_update, session
 from service.errors import ServiceError
 from service.rows import FINAL_STATUSES, Job, JobEvent, WebhookDelivery, WebhookSecret, new_id, utcnow
 from service.settings import get_settings
@@ -112,7 +112,7 @@ def get_secret(s: Session, tenant_id: str) -> WebhookSecret:
 def rotate_secret(s: Session, tenant_id: str) -> WebhookSecret:
     """A new signing secret; the old one still signs (a second `v1=`) for `webhook_secret_grace_s`."""
     get_secret(s, tenant_id)
-    row = s.scalar(select(WebhookSecret).where(WebhookSecret.tenant_id == tenant_id).with_for_update())
+    row = for_update(s, WebhookSecret, WebhookSecret.tenant_id == tenant_id)
     grace = timedelta(seconds=get_settings().webhook_secret_grace_s)
     row.previous_secret, row.previous_until = row.secret, utcnow() + grace
     row.secret, row.created_at = _new_secret(), utcnow()
