@@ -130,7 +130,7 @@ def in_process(data: bytes, device: str):
     def work():
         img = load_image(data, max_pixels=settings.max_image_pixels)
         res = restorer.restore_image(img, aligned=True, max_faces=settings.max_faces_per_image)
-        return encode_image(res.image, "png")
+        return encode_image(res.image, "png", png_level=settings.response_png_level)  # as the API encodes
 
     return work
 

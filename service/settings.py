@@ -45,6 +45,9 @@ class ServiceSettings(Settings):
     max_faces_per_image: int = Field(default=32, ge=1, description="Most faces restored in one image by /v1/restore: "
                                      "the largest ones; the response says how many were found and restored.")
     # serving
+    response_png_level: int = Field(default=1, ge=0, le=9, description="zlib level of the PNGs /v1/restore answers "
+                                    "(the same pixels at every level): 1 encodes a 512 px face about 4x faster than 6 "
+                                    "for a file about 10% larger (docs/PERFORMANCE.md).")
     model_cache_size: int = Field(default=4, description="Models kept loaded per API process (LRU).")
     batch_max_size: int = Field(default=8, description="Most face crops restored in one micro-batch.")
     batch_max_wait_ms: float = Field(default=10.0, description="Longest wait for more requests to join a micro-batch.")

@@ -204,3 +204,13 @@ def test_format_allow_list_is_checked_before_any_decoder(monkeypatch):
     Image.new("RGB", (16, 12)).save(b, "BMP")
     with pytest.raises(UnsupportedFormat, match="accepted image formats: png, jpeg"):
         load_image(b.getvalue(), formats="png,jpg")
+
+
+def test_png_level_changes_the_bytes_not_the_pixels():
+    rng = np.random.default_rng(0)
+    img = (np.clip(rng.normal(128, 40, (64, 64, 3)), 0, 255)).astype(np.uint8)
+    fast, small = encode_image(img, "png", png_level=1), encode_image(img, "png", png_level=9)
+    assert np.array_equal(load_image(fast), img) and np.array_equal(load_image(small), img)
+    assert fast != small
+    with pytest.raises(ImageError, match="png_level must be in 0..9"):
+        encode_image(img, "png", png_level=10)

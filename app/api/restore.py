@@ -71,7 +71,7 @@ async def restore(
             with get_cache().use(row) as loaded:  # the model stays loaded until this request is done with it
                 res = loaded.restore(img, aligned, only_center_face, max_faces=settings.max_faces_per_image,
                                      fidelity=fidelity, color=color)
-            return encode_image(res.image, format), res, row
+            return encode_image(res.image, format, png_level=settings.response_png_level), res, row
 
     encoded, res, row = await run_in_threadpool(work)
     faces = res.faces

@@ -329,21 +329,25 @@ def _check_array(arr: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-def encode_image(arr: np.ndarray, fmt: str = "png", quality: int = 95) -> bytes:
+def encode_image(arr: np.ndarray, fmt: str = "png", quality: int = 95, png_level: int = 6) -> bytes:
     """Encode a uint8 RGB (HxWx3), RGBA (HxWx4, PNG/WebP only) or gray (HxW) array.
 
-    ``fmt``: 'png' (lossless, quality ignored), 'jpeg'/'jpg' or 'webp'; ``quality`` 1..100.
+    ``fmt``: 'png' (lossless, quality ignored), 'jpeg'/'jpg' or 'webp'; ``quality`` 1..100. ``png_level``: zlib's
+    compression level of a PNG, 0..9 (the same pixels at every level; 6, the default, makes files about 10% smaller
+    than 1 and takes about 4x as long).
     """
     f = _normalise_format(fmt)
     if not 1 <= int(quality) <= 100:
         raise ImageError(f"quality must be in 1..100, got {quality}")
+    if not 0 <= int(png_level) <= 9:
+        raise ImageError(f"png_level must be in 0..9, got {png_level}")
     arr = _check_array(arr)
     if f == "jpeg" and arr.ndim == 3 and arr.shape[2] == 4:
         raise ImageError("JPEG has no alpha channel: pass an HxWx3 array")
     im = Image.fromarray(arr)
     buf = io.BytesIO()
     if f == "png":
-        im.save(buf, format="PNG", compress_level=6)
+        im.save(buf, format="PNG", compress_level=int(png_level))
     elif f == "jpeg":
         im.save(buf, format="JPEG", quality=int(quality), subsampling=0 if quality >= 90 else 2)
     else:
