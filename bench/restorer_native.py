@@ -13,7 +13,7 @@ it) and detail (the share of the clean face's fine detail the image has in place
 `--damages` picks the test damage (comma-separated, one table each): `standard` (above), `broad` (the broad damage
 model with the bundled restorer's held-out types left out: what it trained on), and one held-out type by name
 (`motion_blur`, `shot_noise`: the broad model with that type forced into its first round; damage the restorer never
-saw in training):
+saw in training), or an unseen domain of the adaptation bench (`camera`, `scan`: `restoration.degrade.PRESETS`):
 
     python bench/restorer_native.py --damages standard,broad,motion_blur,shot_noise --n 200
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from restoration.data import FacesDataset
-from restoration.degrade import DAMAGE_TYPES, HELD_OUT, BroadDamage
+from restoration.degrade import DAMAGE_TYPES, HELD_OUT, PRESETS, BroadDamage
 from restoration.faces import Restorer
 from restoration.metrics import sharpness as one_sharpness
 from restoration.models import CARD, Zoo
@@ -74,7 +74,10 @@ def test_damage(name: str):
         return BroadDamage(holdout=HELD_OUT)
     if name in DAMAGE_TYPES:
         return BroadDamage(force=(name,))
-    raise SystemExit(f"--damages: unknown damage {name!r}; use standard, broad or one of {', '.join(DAMAGE_TYPES)}")
+    if name in ("camera", "scan"):  # the adaptation bench's unseen domains
+        return PRESETS[name]
+    raise SystemExit(f"--damages: unknown damage {name!r}; use standard, broad, camera, scan or one of "
+                     f"{', '.join(DAMAGE_TYPES)}")
 
 
 def measure(restorers: list, size: int, n: int, damage=None) -> tuple[list[dict], int]:

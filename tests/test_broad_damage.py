@@ -106,7 +106,7 @@ def test_restorer_trains_on_broad_damage_with_the_native_loss(tmp_path, faces_ro
     out = tmp_path / "broad"
     cfg = RestorerTrainConfig(out_dir=str(out), size=16, batch_size=2, steps=2, limit=4, model=TINY_RESTORER,
                               data_root=str(faces_root), cache_dir=None, ckpt_every=1, sample_every=2, n_grid=2,
-                              gan_weight=0.0, warmup_steps=1, native_sizes=[16, 32, 48], native_loss=True,
+                              gan_weight=0.01, gan_start=1, warmup_steps=1, native_sizes=[16, 32, 48], native_loss=True,
                               damage="broad", damage_holdout=list(HELD_OUT), gradient_weight=0.5)
     assert train_restorer(cfg, show_bar=False)["step"] == 2
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]

@@ -99,7 +99,8 @@ class RestorerTrainConfig(TrainConfig):
     # With `native_sizes`: the pixel loss is taken where the product shows the face, at its native size, through the
     # same paste as `restoration.faces.fidelity.blend_aligned` (bicubic upsampling of the output up to DETAIL_RATIO x
     # `size`, the detail-preserving correction above), instead of on the output against the clean face at `size`.
-    # The model learns what survives the upsampling (the optimal pre-filter), not a blur of it.
+    # The model learns what survives the upsampling (the optimal pre-filter), not a blur of it. The GAN term's critic
+    # then also judges the face as shown against clean faces of that size.
     native_loss: bool = False
     # weight of an L1 between the finite differences of the output (as shown, with native_loss) and of the clean face
     # (`losses.gradient_l1`): edges where the clean face has them, against the pixel loss's average of guesses

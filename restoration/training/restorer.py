@@ -17,7 +17,6 @@ import torch.nn as nn
 
 from restoration.data.faces import FacesDataset
 from restoration.models.archs import build
-from restoration.models.io import resize_for_model
 from restoration.runtime import ProgressFn
 from restoration.training.batches import (EpochBatches, batch_images, damage_batch, native_batch, pasted_output,
                                           training_damage)
@@ -88,7 +87,7 @@ def train_restorer(cfg: RestorerTrainConfig, progress: ProgressFn | None = None,
                                                                           cfg.size))
                 out = model(lq)
                 shown, target = pasted_output(out, lq, lq_s), gt_s
-                gt = resize_for_model(gt_s, cfg.size).clamp(0, 1)  # the discriminator's real faces
+                gt = gt_s  # the discriminator judges what is shown against clean faces of that size
             else:
                 lq, gt = damage_batch(gt, params, np_rng, cfg.native_sizes, cfg.size)
                 lq, gt = lq.to(run.device), gt.to(run.device)
@@ -109,7 +108,7 @@ def train_restorer(cfg: RestorerTrainConfig, progress: ProgressFn | None = None,
             use_gan = cfg.gan_weight > 0 and run.step >= cfg.gan_start
             if use_gan:
                 disc.requires_grad_(False)
-                g_adv = gan_loss(disc(out), True)
+                g_adv = gan_loss(disc(shown), True)
                 loss = loss + cfg.gan_weight * g_adv
                 vals["g_adv"] = g_adv.item()
             opt.zero_grad(set_to_none=True)
@@ -122,7 +121,7 @@ def train_restorer(cfg: RestorerTrainConfig, progress: ProgressFn | None = None,
             if use_gan or (cfg.gan_weight > 0 and run.step >= cfg.gan_start - 100):
                 disc.requires_grad_(True)
                 set_lr(opt_d, cfg.disc_lr)
-                d_loss = gan_loss(disc(gt), True) + gan_loss(disc(out.detach().clamp(0, 1)), False)
+                d_loss = gan_loss(disc(gt), True) + gan_loss(disc(shown.detach().clamp(0, 1)), False)
                 opt_d.zero_grad(set_to_none=True)
                 d_loss.backward()
                 opt_d.step()
