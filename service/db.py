@@ -74,8 +74,9 @@ def for_update(s: Session, model, *where):
     read waits, `busy_timeout`). Without it a worker could claim a step between a reaper's read and its write, and
     the reaper's write would undo the claim."""
     if s.get_bind().dialect.name == "sqlite":
-        key = next(iter(model.__table__.primary_key.columns))
-        s.execute(model.__table__.update().where(*where).values({key.name: key}))
+        table = model.__table__
+        same = [next(iter(table.primary_key.columns)), *(c for c in table.columns if c.onupdate is not None)]
+        s.execute(table.update().where(*where).values({c.name: c for c in same}))  # changes nothing, not updated_at
     return s.scalar(select(model).where(*where).with_for_update())
 
 

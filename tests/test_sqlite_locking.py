@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from service.db import migrate, session
+from service.db import for_update, migrate, session
 from service.leases import locked
 from service.rows import Job, JobStep, Tenant
 from service.settings import get_settings
@@ -57,3 +57,20 @@ def test_a_locking_read_waits_for_the_holders_commit(sqlite_home):
         s.commit()
     t.join()
     assert status == "queued" and waited >= 0.4, (status, waited)
+
+
+def test_the_lock_changes_nothing(sqlite_home):
+    with session() as s:
+        tenant = Tenant(name="t2")
+        s.add(tenant)
+        s.flush()
+        job = Job(tenant_id=tenant.id, base_model="m", name="j2", status="queued")
+        s.add(job)
+        s.commit()
+        job_id, before = job.id, job.updated_at
+    time.sleep(0.05)
+    with session() as s:
+        assert for_update(s, Job, Job.id == job_id).id == job_id
+        s.commit()
+    with session() as s:
+        assert s.get(Job, job_id).updated_at == before
