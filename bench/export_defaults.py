@@ -26,10 +26,11 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
-from bench.restorer_native import TEST_SEED, measure  # noqa: E402
+from bench.restorer_native import TEST_SEED, measure, test_damage  # noqa: E402
 from restoration.adaptation import color_stats  # noqa: E402
 from restoration import data
 from restoration.data import FacesDataset  # noqa: E402
+from restoration.degrade import HELD_OUT  # noqa: E402
 from restoration.faces import Restorer, load_image  # noqa: E402
 from restoration.models import Zoo  # noqa: E402
 from restoration.training import denoise_psnr, evaluate_restorer, export, load_run_model  # noqa: E402
@@ -59,15 +60,17 @@ def face_color_stats() -> dict:
                    "HQ faces are configured"}
 
 
-def native_metrics(model, card, size: int, n: int = 200) -> dict:
-    """What bench/restorer_native.py prints, for the card: PSNR / SSIM on `n` test faces at native size `size`
-    through the product path (`Restorer.restore_crops`), next to the bicubic baseline."""
-    rows, count = measure([Restorer(model, card, device="cpu", batch_size=32)], size, n)
+def native_metrics(model, card, size: int, n: int = 200, damage: str = "standard") -> dict:
+    """What bench/restorer_native.py prints, for the card: PSNR / SSIM / sharpness / detail on `n` test faces at
+    native size `size` with the test damage `damage` (`restorer_native.test_damage`: standard, broad or a held-out
+    type) through the product path (`Restorer.restore_crops`), next to the bicubic baseline."""
+    rows, count = measure([Restorer(model, card, device="cpu", batch_size=32)], size, n, test_damage(damage))
     by = {r["label"]: r for r in rows}
-    res = {"split": "test", "native_size": size, "n": count, "seed": TEST_SEED,
+    res = {"split": "test", "native_size": size, "n": count, "seed": TEST_SEED, "damage": damage,
            "path": "Restorer.restore_crops (resize to 64, restore, paste back by the native-size rule)"}
     for key, label in (("restorer", "restorer 0"), ("bicubic", "bicubic")):
-        res[f"psnr_{key}"], res[f"ssim_{key}"] = round(by[label]["psnr"], 4), round(by[label]["ssim"], 4)
+        for m in ("psnr", "ssim", "sharpness", "detail"):
+            res[f"{m}_{key}"] = round(by[label][m], 4 if m != "sharpness" else 7)
     return res
 
 
@@ -100,6 +103,8 @@ def main() -> None:
                            "bicubic_is": "the same LQ upsampled bicubically"}}
         old = Zoo(root=dest, builtin_dir=None).get("faceadapt-swinir-small")
         metrics["test_native_128"] = native_metrics(m, old, 128)
+        for damage in ("broad", *HELD_OUT):  # the broad damage it trained on, and each type it never saw
+            metrics[f"test_native_128_{damage}"] = native_metrics(m, old, 128, damage=damage)
         kept = {k: old.extra[k] for k in KEEP_EXTRA if k in old.extra}
         p = export(args.restorer_run, dest / "faceadapt-swinir-small", metrics=metrics, extra={**kept, **note},
                      command=cmd, train_command=RESTORER_TRAIN_COMMAND)
