@@ -81,10 +81,11 @@ def public_principal_if_known(request: Request) -> Principal | None:
 
 
 def principal_dependency(request: Request) -> Principal:
+    authorization, required = request.headers.get("authorization"), keys_required(request.scope)
     with session_factory()() as session:
-        principal = resolve_principal(session, request.headers.get("authorization"), keys_required(request.scope))
-    settings = get_settings()
-    if not request.headers.get("authorization") and principal.tenant_name == settings.public_tenant:
+        principal = resolve_principal(session, authorization, required)
+    if not authorization and not required:  # the public tenant: known from now on (`public_principal_if_known`)
+        settings = get_settings()
         _PUBLIC[(settings.db_url, settings.public_tenant)] = principal
     return principal
 

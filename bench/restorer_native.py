@@ -4,7 +4,7 @@ damaged there with the standard pipeline scaled for that size (`restoration.degr
 resize to the model size, restore, paste back by the native-size rule). PSNR / SSIM (RGB, at the native size)
 against the clean face at that size, next to the damaged input and the bicubic baseline (the same low-resolution
 image upsampled bicubically instead of bilinearly), with two texture figures: sharpness (no reference; noise raises
-it) and detail (the share of the clean face's fine detail the image has in place, `detail_recovered`).
+it) and detail (the share of the clean face's fine detail the image has in place, `metrics.detail_recovered`).
 
     python bench/restorer_native.py                                   # the bundled restorer, 200 faces, 128 px
     python bench/restorer_native.py --sizes 128,192 --n 100 --model runs/restorer3   # a training run's last EMA
@@ -33,7 +33,7 @@ import torch
 from restoration.data import FacesDataset
 from restoration.degrade import DAMAGE_TYPES, HELD_OUT, PRESETS, BroadDamage
 from restoration.faces import Restorer
-from restoration.metrics import sharpness as one_sharpness
+from restoration.metrics import detail_recovered, sharpness as one_sharpness
 from restoration.models import CARD, Zoo
 from restoration.training import degradation_params, degrade_pair, last_checkpoint, load_run_model, psnr_ssim
 
@@ -96,7 +96,7 @@ def measure(restorers: list, size: int, n: int, damage=None) -> tuple[list[dict]
     for label, img in images:
         p, s = psnr_ssim(img.clamp(0, 1), gt)
         rows.append({"label": label, "psnr": float(np.mean(p)), "ssim": float(np.mean(s)), "sharpness": sharpness(img),
-                     "detail": detail_recovered(img, gt)})
+                     "detail": detail(img, gt)})
     rows.append({"label": "clean", "sharpness": sharpness(gt)})
     return rows, len(gt)
 
@@ -107,23 +107,9 @@ def sharpness(img: torch.Tensor) -> float:
     return float(np.mean([one_sharpness(im.clamp(0, 1)) for im in img]))
 
 
-def _highpass(img: torch.Tensor) -> torch.Tensor:
-    """The luma of NCHW images minus its Gaussian blur (sigma 1 px): their fine detail."""
-    y = (img.clamp(0, 1) * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
-    k = torch.exp(-0.5 * torch.arange(-3, 4, dtype=torch.float32) ** 2)
-    k = k / k.sum()
-    blur = torch.nn.functional.conv2d(torch.nn.functional.pad(y, (3, 3, 0, 0), mode="reflect"), k.view(1, 1, 1, 7))
-    blur = torch.nn.functional.conv2d(torch.nn.functional.pad(blur, (0, 0, 3, 3), mode="reflect"), k.view(1, 1, 7, 1))
-    return y - blur
-
-
-def detail_recovered(img: torch.Tensor, gt: torch.Tensor) -> float:
-    """Mean over the faces of the share of the clean face's fine detail that the image has, in place: the projection
-    of its high-pass on the clean one's, <hp(img), hp(gt)> / <hp(gt), hp(gt)> (1: all of it; noise and invented
-    texture, uncorrelated with the clean face, add nothing; a blur lowers it). A full-reference texture figure beside
-    sharpness, which noise raises."""
-    a, b = _highpass(img), _highpass(gt)
-    return float(((a * b).sum((1, 2, 3)) / (b * b).sum((1, 2, 3)).clamp_min(1e-12)).mean())
+def detail(img: torch.Tensor, gt: torch.Tensor) -> float:
+    """Mean over the faces of `metrics.detail_recovered` (the share of the clean face's fine detail found in place)."""
+    return float(np.mean([detail_recovered(im.clamp(0, 1), g) for im, g in zip(img, gt)]))
 
 
 def main() -> None:

@@ -294,3 +294,19 @@ def test_ssim_map_is_the_ssim_and_differentiable(face):
     (1 - m.mean()).backward()
     assert a.grad is not None and float(a.grad.abs().sum()) > 0
     assert float(m.detach().mean()) == pytest.approx(ssim(noisy, face), abs=1e-5)
+
+
+def test_detail_recovered_counts_only_the_references_own_detail():
+    import cv2
+
+    from restoration.metrics import detail_recovered
+
+    rng = np.random.default_rng(0)
+    ref = np.clip(cv2.GaussianBlur(rng.random((64, 64, 3)), (0, 0), 0.7), 0, 1)
+    assert detail_recovered(ref, ref) == pytest.approx(1.0)
+    blurred = cv2.GaussianBlur(ref, (0, 0), 1.5)
+    assert 0.0 < detail_recovered(blurred, ref) < 0.6
+    noise = np.clip(ref.mean() + 0.2 * rng.standard_normal(ref.shape), 0, 1)  # texture, not the reference's
+    assert abs(detail_recovered(noise, ref)) < 0.1
+    with pytest.raises(ValueError, match="differ in shape"):
+        detail_recovered(ref[:32], ref)

@@ -22,13 +22,12 @@ All randomness comes from the generator passed in: the same seed gives the same 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
-from restoration.degrade.damage import (DEFAULT, DegradationParams, _as_float_image, _correlate, _jpeg, degrade,
-                                        gaussian_kernel)
+from restoration.degrade.damage import DEFAULT, _as_float_image, _correlate, _jpeg, degrade, gaussian_kernel
 
 __all__ = ["DAMAGE_TYPES", "BroadDamage", "DamageMix", "HELD_OUT", "motion_kernel", "sinc_kernel", "broad_mix"]
 
@@ -97,19 +96,8 @@ class BroadDamage:
         for group in (BLURS, RESIZES, NOISES):
             if all(t in self.holdout for t in group):
                 raise ValueError(f"holdout leaves no type of {', '.join(group)}")
-        if sum(t in self.force for t in BLURS) > 1 or sum(t in self.force for t in RESIZES) > 1 \
-                or sum(t in self.force for t in NOISES) > 1:
+        if any(sum(t in self.force for t in group) > 1 for group in (BLURS, RESIZES, NOISES)):
             raise ValueError("force at most one type of each step (blur, resize, noise)")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "BroadDamage":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown broad damage parameters: {sorted(unknown)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     # ------------------------------------------------------------------------------------------------ drawing
     def _pick(self, rng: np.random.Generator, group: tuple[str, ...], first: bool) -> str:
@@ -217,10 +205,6 @@ class DamageMix:
         p = np.asarray(self.probs, np.float64)
         part = self.parts[int(rng.choice(len(p), p=p / p.sum()))]
         return degrade(img, part, rng)
-
-    def to_dict(self) -> dict:
-        return {"parts": [{"kind": "standard" if isinstance(q, DegradationParams) else "broad", **q.to_dict()}
-                          for q in self.parts], "probs": list(self.probs)}
 
 
 def broad_mix(holdout: tuple[str, ...] = HELD_OUT, standard_prob: float = 0.35) -> DamageMix:

@@ -5,9 +5,9 @@ The public surface of the subpackage: code outside `restoration` imports these n
 """
 from __future__ import annotations
 
-from restoration.metrics.quality import (psnr, ssim, ssim_map, sharpness, lowpass_psnr)
+from restoration.metrics.quality import (psnr, ssim, ssim_map, sharpness, lowpass_psnr, detail_recovered)
 from restoration.metrics.lpips import (LPIPS, LPIPSUnavailable, lpips_available)
 
 __all__ = [
-    "psnr", "ssim", "ssim_map", "sharpness", "lowpass_psnr", "LPIPS", "LPIPSUnavailable", "lpips_available",
+    "psnr", "ssim", "ssim_map", "sharpness", "lowpass_psnr", "detail_recovered", "LPIPS", "LPIPSUnavailable", "lpips_available",
 ]

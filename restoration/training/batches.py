@@ -16,6 +16,7 @@ from restoration.degrade.damage import DegradationParams, degrade_batch
 from restoration.faces.fidelity import DETAIL_RATIO
 from restoration.models.io import resize_for_model
 from restoration.runtime import ProgressFn
+from restoration.training.recipes import DAMAGE_MODELS
 
 __all__ = ["EpochBatches", "load_faces", "batch_images", "load_uint8", "stack_uint8", "to_float", "sample_pairs",
            "degradation_params", "training_damage", "damage_batch", "degrade_native_batch", "native_batch",
@@ -134,7 +135,7 @@ def training_damage(model: str, overrides: dict | None = None, holdout: list | N
         if overrides:
             raise ValueError("degradation overrides are for the 'standard' damage model")
         return broad_mix(tuple(holdout or ()))
-    raise ValueError(f"damage model is 'standard' or 'broad', not {model!r}")
+    raise ValueError(f"damage model is {' or '.join(repr(m) for m in DAMAGE_MODELS)}, not {model!r}")
 
 
 def damage_batch(gt: torch.Tensor, params: DegradationParams | BroadDamage, rng: np.random.Generator, native_sizes: list[int],
@@ -151,15 +152,8 @@ def degrade_native_batch(gt_hi: torch.Tensor, params: DegradationParams | BroadD
     """(lq, gt) at `size` for faces seen at native sizes drawn from `sizes`: each clean face (NCHW, loaded at least
     as large as the largest size) is resized to its native size, damaged there (`degrade` scales the damage for
     that size), and resized to `size` like a crop in the pipeline; the target is the clean face resized to `size`."""
-
-    def resize(x: torch.Tensor, s: int) -> torch.Tensor:
-        return resize_for_model(x, s).clamp(0, 1)
-
-    lqs = []
-    for i in range(len(gt_hi)):
-        s = int(sizes[int(rng.integers(len(sizes)))])
-        lqs.append(resize(degrade_batch(resize(gt_hi[i:i + 1], s), params, rng)[0], size))
-    return torch.cat(lqs), resize(gt_hi, size)
+    lqs = [native_batch(gt_hi[i:i + 1], params, rng, sizes, size)[0] for i in range(len(gt_hi))]
+    return torch.cat(lqs), resize_for_model(gt_hi, size).clamp(0, 1)
 
 
 def native_batch(gt_hi: torch.Tensor, params: DegradationParams | BroadDamage, rng: np.random.Generator,

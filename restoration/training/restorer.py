@@ -24,7 +24,7 @@ from restoration.training.discriminators import PatchDiscriminator
 from restoration.training.ema import ema_update, make_ema, warmup_decay
 from restoration.training.evaluate import psnr_ssim, save_grid
 from restoration.training.losses import gan_loss, gradient_l1
-from restoration.training.recipes import DAMAGE_MODELS, PIXEL_LOSSES, RESTORER_ARCH, RestorerTrainConfig
+from restoration.training.recipes import PIXEL_LOSSES, RESTORER_ARCH, RestorerTrainConfig
 from restoration.training.runs import Run
 from restoration.training.schedules import set_lr, warmup_lr
 
@@ -41,15 +41,13 @@ def train_restorer(cfg: RestorerTrainConfig, progress: ProgressFn | None = None,
     batches = EpochBatches(len(images), cfg.batch_size, gen)
     if cfg.pixel_loss not in PIXEL_LOSSES:
         raise ValueError(f"pixel_loss is one of {', '.join(PIXEL_LOSSES)}, not {cfg.pixel_loss!r}")
-    if cfg.damage not in DAMAGE_MODELS:
-        raise ValueError(f"damage is one of {', '.join(DAMAGE_MODELS)}, not {cfg.damage!r}")
+    params = training_damage(cfg.damage, cfg.degradation, cfg.damage_holdout)  # unknown models refused here
     if cfg.native_loss and not cfg.native_sizes:
         raise ValueError("native_loss needs native_sizes (the sizes the loss is taken at)")
     model = build(RESTORER_ARCH, cfg.model).to(run.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     disc = PatchDiscriminator(cfg.disc_channels).to(run.device).train()
     opt_d = torch.optim.AdamW(disc.parameters(), lr=cfg.disc_lr, betas=(0.5, 0.999))
-    params = training_damage(cfg.damage, cfg.degradation, cfg.damage_holdout)
     np_rng = np.random.default_rng(cfg.seed)  # the damage
     ema = make_ema(model)
     extra = run.start(model, ema, opt, gen, batches, resume, extra_state=lambda: {
