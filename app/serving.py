@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from app.metrics import BATCH_SIZE, MODEL_LOADS
+from restoration.diffusion import load_guard_prior
 from restoration.faces import Restorer
 from restoration.models import ModelCard
 from service.errors import ServiceError
@@ -233,6 +234,8 @@ class ModelCache:
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
         self._closed = False
+        self._priors: dict = {}
+        self._prior_lock = threading.Lock()
 
     @contextmanager
     def use(self, row: ModelRow) -> Iterator[Loaded]:
@@ -326,6 +329,14 @@ class ModelCache:
         for item in items:
             item.loaded.close()
 
+    def _guard_prior(self, device):
+        """The never-worse check's face prior (FACEADAPT_GUARD_PRIOR), loaded once per device and shared by every
+        model (read only: each call noises its own copy)."""
+        with self._prior_lock:
+            if str(device) not in self._priors:
+                self._priors[str(device)] = load_guard_prior(device=device)
+            return self._priors[str(device)]
+
     def _load(self, row: ModelRow) -> Loaded:
         settings = get_settings()
         t0 = time.perf_counter()
@@ -333,6 +344,7 @@ class ModelCache:
         zoo, zoo_name = open_zoo(row)
         card = ModelCard.from_json(row.card)
         restorer = Restorer(zoo.load(zoo_name), card, device=settings.device, batch_size=settings.batch_max_size)
+        restorer.guard_prior = self._guard_prior(restorer.device)
         fn = lean(restorer, settings)
         MODEL_LOADS.inc()
         log.info("loaded model %s (%s) in %.2fs", row.name, row.id, time.perf_counter() - t0)

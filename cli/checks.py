@@ -15,6 +15,7 @@ import torch
 
 from cli.errors import fail
 from restoration.adaptation import list_images
+from restoration.diffusion import load_guard_prior
 from restoration.faces import RETINAFACE_WEIGHTS, Restorer
 from restoration.models import ModelNotFound, ZooError, check_name
 from restoration.settings import get_settings
@@ -111,6 +112,11 @@ def check_restorer(name: str | None, zoo, device: str, batch_size: int, option: 
         fail(f"{option} {name or get_settings().default_restorer}: {exc}", 1)
     if restorer.card.kind != "restorer":
         fail(f"{option} {restorer.card.name}: it is a {restorer.card.kind}, not a restorer", 2)
+    try:
+        restorer.guard_prior = load_guard_prior(zoo=zoo, device=restorer.device)
+    except (ZooError, ValueError) as exc:
+        fail(f"FACEADAPT_GUARD_PRIOR {get_settings().guard_prior}: {exc} (the never-worse check's face prior; 'none' "
+             "turns it off)", 1)
     return restorer
 
 

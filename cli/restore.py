@@ -13,8 +13,9 @@ from cli.app import app
 from cli.checks import check_detector, check_device, check_outdir, check_restorer, make_outdir
 from cli.errors import fail
 from cli.models import service_model
-from restoration.faces import (DETAIL_RATIO, FORMATS, ImageError, MIN_DETAIL_KEPT, MIN_LOWPASS_DB, demo_model_warning,
-                               load_image, mode_counts, save_image, sniff_format)
+from restoration.faces import (DETAIL_RATIO, FORMATS, ImageError, MAX_NATURALNESS_DROP_DB, MIN_DETAIL_KEPT,
+                               MIN_LOWPASS_DB, demo_model_warning, load_image, mode_counts, save_image, sniff_format)
+from restoration.settings import get_settings
 from service.registry import open_zoo
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -139,7 +140,9 @@ def restore(
                "batch_size": batch_size, "fidelity": "auto" if fidelity is None else fidelity,
                "detail_ratio": DETAIL_RATIO, "model_input_size": restorer.size, "color": color,
                "never_worse": {"on": fidelity is None, "min_detail_kept": MIN_DETAIL_KEPT,
-                               "min_lowpass_db": MIN_LOWPASS_DB},
+                               "min_lowpass_db": MIN_LOWPASS_DB,
+                               "guard_prior": restorer.guard_prior is not None and get_settings().guard_prior,
+                               "max_naturalness_drop_db": MAX_NATURALNESS_DROP_DB},
                "files": []}
     t_start = time.perf_counter()
     bar = tqdm(total=len(files), unit="img", desc="restore")

@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     default_restorer: str = "faceadapt-swinir-small"
     default_prior: str = "faceadapt-iddpm-small"
+    guard_prior: str = Field(default="faceadapt-iddpm-small", description="Face prior of the never-worse check's "
+                             "naturalness criterion (a result the prior finds less natural than the input falls back); "
+                             "'none' or empty: the check looks at detail and coarse content only.")
     detector: str = Field(default="auto", description="'auto' (RetinaFace, else MTCNN), 'retinaface' or 'mtcnn'.")
     min_adapt_images: int = Field(default=8, ge=1, description="The fewest images (with a face) an adaptation takes; "
                                   "fewer are refused before any work (restoration.adaptation.checks.MIN_IMAGES).")

@@ -1,5 +1,5 @@
-"""Never worse, per face (restoration.faces.fidelity.check_face in restore_photo): a face whose result would blur or
-wash out falls back (restored -> detail_preserving -> kept) and says why; gray photos stay gray unless colour is
+"""Never worse, per face (restoration.faces.fidelity.check_face in restore_photo): a face whose result would blur,
+wash out or look less natural to the face prior falls back (restored -> detail_preserving -> kept) and says why; gray photos stay gray unless colour is
 asked for; 512 px aligned crops follow the detected faces' paste rule (their border band is left as it was)."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from restoration.faces import MIN_DETAIL_KEPT, check_face, is_gray, keep_gray, load_image
+from restoration.faces import MAX_NATURALNESS_DROP_DB, MIN_DETAIL_KEPT, check_face, is_gray, keep_gray, load_image
 from restoration.faces.alignment import template_for_card
 from restoration.faces.helper import FaceHelper
 from restoration.faces.restore import restore_photo
@@ -49,6 +49,66 @@ def test_check_face_tells_blur_and_washout_from_a_good_result(shared_dir):
     w = check_face(face, washed)
     assert not w["ok"] and "coarse content" in w["why"] and w["lowpass_db"] < 30
     assert check_face(face, _sharpen_fn([face])[0])["ok"]
+
+
+def test_naturalness_criterion_of_check_face(shared_dir):
+    """With the face prior's (before, after) figures, a drop of more than MAX_NATURALNESS_DROP_DB fails and says so;
+    a smaller drop, or a gain, does not."""
+    face = _hq(shared_dir, 128)
+    ok = check_face(face, face, naturalness=(30.0, 30.0 - MAX_NATURALNESS_DROP_DB + 0.2))
+    assert ok["ok"] and ok["naturalness_db"] == pytest.approx(-MAX_NATURALNESS_DROP_DB + 0.2)
+    bad = check_face(face, face, naturalness=(30.0, 30.0 - MAX_NATURALNESS_DROP_DB - 0.2))
+    assert not bad["ok"] and "less natural to the face prior" in bad["why"] and "blur" not in bad["why"]
+    assert "naturalness_db" not in check_face(face, face)
+
+
+@pytest.fixture(scope="module")
+def guarded(restorer):
+    """The bundled restorer with the bundled guard prior (FACEADAPT_GUARD_PRIOR's default), as the CLI and the API
+    run it."""
+    import copy
+
+    from restoration.diffusion import load_guard_prior
+
+    r = copy.copy(restorer)
+    r.guard_prior = load_guard_prior("faceadapt-iddpm-small")
+    return r
+
+
+def _utk_damaged(n=8, side=128):
+    from restoration.data import FacesDataset
+    from restoration.training import degradation_params, degrade_pair
+
+    import torch
+
+    ds = FacesDataset("test", side, limit=n)
+    lq, _ = degrade_pair(torch.stack([ds[i] for i in range(len(ds))]), degradation_params(), 2_000_000)
+    return [(x.permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8) for x in lq]
+
+
+def test_the_prior_rejects_artefacts_not_restorations(guarded):
+    """8 damaged UTK test faces at 128 px: the bundled restorer's results all pass the prior's criterion (each face's
+    check carries its naturalness_db); the same results with JPEG quality-8 blocks are called less natural for most
+    faces, and no face comes out with them as planned."""
+    from restoration.faces.restore import restore_aligned_crops
+
+    crops = _utk_damaged()
+    honest = guarded.restore_aligned(crops)
+    nat = [r.faces[0].extra["check"]["naturalness_db"] for r in honest]
+    assert min(nat) >= -MAX_NATURALNESS_DROP_DB, nat
+    assert all("less natural" not in (r.faces[0].extra.get("reason") or "") for r in honest)
+
+    def blocky(cs, **_):
+        out = []
+        for c in guarded.restore_crops(cs):
+            ok, buf = cv2.imencode(".jpg", c, [cv2.IMWRITE_JPEG_QUALITY, 8])
+            out.append(cv2.imdecode(buf, cv2.IMREAD_UNCHANGED))
+        return out
+
+    res = restore_aligned_crops(guarded.face_helper("auto"), crops, blocky, naturalness=guarded.naturalness)
+    reasons = [face.extra.get("reason") or "" for _, face in res]
+    assert all(face.extra["mode"] != "restored" for _, face in res), reasons
+    assert sum("less natural to the face prior" in r for r in reasons) >= len(crops) // 2, reasons
 
 
 def test_a_blurring_model_falls_back_in_a_photo(helper, shared_dir):
@@ -173,4 +233,5 @@ def test_api_says_why_and_keeps_gray(embedded_api, shared_dir):
     assert out.shape == load_image(photo).shape
     for f in body["faces"]:
         assert f["check"]["detail_kept"] >= MIN_DETAIL_KEPT and f["check"]["lowpass_db"] >= 30
+        assert f["check"]["naturalness_db"] >= -MAX_NATURALNESS_DROP_DB  # the default guard prior is on
     assert any(f["reason"] and f["planned"] == "restored" for f in body["faces"])  # 03.jpg's face, smeared

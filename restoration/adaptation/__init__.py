@@ -23,7 +23,7 @@ from restoration.adaptation.prepare import (prepare, face_record, describe_faces
 from restoration.adaptation.targets import (generate_targets, targets_status)
 from restoration.adaptation.tune import finetune
 from restoration.adaptation.evaluate import evaluate
-from restoration.adaptation.gate import (GATE, QualityGateFailed, prior_naturalness)
+from restoration.adaptation.gate import GATE, QualityGateFailed
 from restoration.adaptation.card import register
 from restoration.adaptation.loaders import (load_adapted, load_prior)
 from restoration.adaptation.stages import (PREPARE_STAGE, TARGETS_STAGE, FINETUNE_STAGE, EVALUATE_STAGE,
@@ -37,7 +37,7 @@ __all__ = [
     "IMAGE_EXTS", "list_images", "INPUTS", "ZOO", "MANIFEST", "read_job", "PseudoTargetParams", "COLOR_DEAD_ZONE",
     "COLOR_REFERENCE_COUNT", "color_stats", "domain_color_gains", "color_correction", "prepare", "face_record", "describe_faces", "image_usage",
     "usage_label", "ALIGNED_CROP", "PHOTO",
-    "generate_targets", "targets_status", "finetune", "evaluate", "GATE", "QualityGateFailed", "prior_naturalness",
+    "generate_targets", "targets_status", "finetune", "evaluate", "GATE", "QualityGateFailed",
     "register", "load_adapted", "load_prior", "PREPARE_STAGE", "TARGETS_STAGE", "FINETUNE_STAGE", "EVALUATE_STAGE",
     "REGISTER_STAGE", "PrepareInputs", "StageContext", "StageResult", "PrepareResult", "FinetuneResult",
     "EvaluateResult", "RegisterResult", "Stage", "STAGES", "get_stage", "run_adaptation",

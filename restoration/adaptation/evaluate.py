@@ -13,7 +13,7 @@ import torch
 from restoration.adaptation.color import color_correction
 from restoration.adaptation.config import AdaptConfig, apply_prior_defaults
 from restoration.adaptation.files import write_json
-from restoration.adaptation.gate import GATE, gate_verdict, prior_naturalness
+from restoration.adaptation.gate import GATE, gate_verdict
 from restoration.adaptation.loaders import base_value_range, job_device, load_adapted, load_prior, zoo_or_default
 from restoration.adaptation.pseudo import generate_pseudo_targets, restore_batch, target_name
 from restoration.adaptation.workdir import EVAL_TARGETS, GRID, METRICS, items, prepared_file, read_job
@@ -97,7 +97,7 @@ def evaluate(
     Per model (input, base, adapted), means over the held-out crops: `target_psnr` (against the held-out crops'
     pseudo targets, made here exactly like the training targets, with the prior card's settings), `consistency_psnr`
     (low-passed output vs low-passed input, low pass = area reduction by the pseudo-target down_N), `naturalness`
-    (`prior_naturalness`), `sharpness` (Laplacian variance); PSNR / SSIM when ground truth was given (never used by
+    (`Prior.naturalness`), `sharpness` (Laplacian variance); PSNR / SSIM when ground truth was given (never used by
     the gate). `gate` holds the verdict on consistency and naturalness (`GATE`): "ok", "worse" (with reasons) or
     "unchecked" (no held-out crops). Writes `eval/metrics.json` and a before/after grid `eval/grid.png` (columns: input | base | adapted |
     pseudo target [| GT]); returns the metrics.
@@ -138,7 +138,7 @@ def evaluate(
         if prior is not None:
             for key, arrs in (("input", imgs), ("base", outs["base"]), ("adapted", outs["adapted"])):
                 t = torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).float().div(255.0)
-                nat[key] = prior_naturalness(prior, t, GATE["naturalness_t"], seed=cfg.seed + b)
+                nat[key] = prior.naturalness(t, GATE["naturalness_t"], seed=cfg.seed + b)
         for k, it in enumerate(chunk):
             inp = imgs[k].astype(np.float64) / 255.0
             gt = load_image(prepared_file(workdir, it, "gt")).astype(np.float64) / 255.0 if has_gt else None

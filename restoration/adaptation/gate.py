@@ -5,9 +5,7 @@
 """
 from __future__ import annotations
 
-import torch
-
-__all__ = ["GATE", "QualityGateFailed", "prior_naturalness", "gate_verdict"]
+__all__ = ["GATE", "QualityGateFailed", "gate_verdict"]
 
 #: The quality gate of `evaluate` (no ground truth): the adapted model is judged worse than the base when, on the
 #: held-out crops, one of these means drops below the base's by more than its margin (dB):
@@ -16,7 +14,7 @@ __all__ = ["GATE", "QualityGateFailed", "prior_naturalness", "gate_verdict"]
 #:                     not lost content): the content is kept. The margin is wide on purpose: a good adaptation legitimately
 #:                     moves the input's colour and noise (bench/adaptation.py, `camera` at 128 px: -3.3 dB for a model
 #:                     1.3 dB better against the ground truth), a broken one moves the face (-15.6 dB seen);
-#:   naturalness       the prior's one-shot reconstruction PSNR of the output noised to `naturalness_t` of the way
+#:   naturalness       `Prior.naturalness`: the prior's one-shot reconstruction PSNR of the output noised to `naturalness_t` of the way
 #:                     through its (respaced) schedule, t = 25/250 for the default priors: clean faces are
 #:                     reconstructed better than noisy or broken ones.
 #: Reported, not gated: target_psnr, the PSNR against the held-out crops' own pseudo targets (made like the training
@@ -28,24 +26,6 @@ GATE = {"consistency_psnr": 6.0, "naturalness": 0.5, "naturalness_t": 0.1}
 
 class QualityGateFailed(RuntimeError):
     """`register` refused an adapted model that `evaluate` judged worse than its base."""
-
-
-def prior_naturalness(prior, imgs01, t: float = 0.1, seed: int = 0) -> list[float]:
-    """Per image: PSNR between an image (Bx3xHxW in [0,1]) and the prior's one-shot x0 prediction from that image
-    noised to respaced step `t` (a float in (0, 1): that fraction of the respaced schedule; fixed noise per position
-    in the batch, seeded: comparable between models)."""
-    if isinstance(t, float):
-        t = max(1, int(round(t * int(prior.diffusion.num_timesteps))))
-
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int(seed))
-    tt = torch.full((imgs01.shape[0],), int(t), dtype=torch.long)
-    noise = torch.randn(imgs01.shape, generator=g)
-    x0 = imgs01.to(prior.device, torch.float32).clamp(0, 1) * 2 - 1
-    xt = prior.diffusion.q_sample(x0, tt.to(prior.device), noise=noise.to(prior.device))
-    rec = (prior.denoise_x0(xt, tt.to(prior.device)) + 1) / 2
-    mse = ((rec.cpu().float() - imgs01.cpu().float().clamp(0, 1)) ** 2).flatten(1).mean(1).clamp_min(1e-10)
-    return [float(v) for v in (-10.0 * torch.log10(mse))]
 
 
 def gate_verdict(summary: dict, count: int) -> dict:

@@ -37,8 +37,9 @@ from restoration.diffusion.resample import LowPass
 from restoration.diffusion.samplers import constrained_sample, constrained_sample_ddim
 from restoration.models.zoo import Zoo
 from restoration.runtime import ProgressFn
+from restoration.settings import get_settings
 
-__all__ = ["Prior", "IDDPMPrior", "DiffusersPrior", "SCHEDULES"]
+__all__ = ["Prior", "IDDPMPrior", "DiffusersPrior", "SCHEDULES", "load_guard_prior"]
 
 SCHEDULES = ("ancestral", "ddim")
 
@@ -143,6 +144,30 @@ class Prior:
         x_t = x_t.to(self.device, torch.float32)
         out = self.diffusion.p_mean_variance(self.model_fn, x_t, t, clip_denoised=clip)
         return out["pred_xstart"]
+
+    @torch.no_grad()
+    def naturalness(self, imgs01: torch.Tensor, t: "float | int" = 0.1, seed: int = 0, down: int = 1,
+                    shared_noise: bool = False) -> list[float]:
+        """Per image: the PSNR (dB) between an image (Bx3xHxW in [0, 1], at the prior's size) and the prior's one-shot
+        x0 prediction from that image noised to respaced step ``t`` (a float in (0, 1): that fraction of the respaced
+        schedule). Clean faces are reconstructed better than noisy or broken ones. Fixed noise per position in the
+        batch, seeded, so that two images at the same position are compared on the same noise (``shared_noise``: one
+        noise for the whole batch, so that its images are compared with each other). ``down`` > 1: both
+        are first reduced ``down`` x by area averaging (the coarse structure only: fine texture, which any real face
+        has and the prior reconstructs poorly, then does not count)."""
+        if isinstance(t, float):
+            t = max(1, int(round(t * int(self.diffusion.num_timesteps))))
+        g = torch.Generator(device="cpu")
+        g.manual_seed(int(seed))
+        tt = torch.full((imgs01.shape[0],), int(t), dtype=torch.long, device=self.device)
+        shape = (1, *imgs01.shape[1:]) if shared_noise else tuple(imgs01.shape)
+        noise = torch.randn(shape, generator=g).expand(imgs01.shape).to(self.device)
+        x = imgs01.to(self.device, torch.float32).clamp(0, 1)
+        rec = (self.denoise_x0(self.diffusion.q_sample(x * 2 - 1, tt, noise=noise), tt) + 1) / 2
+        if down > 1:
+            rec, x = F.avg_pool2d(rec, int(down)), F.avg_pool2d(x, int(down))
+        mse = ((rec.float() - x) ** 2).flatten(1).mean(1).clamp_min(1e-10)
+        return [float(v) for v in (-10.0 * torch.log10(mse)).cpu()]
 
     @torch.no_grad()
     def noise_image(self, img_01: torch.Tensor, t: "int | torch.Tensor", generator=None) -> torch.Tensor:
@@ -293,3 +318,13 @@ class DiffusersPrior(Prior):
     def to(self, device) -> "DiffusersPrior":
         self.unet.to(device)
         return self
+
+
+def load_guard_prior(name: str | None = None, zoo=None, device: str | torch.device = "cpu") -> IDDPMPrior | None:
+    """The face prior of the never-worse check (`restoration.faces.Restorer.guard_prior`): zoo prior ``name`` (None:
+    FACEADAPT_GUARD_PRIOR), or None when that is 'none' or empty. A name the zoo does not hold raises its
+    ModelNotFound."""
+    name = get_settings().guard_prior if name is None else name
+    if not name or name.strip().lower() == "none":
+        return None
+    return IDDPMPrior.from_zoo(name.strip(), zoo=zoo, device=device)

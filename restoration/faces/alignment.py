@@ -191,8 +191,14 @@ class FaceAligner:
 
         When the face is shrunk by more than :data:`ANTIALIAS_BELOW` (a large face for a small model), the face's
         region is first reduced with area averaging, so that the crop is not aliased."""
-        img = check_image(img)
         affine = self.affine_for(face)
+        return self.warp(img, affine), affine
+
+    def warp(self, img: np.ndarray, affine: np.ndarray) -> np.ndarray:
+        """The ``size`` x ``size`` crop of ``img`` under an image -> crop ``affine`` (the warp of `align`, with its
+        area reduction first when the image is shrunk by more than :data:`ANTIALIAS_BELOW`)."""
+        img = check_image(img)
+        affine = np.asarray(affine, np.float64)
         src, warp = img, affine
         scale = float(np.hypot(affine[0, 0], affine[0, 1]))
         if scale < ANTIALIAS_BELOW:
@@ -210,15 +216,8 @@ class FaceAligner:
                 offset = np.array([x0 + 0.5 / kx - 0.5, y0 + 0.5 / ky - 0.5], np.float64)
                 warp = np.hstack([affine[:, :2] @ np.diag([1.0 / kx, 1.0 / ky]),
                                   (affine[:, 2] + affine[:, :2] @ offset)[:, None]])
-        crop = cv2.warpAffine(
-            src,
-            warp,
-            (self.size, self.size),
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=BORDER_RGB,
-        )
-        return crop, affine
+        return cv2.warpAffine(src, warp, (self.size, self.size), flags=cv2.INTER_LINEAR,
+                              borderMode=cv2.BORDER_CONSTANT, borderValue=BORDER_RGB)
 
     # -------------------------------------------------------------------------- paste-back
     def soft_mask(self) -> np.ndarray:

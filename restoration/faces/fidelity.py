@@ -21,7 +21,8 @@ reference default 0.5, :data:`NETWORK_FIDELITY`); f == 1 still keeps the face as
 
 Never worse (auto fidelity only, :func:`check_face`): the result of every face is compared with the input at the
 input's own scale, over the face's paste mask: the share of the input's fine detail it keeps (:data:`MIN_DETAIL_KEPT`)
-and the agreement of the two low-passes (:data:`MIN_LOWPASS_DB`). A face that fails falls back one mode
+and the agreement of the two low-passes (:data:`MIN_LOWPASS_DB`); with a face prior, also how natural the prior finds
+the two faces' coarse structure (:data:`MAX_NATURALNESS_DROP_DB`). A face that fails falls back one mode
 (:data:`FALLBACK`: restored -> detail_preserving -> kept), and its ``extra`` says why (``reason``).
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from restoration.metrics.quality import detail_energy, lowpass_consistency, nois
 __all__ = [
     "DETAIL_RATIO", "MODES", "NETWORK_FIDELITY", "FaceMode", "decide", "network_fidelity", "demo_model_warning",
     "mode_counts", "check_fidelity", "affine_native_size", "blend_aligned", "MIN_DETAIL_KEPT", "MIN_LOWPASS_DB",
-    "FALLBACK", "check_face", "fallback_mode",
+    "FALLBACK", "check_face", "fallback_mode", "MAX_NATURALNESS_DROP_DB", "NATURALNESS_T", "NATURALNESS_GRID",
 ]
 
 #: faces whose native size exceeds DETAIL_RATIO x the model input size get the detail-preserving paste by default
@@ -166,6 +167,16 @@ MIN_DETAIL_KEPT = 0.8
 #: and its low-pass must agree with the input's to this PSNR (`lowpass_consistency`, sigma native/48 px, >= 1.5 px);
 #: below it the face was washed out, recoloured or moved
 MIN_LOWPASS_DB = 30.0
+#: and, when a face prior is given, the prior must not find the result's coarse structure less natural than the input's
+#: by more than this (dB of `Prior.naturalness` at NATURALNESS_T, over a NATURALNESS_GRID-square grid of area
+#: averages of the aligned face): artefacts, blotches and blocks. Chosen with bench/naturalness.py (docs/MODELS.md,
+#: "Never worse: the face prior's naturalness"): on 48 damaged UTK test faces at 128 px the clean faces score -0.35 to
+#: +1.07 dB against their inputs and the bundled restorer's results +0.21 to +1.27, the results with JPEG quality-8
+#: blocks -3.11 to -0.80 (92% under -1), with colour blotches -6.35 to -3.01; on the whole grid (every pixel) clean
+#: faces would fail too (38% under -1: fine texture is what the prior reconstructs worst)
+MAX_NATURALNESS_DROP_DB = 1.0
+NATURALNESS_T = 0.1
+NATURALNESS_GRID = 16
 #: the share of the input's fine detail counted as detail however noisy the input looks
 NOISY_FLOOR = 0.1
 #: the mode a face falls back to when its result fails the check
@@ -173,11 +184,13 @@ FALLBACK = {"restored": "detail_preserving", "detail_preserving": "kept"}
 
 
 def check_face(before: np.ndarray, after: np.ndarray, weight: np.ndarray | None = None,
-               native_size: float | None = None) -> dict:
+               native_size: float | None = None, naturalness: tuple[float, float] | None = None) -> dict:
     """Compare a face's result with the input at the input's own scale (HxWx3 uint8 each, the same size; ``weight``:
     the face's paste mask on them, None: every pixel). Returns ``{"ok", "detail_kept", "lowpass_db", "why"}``:
     ``detail_kept`` = detail_energy(after) / detail_energy(before) (1.0 for a flat input), ``lowpass_db`` the
-    low-pass agreement (capped at 99 dB), ``why`` the failed criteria in words (None when ok)."""
+    low-pass agreement (capped at 99 dB), ``why`` the failed criteria in words (None when ok). ``naturalness``: the
+    face prior's (before, after) figures of the two aligned faces (`Prior.naturalness`), which adds
+    ``naturalness_db`` (after - before) and its criterion (:data:`MAX_NATURALNESS_DROP_DB`)."""
     before, after = np.asarray(before), np.asarray(after)
     if before.shape != after.shape:
         raise ValueError(f"before {before.shape} and after {after.shape} differ in shape")
@@ -194,8 +207,15 @@ def check_face(before: np.ndarray, after: np.ndarray, weight: np.ndarray | None 
     if lp < MIN_LOWPASS_DB:
         why.append(f"it would change the face's coarse content (low-pass agreement {lp:.1f} dB, under "
                    f"{MIN_LOWPASS_DB:g} dB)")
-    return {"ok": not why, "detail_kept": round(float(kept), 3), "lowpass_db": round(float(lp), 2),
-            "why": "; ".join(why) or None}
+    out = {"ok": False, "detail_kept": round(float(kept), 3), "lowpass_db": round(float(lp), 2)}
+    if naturalness is not None:
+        drop = float(naturalness[1]) - float(naturalness[0])
+        out["naturalness_db"] = round(drop, 2)
+        if drop < -MAX_NATURALNESS_DROP_DB:
+            why.append(f"it would look less natural to the face prior ({drop:+.2f} dB against the input, under "
+                       f"-{MAX_NATURALNESS_DROP_DB:g} dB: artefacts)")
+    out.update(ok=not why, why="; ".join(why) or None)
+    return out
 
 
 def fallback_mode(fm: FaceMode) -> FaceMode:

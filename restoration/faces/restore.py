@@ -18,19 +18,22 @@ import torch
 
 from restoration.faces.alignment import resize, template_for_card
 from restoration.faces.detection import Face, check_image
-from restoration.faces.fidelity import (NETWORK_FIDELITY, affine_native_size, blend_aligned, check_face, decide,
-                                        fallback_mode)
+from restoration.faces.fidelity import (NATURALNESS_GRID, NATURALNESS_T, NETWORK_FIDELITY, affine_native_size,
+                                        blend_aligned, check_face, decide, fallback_mode)
 from restoration.faces.helper import FaceHelper
 from restoration.models.io import run_restorer, to_tensor, to_uint8
 from restoration.models.zoo import ModelCard, Zoo
 from restoration.runtime import resolve_device
 from restoration.settings import get_settings
 
-__all__ = ["Restorer", "RestoreResult", "RestoreFn", "restore_photo", "restore_aligned_crops", "is_gray", "keep_gray"]
+__all__ = ["Restorer", "RestoreResult", "RestoreFn", "NaturalnessFn", "restore_photo", "restore_aligned_crops", "is_gray", "keep_gray"]
 
 #: ``restore_fn(list of uint8 aligned crops) -> restored uint8 crops``; called ``restore_fn(crops, fidelity=w)`` for
 #: archs that take the fidelity as their own input (:data:`restoration.faces.fidelity.NETWORK_FIDELITY`)
 RestoreFn = Callable[..., Sequence[np.ndarray]]
+#: ``naturalness(uint8 aligned face crops) -> dB each``: a face prior's naturalness figures of faces, all on the same
+#: noise (`Restorer.naturalness`), compared before and after by the never-worse check
+NaturalnessFn = Callable[[Sequence[np.ndarray]], list]
 
 
 @dataclass
@@ -53,7 +56,7 @@ class RestoreResult:
 def restore_photo(helper: FaceHelper, img: np.ndarray, restore_fn: RestoreFn, *, aligned: bool = False,
                   only_center_face: bool = False, fidelity: float | None = None, detail_ratio: float | None = None,
                   arch: str | None = None, max_faces: int | None = None, guard: bool | None = None,
-                  color: bool = False) -> RestoreResult:
+                  color: bool = False, naturalness: NaturalnessFn | None = None) -> RestoreResult:
     """Detect, align, restore (``restore_fn``) and paste back the faces of an RGB uint8 photo.
 
     ``max_faces`` (None or <= 0: all): only the ``max_faces`` largest faces are restored, the others are left as they
@@ -70,21 +73,22 @@ def restore_photo(helper: FaceHelper, img: np.ndarray, restore_fn: RestoreFn, *,
 
     ``guard`` (None: on with auto fidelity, off with a fidelity given): the never-worse check of every face
     (:func:`restoration.faces.fidelity.check_face`); a face whose result loses detail or changes coarse content falls
-    back (restored -> detail_preserving -> kept) and says why in ``extra["reason"]``. ``color``: a gray input
-    (:func:`is_gray`) comes back gray unless this is True.
+    back (restored -> detail_preserving -> kept) and says why in ``extra["reason"]``; with ``naturalness`` (a face
+    prior's figure of an aligned face) a result the prior finds less natural than the input falls back too.
+    ``color``: a gray input (:func:`is_gray`) comes back gray unless this is True.
     """
     img = check_image(img)
     guard = fidelity is None if guard is None else bool(guard)
     if aligned:
         image, face = restore_aligned_crops(helper, [img], restore_fn, fidelity=fidelity, detail_ratio=detail_ratio,
-                                            arch=arch, guard=guard)[0]
+                                            arch=arch, guard=guard, naturalness=naturalness)[0]
         faces, found, detector = [face], 1, None
     else:
         found = helper.detect(img, only_center_face=only_center_face)
         faces = found
         if max_faces is not None and max_faces > 0:
             faces = sorted(found, key=lambda f: f.area, reverse=True)[:max_faces]
-        image = _restore_detected(helper, img, faces, restore_fn, fidelity, detail_ratio, arch, guard)
+        image = _restore_detected(helper, img, faces, restore_fn, fidelity, detail_ratio, arch, guard, naturalness)
         found, detector = len(found), helper.detector_name
     gray = not color and is_gray(img)
     if gray:
@@ -94,10 +98,11 @@ def restore_photo(helper: FaceHelper, img: np.ndarray, restore_fn: RestoreFn, *,
 
 def restore_aligned_crops(helper: FaceHelper, imgs: Sequence[np.ndarray], restore_fn: RestoreFn, *,
                           fidelity: float | None = None, detail_ratio: float | None = None, arch: str | None = None,
-                          guard: bool | None = None) -> list[tuple[np.ndarray, Face]]:
+                          guard: bool | None = None,
+                          naturalness: NaturalnessFn | None = None) -> list[tuple[np.ndarray, Face]]:
     """Aligned face crops of any size, restored in one ``restore_fn`` call per network fidelity: each is resized to the
     helper's size and pasted back at its own size like a detected face (the paste mask, the native-size rule, the
-    never-worse check when ``guard``, None: with auto fidelity). Returns ``(image, face)`` per crop, the face covering
+    never-worse check when ``guard``, None: with auto fidelity, and ``naturalness``). Returns ``(image, face)`` per crop, the face covering
     the whole crop with its ``extra`` (``aligned``, the mode and the check)."""
     guard = fidelity is None if guard is None else bool(guard)
     s = helper.size
@@ -123,7 +128,7 @@ def restore_aligned_crops(helper: FaceHelper, imgs: Sequence[np.ndarray], restor
         for i, r in zip(idx, restored):
             img, face, fm, affine, crop = plans[i]
             if guard:
-                fm = _guard(helper, img, crop, r, affine, fm, face)
+                fm = _guard(helper, img, crop, r, affine, fm, face, naturalness)
             outs[i] = (_finish_aligned(helper, img, crop, r, affine, fm), face)
     return outs
 
@@ -148,10 +153,11 @@ def _paste_one(helper: FaceHelper, img: np.ndarray, crop: np.ndarray, restored: 
 
 
 def _guard(helper: FaceHelper, img: np.ndarray, crop: np.ndarray, restored: np.ndarray, affine: np.ndarray, fm,
-           face: Face):
-    """The never-worse check of one face (`check_face` over its paste mask, in the input's pixels around it): the
-    face's final mode, falling back while the result fails; ``face.extra`` gets the mode, ``check`` and, after a
-    fallback, ``planned`` and ``reason``."""
+           face: Face, naturalness: NaturalnessFn | None = None):
+    """The never-worse check of one face (`check_face` over its paste mask, in the input's pixels around it, and with
+    ``naturalness`` the face prior's figures of the input's and the result's aligned face): the face's final mode,
+    falling back while the result fails; ``face.extra`` gets the mode, ``check`` and, after a fallback, ``planned``
+    and ``reason``."""
     s = helper.size
     inv = cv2.invertAffineTransform(np.asarray(affine, np.float64))
     pts = np.array([[0, 0], [s, 0], [s, s], [0, s]], np.float64) @ inv[:, :2].T + inv[:, 2]
@@ -170,26 +176,35 @@ def _guard(helper: FaceHelper, img: np.ndarray, crop: np.ndarray, restored: np.n
         return fm
     planned, failed, check = fm.mode, [], None
     render = _finish_aligned if face.extra.get("aligned") else _paste_one
+    before = nat = None
     while fm.mode != "kept":
-        check = check_face(sub, render(helper, sub, crop, restored, a, fm), weight, fm.native_size)
+        result = render(helper, sub, crop, restored, a, fm)
+        if naturalness is not None:  # the input's and the result's aligned faces, on the same noise
+            if before is None:
+                before, after = naturalness([helper.aligner.warp(sub, a), helper.aligner.warp(result, a)])
+            else:
+                after, = naturalness([helper.aligner.warp(result, a)])
+            nat = (before, after)
+        check = check_face(sub, result, weight, fm.native_size, nat)
         if check["ok"]:
             break
         failed.append(f"{fm.mode} rejected: {check['why']}")
         fm = fallback_mode(fm)
     face.extra.update(fm.to_dict())
     if check is not None:
-        face.extra["check"] = {"detail_kept": check["detail_kept"], "lowpass_db": check["lowpass_db"]}
+        face.extra["check"] = {k: check[k] for k in ("detail_kept", "lowpass_db", "naturalness_db") if k in check}
     if failed:
         face.extra["planned"] = planned
         face.extra["reason"] = f"{'; '.join(failed)}; {fm.mode} instead"
         if fm.mode == "kept":
-            face.extra["check"] = {"detail_kept": 1.0, "lowpass_db": 99.0}
+            face.extra["check"] = {"detail_kept": 1.0, "lowpass_db": 99.0,
+                                   **({"naturalness_db": 0.0} if naturalness is not None else {})}
     return fm
 
 
 def _restore_detected(helper: FaceHelper, img: np.ndarray, faces: list[Face], restore_fn: RestoreFn,
                       fidelity: float | None, detail_ratio: float | None, arch: str | None,
-                      guard: bool = False) -> np.ndarray:
+                      guard: bool = False, naturalness: NaturalnessFn | None = None) -> np.ndarray:
     """Align the given faces, restore them in one ``restore_fn`` call and paste them back (each face's ``extra`` gets
     ``native_size``, ``mode``, ``fidelity``; with ``guard`` the never-worse check, `_guard`); with no face to restore,
     a copy of ``img``."""
@@ -210,8 +225,8 @@ def _restore_detected(helper: FaceHelper, img: np.ndarray, faces: list[Face], re
         return img.copy()
     restored = _run_restore(restore_fn, crops, modes[0].network_w)
     if guard:
-        modes = [_guard(helper, img, c, r, a, fm, face) for c, r, a, fm, face in zip(crops, restored, affines, modes,
-                                                                                      owners)]
+        modes = [_guard(helper, img, c, r, a, fm, face, naturalness)
+                 for c, r, a, fm, face in zip(crops, restored, affines, modes, owners)]
         keep = [k for k, fm in enumerate(modes) if fm.mode != "kept"]
         if not keep:
             return img.copy()
@@ -263,7 +278,7 @@ class Restorer:
     """A loaded restorer: aligned crops in, restored crops out, in batches."""
 
     def __init__(self, model: torch.nn.Module, card: ModelCard, device: str | torch.device | None = None, batch_size: int = 8,
-                 fidelity: float | None = None):
+                 fidelity: float | None = None, guard_prior=None):
         if card.kind != "restorer":
             raise ValueError(f"{card.name} is a {card.kind}, not a restorer")
         self.fidelity = _check_w(fidelity)  # the network's own fidelity weight (NETWORK_FIDELITY archs); None: default
@@ -273,14 +288,33 @@ class Restorer:
         self.size = int(card.input_size)
         self.batch_size = max(1, int(batch_size))
         self._helpers: dict = {}
+        #: the face prior of the never-worse check's naturalness criterion (a `restoration.diffusion.Prior`, or None:
+        #: the check looks at detail and coarse content only); the service and the CLI load FACEADAPT_GUARD_PRIOR
+        self.guard_prior = guard_prior
 
     @classmethod
     def from_zoo(cls, name: str | None = None, zoo: Zoo | None = None, device: str | None = None, batch_size: int = 8,
-                 fidelity: float | None = None):
+                 fidelity: float | None = None, guard_prior=None):
         zoo = zoo or Zoo()
         name = name or get_settings().default_restorer
         card = zoo.get(name)
-        return cls(zoo.load(name), card, device=device, batch_size=batch_size, fidelity=fidelity)
+        return cls(zoo.load(name), card, device=device, batch_size=batch_size, fidelity=fidelity,
+                   guard_prior=guard_prior)
+
+    @torch.inference_mode()
+    def naturalness(self, crops: Sequence[np.ndarray]) -> list[float]:
+        """The guard prior's naturalness figures (dB) of aligned face crops (uint8, any size), in one batch:
+        `Prior.naturalness` of each crop resized to the prior's size, at NATURALNESS_T, over a NATURALNESS_GRID-square
+        grid of area averages (the coarse structure; fine texture does not count), every crop on the same noise
+        (seed 0), so that figures of one face before and after compare."""
+        p = self.guard_prior
+        size = int(p.image_size)
+        x = torch.stack([torch.from_numpy(np.ascontiguousarray(resize(np.asarray(c), size, size))).permute(2, 0, 1)
+                         for c in crops]).float() / 255.0
+        return p.naturalness(x, NATURALNESS_T, seed=0, down=max(1, size // NATURALNESS_GRID), shared_noise=True)
+
+    def _naturalness_fn(self) -> NaturalnessFn | None:
+        return self.naturalness if self.guard_prior is not None else None
 
     @property
     def takes_fidelity(self) -> bool:
@@ -379,7 +413,8 @@ class Restorer:
         f = fidelity if fidelity is not None else self.fidelity
         res = restore_photo(helper, img, restore_fn or self.restore_crops, aligned=aligned,
                             only_center_face=only_center_face, fidelity=f, detail_ratio=detail_ratio,
-                            arch=self.card.arch, max_faces=max_faces, guard=guard, color=color)
+                            arch=self.card.arch, max_faces=max_faces, guard=guard, color=color,
+                            naturalness=self._naturalness_fn())
         res.model = self.card.name
         return res
 
@@ -393,7 +428,7 @@ class Restorer:
         results = []
         for img, (out, face) in zip(imgs, restore_aligned_crops(helper, imgs, self.restore_crops, fidelity=f,
                                                                 detail_ratio=detail_ratio, arch=self.card.arch,
-                                                                guard=guard)):
+                                                                guard=guard, naturalness=self._naturalness_fn())):
             gray = not color and is_gray(img)
             results.append(RestoreResult(keep_gray(img, out) if gray else out, [face], None, self.card.name, 1, gray))
         return results
