@@ -25,7 +25,6 @@ import torch
 from restoration.data import FacesDataset
 from restoration.diffusion import load_guard_prior
 from restoration.faces import MAX_NATURALNESS_DROP_DB, Restorer
-from restoration.faces.alignment import resize
 from restoration.training import degradation_params, degrade_pair
 
 TEST_SEED = 2_000_000
@@ -71,7 +70,8 @@ def main() -> None:
     s = prior.image_size
 
     def figures(imgs, t, grid):
-        x = torch.stack([torch.from_numpy(resize(im, s, s)).permute(2, 0, 1) for im in imgs]).float() / 255.0
+        x = torch.stack([torch.from_numpy(cv2.resize(im, (s, s), interpolation=cv2.INTER_AREA)).permute(2, 0, 1)
+                         for im in imgs]).float() / 255.0
         return np.array([prior.naturalness(x[i:i + 1], t, seed=0, down=max(1, s // grid))[0] for i in range(len(x))])
 
     print(f"{len(gt)} UTK200 test faces at {args.size} px, standard damage; prior {args.prior} ({s} px); "

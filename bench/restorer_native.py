@@ -17,6 +17,10 @@ saw in training), or an unseen domain of the adaptation bench (`camera`, `scan`:
 
     python bench/restorer_native.py --damages standard,broad,motion_blur,shot_noise --n 200
 
+`--guarded` scores what a user gets from `faceadapt restore --aligned` instead: `Restorer.restore_aligned` with the
+never-worse check and its face prior (FACEADAPT_GUARD_PRIOR), which sends a result that would lose the input's fine
+detail to the detail-preserving paste; each row then says how many faces fell back.
+
 `--model` takes a zoo name, a zoo folder or a training run folder (its last checkpoint's EMA weights); repeat it to
 compare models on the same faces. `--flip-ensemble` adds, per model, a row for the average of its outputs on the face
 and on its mirror image (a test-time ensemble the product does not use: two network passes per face).
@@ -32,6 +36,7 @@ import torch
 
 from restoration.data import FacesDataset
 from restoration.degrade import DAMAGE_TYPES, HELD_OUT, PRESETS, BroadDamage
+from restoration.diffusion import load_guard_prior
 from restoration.faces import Restorer
 from restoration.metrics import detail_recovered, sharpness as one_sharpness
 from restoration.models import CARD, Zoo
@@ -80,23 +85,33 @@ def test_damage(name: str):
                      f"{', '.join(DAMAGE_TYPES)}")
 
 
-def measure(restorers: list, size: int, n: int, damage=None) -> tuple[list[dict], int]:
+def measure(restorers: list, size: int, n: int, damage=None, guarded: bool = False) -> tuple[list[dict], int]:
     """Score each `Restorer` on `n` test faces at native `size` (standard damage scaled for that size, seeds
-    TEST_SEED + i, saved as uint8 crops, restored by `restore_crops`). Returns rows {label, psnr, ssim} (the damaged
-    input, the bicubic baseline, then one per restorer, labelled "restorer <i>") and the number of faces."""
+    TEST_SEED + i, saved as uint8 crops, restored by `restore_crops`, or with `guarded` by `restore_aligned`: the
+    never-worse check on, with the restorer's guard prior). Returns rows {label, psnr, ssim, sharpness, detail} (the
+    damaged input, the bicubic baseline, then one per restorer, labelled "restorer <i>", with `fell_back` when
+    guarded) and the number of faces."""
     ds = FacesDataset("test", size, limit=n)
     gt = torch.stack([ds[i] for i in range(len(ds))])
     lq, lqb = degrade_pair(gt, damage if damage is not None else degradation_params(), TEST_SEED)
     crops = [(lq[i].permute(1, 2, 0).numpy() * 255.0).round().clip(0, 255).astype(np.uint8) for i in range(len(lq))]
     images = [("input", lq), ("bicubic", lqb)]
+    fell_back = {}
     for i, restorer in enumerate(restorers):
-        out = restorer.restore_crops(crops)
+        if guarded:
+            results = restorer.restore_aligned(crops)
+            out = [r.image for r in results]
+            fell_back[f"restorer {i}"] = sum(bool(r.faces[0].extra.get("reason")) for r in results)
+        else:
+            out = restorer.restore_crops(crops)
         images.append((f"restorer {i}", torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float() / 255.0))
     rows = []
     for label, img in images:
         p, s = psnr_ssim(img.clamp(0, 1), gt)
         rows.append({"label": label, "psnr": float(np.mean(p)), "ssim": float(np.mean(s)), "sharpness": sharpness(img),
                      "detail": detail(img, gt)})
+        if label in fell_back:
+            rows[-1]["fell_back"] = fell_back[label]
     rows.append({"label": "clean", "sharpness": sharpness(gt)})
     return rows, len(gt)
 
@@ -123,6 +138,8 @@ def main() -> None:
                                                            "damage type (held out: " + ", ".join(HELD_OUT) + ")")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--flip-ensemble", action="store_true", help="also score each model averaged with its mirror pass")
+    ap.add_argument("--guarded", action="store_true", help="score restore_aligned with the never-worse check (what "
+                                                           "`faceadapt restore --aligned` gives) instead of restore_crops")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -130,6 +147,10 @@ def main() -> None:
     if args.flip_ensemble:
         models += [(Restorer(_FlipEnsemble(r.model), r.card, device="cpu", batch_size=32), f"{label} + flip ensemble")
                    for r, label in list(models)]
+    if args.guarded:
+        prior = load_guard_prior()
+        for r, _ in models:
+            r.guard_prior = prior
     names = {"input": "damaged input (bilinear up)", "bicubic": "bicubic baseline",
              **{f"restorer {i}": f"restorer {label}" for i, (_, label) in enumerate(models)}}
     damages = [d.strip() for d in args.damages.split(",") if d.strip()]
@@ -138,16 +159,18 @@ def main() -> None:
           f"each size, seeds {TEST_SEED}+i")
     for damage, size in [(d, int(s)) for d in damages for s in args.sizes.split(",")]:
         t0 = time.time()
-        rows, n = measure([r for r, _ in models], size, args.n, specs[damage])
-        print(f"\n{damage} damage, native {size} px ({n} faces)")
+        rows, n = measure([r for r, _ in models], size, args.n, specs[damage], guarded=args.guarded)
+        how = "restore_aligned, never-worse check on" if args.guarded else "restore_crops"
+        print(f"\n{damage} damage, native {size} px ({n} faces, {how})")
         bic = next(r["psnr"] for r in rows if r["label"] == "bicubic")
         for r in rows:
             if "psnr" not in r:
                 print(f"  {names.get(r['label'], r['label']):44} {'':29}  sharpness {r['sharpness']:.3e}")
                 continue
             gain = f"  {r['psnr'] - bic:+.2f} dB vs bicubic" if r["label"].startswith("restorer") else ""
+            back = f"  fell back {r['fell_back']}" if "fell_back" in r else ""
             print(f"  {names[r['label']]:44} {r['psnr']:6.2f} dB  SSIM {r['ssim']:.4f}  sharpness {r['sharpness']:.3e}"
-                  f"  detail {r['detail']:.3f}{gain}")
+                  f"  detail {r['detail']:.3f}{gain}{back}")
         print(f"  ({time.time() - t0:.0f} s)")
 
 

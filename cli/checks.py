@@ -113,7 +113,7 @@ def check_restorer(name: str | None, zoo, device: str, batch_size: int, option: 
     if restorer.card.kind != "restorer":
         fail(f"{option} {restorer.card.name}: it is a {restorer.card.kind}, not a restorer", 2)
     try:
-        restorer.guard_prior = load_guard_prior(zoo=zoo, device=restorer.device)
+        restorer.guard_prior = load_guard_prior(device=restorer.device)  # from the local zoo, whoever owns the model
     except (ZooError, ValueError) as exc:
         fail(f"FACEADAPT_GUARD_PRIOR {get_settings().guard_prior}: {exc} (the never-worse check's face prior; 'none' "
              "turns it off)", 1)

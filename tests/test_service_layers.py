@@ -15,7 +15,7 @@ from restoration.settings import get_settings as ml_settings
 from service.settings import ServiceSettings, get_settings
 
 REPO = Path(__file__).resolve().parents[1]
-ML_FIELDS = {"home", "models_dir", "facexlib_model_root", "device", "default_restorer", "default_prior", "detector",
+ML_FIELDS = {"home", "models_dir", "facexlib_model_root", "device", "default_restorer", "default_prior", "guard_prior", "detector",
              "image_formats", "min_adapt_images"}
 
 
