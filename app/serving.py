@@ -37,7 +37,7 @@ import torch
 from app.metrics import BATCH_SIZE, MODEL_LOADS
 from restoration.diffusion import load_guard_prior
 from restoration.faces import Restorer
-from restoration.models import ModelCard
+from restoration.models import ModelCard, ZooError
 from service.errors import ServiceError
 from restoration.runtime import set_torch_threads, to_channels_last
 from service.db import session_factory
@@ -334,7 +334,12 @@ class ModelCache:
         model (read only: each call noises its own copy)."""
         with self._prior_lock:
             if str(device) not in self._priors:
-                self._priors[str(device)] = load_guard_prior(device=device)
+                try:
+                    self._priors[str(device)] = load_guard_prior(device=device)
+                except (ZooError, ValueError) as exc:
+                    raise ServiceError(503, "guard_prior_unavailable", f"the never-worse check's face prior "
+                                       f"(FACEADAPT_GUARD_PRIOR={get_settings().guard_prior!r}) cannot be loaded: "
+                                       f"{exc}; set it to a prior of the zoo, or 'none'") from exc
             return self._priors[str(device)]
 
     def _load(self, row: ModelRow) -> Loaded:

@@ -141,7 +141,7 @@ def restore(
                "detail_ratio": DETAIL_RATIO, "model_input_size": restorer.size, "color": color,
                "never_worse": {"on": fidelity is None, "min_detail_kept": MIN_DETAIL_KEPT,
                                "min_lowpass_db": MIN_LOWPASS_DB,
-                               "guard_prior": restorer.guard_prior is not None and get_settings().guard_prior,
+                               "guard_prior": get_settings().guard_prior if restorer.guard_prior is not None else None,
                                "max_naturalness_drop_db": MAX_NATURALNESS_DROP_DB},
                "files": []}
     t_start = time.perf_counter()

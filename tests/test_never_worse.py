@@ -235,3 +235,30 @@ def test_api_says_why_and_keeps_gray(embedded_api, shared_dir):
         assert f["check"]["detail_kept"] >= MIN_DETAIL_KEPT and f["check"]["lowpass_db"] >= 30
         assert f["check"]["naturalness_db"] >= -MAX_NATURALNESS_DROP_DB  # the default guard prior is on
     assert any(f["reason"] and f["planned"] == "restored" for f in body["faces"])  # 03.jpg's face, smeared
+
+
+def test_api_guard_prior_setting(embedded_api, shared_dir, monkeypatch):
+    """FACEADAPT_GUARD_PRIOR=none: the check runs without the prior (no naturalness_db); a prior the zoo does not hold:
+    503 guard_prior_unavailable naming the setting, not a 500."""
+    from app import serving
+    from restoration.settings import get_settings
+
+    photo = (shared_dir / "data/realworld/whole/03.jpg").read_bytes()
+
+    def post():
+        return embedded_api.post("/v1/restore", files={"image": ("f.jpg", photo, "image/jpeg")},
+                                 headers={"Accept": "application/json"})
+
+    for value in ("none", "no-such-prior"):
+        monkeypatch.setenv("FACEADAPT_GUARD_PRIOR", value)
+        get_settings.cache_clear()
+        if serving._cache is not None:  # a fresh model cache (and guard prior) under the new setting
+            serving._cache.clear()
+            serving._cache = None
+        r = post()
+        if value == "none":
+            assert r.status_code == 200, r.text
+            assert all("naturalness_db" not in f["check"] for f in r.json()["faces"])
+        else:
+            assert r.status_code == 503 and r.json()["error"] == "guard_prior_unavailable", r.text
+            assert "FACEADAPT_GUARD_PRIOR" in r.json()["detail"]
