@@ -8,6 +8,9 @@ Every image of realworld/whole (faces detected) and realworld/cropped, realworld
 `--aligned`) is restored twice with the default (auto) fidelity: `guard=False` (before) and `guard=True` (after); an aligned crop's "before" is what
 `faceadapt restore --aligned` gave before (`Restorer.restore_crops`: no paste mask, no check).
 
+Per row: mode, Laplacian-variance ratio, 4x low-pass PSNR and, before, `metrics.removed_structure` of the result
+over the face's box (how much what the model removed follows the face's edges: a smear is positive).
+
 "Worse" (the bench's own measure, not the check's filters): over the face's box (detected box; for an aligned crop
 the crop less a 5% border), at the input's own scale, a face is worse when
   * blurred: the variance of its luma Laplacian (3x3) falls under 0.8 x the input's, or
@@ -90,7 +93,7 @@ def main() -> None:
     print(f"model {args.model} ({r.size} px), guard prior {prior}; worse = Laplacian variance < {BLUR_RATIO} x input's "
           f"or 4x low-pass "
           f"PSNR < {CHANGE_DB} dB, over each face's box at the input's scale")
-    print(f"{'image':34} {'face':>4} {'px':>5}  {'before':>28}  {'after':>36}")
+    print(f"{'image':34} {'face':>4} {'px':>5}  {'before: mode lap low struct':>35}  {'after':>36}")
     for name, aligned in sets:
         files = sorted(p for p in (root / name).iterdir() if p.is_file())
         files = files[: args.limit] if args.limit else files
@@ -124,7 +127,8 @@ def main() -> None:
                         reg = res.image[y0:y1, x0:x1].astype(np.int16)
                         gray_rg[key].append(float(np.abs(reg[..., 0] - reg[..., 1]).mean()))
                 if wb or wa or fa.extra.get("reason"):
-                    sb = f"{fb.extra.get('mode', '?')[:8]:8} {rb:4.2f} {lb:5.1f} {wb or 'ok':>8}"
+                    struct = M.removed_structure(src, before.image[y0:y1, x0:x1])
+                    sb = f"{fb.extra.get('mode', '?')[:8]:8} {rb:4.2f} {lb:5.1f} {struct:+6.2f} {wb or 'ok':>8}"
                     sa = f"{fa.extra.get('mode', '?')[:17]:17} {ra:4.2f} {la:5.1f} {wa or 'ok':>7}"
                     print(f"{name + '/' + p.name:34} {k:>4} {fa.extra.get('native_size', 0):5.0f}  {sb}  {sa}")
     print(f"\n{'set':14} {'faces':>6} {'worse before':>13} {'worse after':>12} {'fell back':>10} {'by prior':>9} "

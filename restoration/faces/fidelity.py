@@ -21,6 +21,7 @@ reference default 0.5, :data:`NETWORK_FIDELITY`); f == 1 still keeps the face as
 
 Never worse (auto fidelity only, :func:`check_face`): the result of every face is compared with the input at the
 input's own scale, over the face's paste mask: the share of the input's fine detail it keeps (:data:`MIN_DETAIL_KEPT`)
+unless what it removed does not follow the result's edges (:data:`MAX_REMOVED_STRUCTURE`: removed noise, not detail),
 and the agreement of the two low-passes (:data:`MIN_LOWPASS_DB`); with a face prior, also how natural the prior finds
 the two faces' coarse structure (:data:`MAX_NATURALNESS_DROP_DB`). A face that fails falls back one mode
 (:data:`FALLBACK`: restored -> detail_preserving -> kept), and its ``extra`` says why (``reason``).
@@ -33,12 +34,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from restoration.faces.alignment import resize
-from restoration.metrics.quality import detail_energy, lowpass_consistency, noise_detail_energy, noise_sigma
+from restoration.metrics.quality import (detail_energy, lowpass_consistency, noise_detail_energy, noise_sigma,
+                                         removed_structure)
 
 __all__ = [
     "DETAIL_RATIO", "MODES", "NETWORK_FIDELITY", "FaceMode", "decide", "network_fidelity", "demo_model_warning",
     "mode_counts", "check_fidelity", "affine_native_size", "blend_aligned", "MIN_DETAIL_KEPT", "MIN_LOWPASS_DB",
-    "FALLBACK", "check_face", "fallback_mode", "MAX_NATURALNESS_DROP_DB", "NATURALNESS_T", "NATURALNESS_GRID",
+    "FALLBACK", "check_face", "fallback_mode", "MAX_REMOVED_STRUCTURE", "MAX_NATURALNESS_DROP_DB", "NATURALNESS_T", "NATURALNESS_GRID",
 ]
 
 #: faces whose native size exceeds DETAIL_RATIO x the model input size get the detail-preserving paste by default
@@ -164,6 +166,13 @@ def mode_counts(infos) -> dict:
 #: face. Chosen on bench/never_worse.py (the realworld faces the bundled model smears keep 0.18-0.77 of it) and on
 #: noisy UTK test faces at 64 px, whose denoised restorations keep more than it (tests/test_never_worse.py)
 MIN_DETAIL_KEPT = 0.8
+#: ... unless what it removed does not follow the result's edges (`removed_structure` at most this): then it removed
+#: noise or blocking, not detail (a denoised face keeps less fine detail than its noisy input, a smeared one loses edge
+#: contrast where its edges are). Chosen with bench/never_worse.py (column struct): the bundled model's smeared
+#: realworld faces score +0.08 to +0.25 over their boxes; the UTK test faces at 128 px it denoises and the detail
+#: criterion alone sends back score -0.48 to +0.15 (median -0.30 / -0.18 / -0.11 on the standard / motion blur / shot
+#: noise damages, 60 faces each). docs/MODELS.md, "What a user gets", has the effect on bench/restorer_native.py
+MAX_REMOVED_STRUCTURE = 0.0
 #: and its low-pass must agree with the input's to this PSNR (`lowpass_consistency`, sigma native/48 px, >= 1.5 px);
 #: below it the face was washed out, recoloured or moved
 MIN_LOWPASS_DB = 30.0
@@ -202,12 +211,16 @@ def check_face(before: np.ndarray, after: np.ndarray, weight: np.ndarray | None 
     kept = detail_energy(after, 1.0, weight) / d_in if d_in > 1e-7 else 1.0
     lp = min(99.0, lowpass_consistency(after, before, sigma, weight))
     why = []
-    if kept < MIN_DETAIL_KEPT:
-        why.append(f"it would blur the face (keeps {kept:.2f} of the input's fine detail, under {MIN_DETAIL_KEPT})")
+    structure = removed_structure(before, after, 1.0, weight) if kept < MIN_DETAIL_KEPT else None
+    if kept < MIN_DETAIL_KEPT and structure > MAX_REMOVED_STRUCTURE:
+        why.append(f"it would blur the face (keeps {kept:.2f} of the input's fine detail, under {MIN_DETAIL_KEPT}, "
+                   f"and what it removes follows the face's edges: {structure:+.2f})")
     if lp < MIN_LOWPASS_DB:
         why.append(f"it would change the face's coarse content (low-pass agreement {lp:.1f} dB, under "
                    f"{MIN_LOWPASS_DB:g} dB)")
     out = {"ok": False, "detail_kept": round(float(kept), 3), "lowpass_db": round(float(lp), 2)}
+    if structure is not None:
+        out["removed_structure"] = round(float(structure), 3)
     if naturalness is not None:
         drop = float(naturalness[1]) - float(naturalness[0])
         out["naturalness_db"] = round(drop, 2)

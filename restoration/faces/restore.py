@@ -192,7 +192,8 @@ def _guard(helper: FaceHelper, img: np.ndarray, crop: np.ndarray, restored: np.n
         fm = fallback_mode(fm)
     face.extra.update(fm.to_dict())
     if check is not None:
-        face.extra["check"] = {k: check[k] for k in ("detail_kept", "lowpass_db", "naturalness_db") if k in check}
+        face.extra["check"] = {k: check[k] for k in ("detail_kept", "lowpass_db", "removed_structure", "naturalness_db")
+                               if k in check}
     if failed:
         face.extra["planned"] = planned
         face.extra["reason"] = f"{'; '.join(failed)}; {fm.mode} instead"

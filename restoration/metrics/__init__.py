@@ -5,9 +5,10 @@ The public surface of the subpackage: code outside `restoration` imports these n
 """
 from __future__ import annotations
 
-from restoration.metrics.quality import (psnr, ssim, ssim_map, sharpness, lowpass_psnr, detail_recovered)
+from restoration.metrics.quality import (psnr, ssim, ssim_map, sharpness, lowpass_psnr, detail_recovered,
+                                         removed_structure)
 from restoration.metrics.lpips import (LPIPS, LPIPSUnavailable, lpips_available)
 
 __all__ = [
-    "psnr", "ssim", "ssim_map", "sharpness", "lowpass_psnr", "detail_recovered", "LPIPS", "LPIPSUnavailable", "lpips_available",
+    "psnr", "ssim", "ssim_map", "sharpness", "lowpass_psnr", "detail_recovered", "removed_structure", "LPIPS", "LPIPSUnavailable", "lpips_available",
 ]
