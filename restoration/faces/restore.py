@@ -26,7 +26,8 @@ from restoration.models.zoo import ModelCard, Zoo
 from restoration.runtime import resolve_device
 from restoration.settings import get_settings
 
-__all__ = ["Restorer", "RestoreResult", "RestoreFn", "NaturalnessFn", "restore_photo", "restore_aligned_crops", "is_gray", "keep_gray"]
+__all__ = ["Restorer", "RestoreResult", "RestoreFn", "NaturalnessFn", "restore_photo", "restore_aligned_crops",
+           "is_gray", "keep_gray"]
 
 #: ``restore_fn(list of uint8 aligned crops) -> restored uint8 crops``; called ``restore_fn(crops, fidelity=w)`` for
 #: archs that take the fidelity as their own input (:data:`restoration.faces.fidelity.NETWORK_FIDELITY`)
@@ -102,8 +103,8 @@ def restore_aligned_crops(helper: FaceHelper, imgs: Sequence[np.ndarray], restor
                           naturalness: NaturalnessFn | None = None) -> list[tuple[np.ndarray, Face]]:
     """Aligned face crops of any size, restored in one ``restore_fn`` call per network fidelity: each is resized to the
     helper's size and pasted back at its own size like a detected face (the paste mask, the native-size rule, the
-    never-worse check when ``guard``, None: with auto fidelity, and ``naturalness``). Returns ``(image, face)`` per crop, the face covering
-    the whole crop with its ``extra`` (``aligned``, the mode and the check)."""
+    never-worse check when ``guard``, None: with auto fidelity, and ``naturalness``). Returns ``(image, face)`` per
+    crop, the face covering the whole crop with its ``extra`` (``aligned``, the mode and the check)."""
     guard = fidelity is None if guard is None else bool(guard)
     s = helper.size
     plans = []
