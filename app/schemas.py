@@ -40,8 +40,8 @@ class FaceOut(BaseModel):
         default=None, description="the never-worse check of the result: detail_kept (share of the input's fine "
         "detail), removed_structure (when detail_kept is under 0.8: how much what was removed follows the face's "
         "edges; at most 0 it was noise, not detail), lowpass_db (low-pass agreement with the input) and, with a "
-        "guard prior (FACEADAPT_GUARD_PRIOR), naturalness_db (how much more natural the face prior finds the result's coarse structure than the input's; "
-        "under -1 dB the face falls back)")
+        "guard prior (FACEADAPT_GUARD_PRIOR), naturalness_db (how much more natural the face prior finds the "
+        "result's coarse structure than the input's; under -1 dB the face falls back)")
 
 
 class RestoreJSON(BaseModel):

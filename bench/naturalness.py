@@ -5,9 +5,10 @@ results and for broken ones.
     python bench/naturalness.py [--n 48] [--size 128] [--prior faceadapt-iddpm-small]
 
 UTK200 test faces at `--size` px, the standard damage scaled for that size (seeds 2000000 + i), restored by the
-bundled restorer (`Restorer.restore_crops`). Each image is resized to the prior's size; its naturalness is measured at
-each t of `--ts` (fraction of the respaced schedule) over area-averaging grids of `--grids` squares (64: every pixel
-of the 64 px prior; 16: the coarse structure), one seed, every image of a face on the same noise. Prints, per setting,
+bundled restorer (`Restorer.restore_crops`). Each image's naturalness is what the check computes
+(`Restorer.naturalness`: resized to the prior's size, every image on the same noise, seed 0), at each t of `--ts`
+(fraction of the respaced schedule) over area-averaging grids of `--grids` squares (64: every pixel of the 64 px
+prior; 16: the coarse structure). Prints, per setting,
 each kind of image minus its damaged input (dB): min / 5th percentile / median / max, and the share under
 -MAX_NATURALNESS_DROP_DB. A criterion must keep the clean faces and the restorations (no false alarm) and catch the
 broken ones: JPEG quality 8 blocks, low-frequency colour blotches (sigma 40 levels on an 8 x 8 grid), Gaussian noise
@@ -55,8 +56,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    prior = load_guard_prior(args.prior)
-    restorer = Restorer.from_zoo("faceadapt-swinir-small", device="cpu")
+    restorer = Restorer.from_zoo("faceadapt-swinir-small", device="cpu", guard_prior=load_guard_prior(args.prior))
     ds = FacesDataset("test", args.size, limit=args.n)
     gt = torch.stack([ds[i] for i in range(len(ds))])
     lq, _ = degrade_pair(gt, degradation_params(), TEST_SEED)
@@ -67,12 +67,10 @@ def main() -> None:
     sets = {"clean face": u8(gt), "restored": restored}
     for kind in ("jpeg q8", "blotches", "noise 12", "blur 2 px"):
         sets[f"restored + {kind}"] = [broken(kind, r, rng) for r in restored]
-    s = prior.image_size
+    s = restorer.guard_prior.image_size
 
-    def figures(imgs, t, grid):
-        x = torch.stack([torch.from_numpy(cv2.resize(im, (s, s), interpolation=cv2.INTER_AREA)).permute(2, 0, 1)
-                         for im in imgs]).float() / 255.0
-        return np.array([prior.naturalness(x[i:i + 1], t, seed=0, down=max(1, s // grid))[0] for i in range(len(x))])
+    def figures(imgs, t, grid):  # what the check computes (`Restorer.naturalness`), at this t and grid
+        return np.array(restorer.naturalness(imgs, t, grid))
 
     print(f"{len(gt)} UTK200 test faces at {args.size} px, standard damage; prior {args.prior} ({s} px); "
           f"naturalness of each image minus its damaged input's (dB): min / p5 / median / max, share < "

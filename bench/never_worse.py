@@ -91,8 +91,7 @@ def main() -> None:
     t0 = time.perf_counter()
     prior = "none" if r.guard_prior is None else (args.guard_prior or get_settings().guard_prior)
     print(f"model {args.model} ({r.size} px), guard prior {prior}; worse = Laplacian variance < {BLUR_RATIO} x input's "
-          f"or 4x low-pass "
-          f"PSNR < {CHANGE_DB} dB, over each face's box at the input's scale")
+          f"or 4x low-pass PSNR < {CHANGE_DB} dB, over each face's box at the input's scale")
     print(f"{'image':34} {'face':>4} {'px':>5}  {'before: mode lap low struct':>35}  {'after':>36}")
     for name, aligned in sets:
         files = sorted(p for p in (root / name).iterdir() if p.is_file())

@@ -138,8 +138,9 @@ def main() -> None:
                                                            "damage type (held out: " + ", ".join(HELD_OUT) + ")")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--flip-ensemble", action="store_true", help="also score each model averaged with its mirror pass")
-    ap.add_argument("--guarded", action="store_true", help="score restore_aligned with the never-worse check (what "
-                                                           "`faceadapt restore --aligned` gives) instead of restore_crops")
+    ap.add_argument("--guarded", action="store_true",
+                    help="score restore_aligned with the never-worse check (what `faceadapt restore --aligned` gives) "
+                         "instead of restore_crops")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

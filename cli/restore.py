@@ -101,8 +101,8 @@ def restore(
         None, "--fidelity", "--weight", min=0.0, max=1.0,
         help=f"0 = fully restored ... 1 = the face left as it is (default: auto, by the face's native size: faces "
              f"larger than {DETAIL_RATIO:g}x the model input keep their own fine detail; and never worse: a face whose "
-             f"result would lose detail, change or look less natural to the face prior FACEADAPT_GUARD_PRIOR falls back "
-             f"to detail-preserving, else is kept). CodeFormer takes it as its w."),
+             f"result would lose detail, change or look less natural to the face prior FACEADAPT_GUARD_PRIOR falls "
+             f"back to detail-preserving, else is kept). CodeFormer takes it as its w."),
     out_format: Optional[str] = typer.Option(
         None, "--format", help="png, jpeg or webp (default: the input's own format; BMP and TIFF inputs give PNG)."),
     color: bool = typer.Option(False, "--color", help="Let a gray photo's faces come out in colour (default: a gray "

@@ -1,6 +1,7 @@
 """Never worse, per face (restoration.faces.fidelity.check_face in restore_photo): a face whose result would blur,
-wash out or look less natural to the face prior falls back (restored -> detail_preserving -> kept) and says why; gray photos stay gray unless colour is
-asked for; 512 px aligned crops follow the detected faces' paste rule (their border band is left as it was)."""
+wash out or look less natural to the face prior falls back (restored -> detail_preserving -> kept) and says why; gray
+photos stay gray unless colour is asked for; 512 px aligned crops follow the detected faces' paste rule (their border
+band is left as it was)."""
 from __future__ import annotations
 
 import cv2

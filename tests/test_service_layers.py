@@ -15,8 +15,8 @@ from restoration.settings import get_settings as ml_settings
 from service.settings import ServiceSettings, get_settings
 
 REPO = Path(__file__).resolve().parents[1]
-ML_FIELDS = {"home", "models_dir", "facexlib_model_root", "device", "default_restorer", "default_prior", "guard_prior", "detector",
-             "image_formats", "min_adapt_images"}
+ML_FIELDS = {"home", "models_dir", "facexlib_model_root", "device", "default_restorer", "default_prior", "guard_prior",
+             "detector", "image_formats", "min_adapt_images"}
 
 
 def test_settings_split_into_one_namespace(monkeypatch, tmp_path):

@@ -14,9 +14,9 @@ __all__ = ["GATE", "QualityGateFailed", "gate_verdict"]
 #:                     not lost content): the content is kept. The margin is wide on purpose: a good adaptation legitimately
 #:                     moves the input's colour and noise (bench/adaptation.py, `camera` at 128 px: -3.3 dB for a model
 #:                     1.3 dB better against the ground truth), a broken one moves the face (-15.6 dB seen);
-#:   naturalness       `Prior.naturalness`: the prior's one-shot reconstruction PSNR of the output noised to `naturalness_t` of the way
-#:                     through its (respaced) schedule, t = 25/250 for the default priors: clean faces are
-#:                     reconstructed better than noisy or broken ones.
+#:   naturalness       `Prior.naturalness`: the prior's one-shot reconstruction PSNR of the output noised to
+#:                     `naturalness_t` of the way through its (respaced) schedule, t = 25/250 for the default
+#:                     priors: clean faces are reconstructed better than noisy or broken ones.
 #: Reported, not gated: target_psnr, the PSNR against the held-out crops' own pseudo targets (made like the training
 #: targets, never trained on). With gentle pseudo-target settings those stay close to the base's output x0, so the
 #: base scores high on it even where the adapted model is better against the ground truth.

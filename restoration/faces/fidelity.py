@@ -40,7 +40,8 @@ from restoration.metrics.quality import (detail_energy, lowpass_consistency, noi
 __all__ = [
     "DETAIL_RATIO", "MODES", "NETWORK_FIDELITY", "FaceMode", "decide", "network_fidelity", "demo_model_warning",
     "mode_counts", "check_fidelity", "affine_native_size", "blend_aligned", "MIN_DETAIL_KEPT", "MIN_LOWPASS_DB",
-    "FALLBACK", "check_face", "fallback_mode", "MAX_REMOVED_STRUCTURE", "MAX_NATURALNESS_DROP_DB", "NATURALNESS_T", "NATURALNESS_GRID",
+    "FALLBACK", "check_face", "fallback_mode", "MAX_REMOVED_STRUCTURE", "MAX_NATURALNESS_DROP_DB", "NATURALNESS_T",
+    "NATURALNESS_GRID",
 ]
 
 #: faces whose native size exceeds DETAIL_RATIO x the model input size get the detail-preserving paste by default
@@ -197,9 +198,11 @@ def check_face(before: np.ndarray, after: np.ndarray, weight: np.ndarray | None 
     """Compare a face's result with the input at the input's own scale (HxWx3 uint8 each, the same size; ``weight``:
     the face's paste mask on them, None: every pixel). Returns ``{"ok", "detail_kept", "lowpass_db", "why"}``:
     ``detail_kept`` = detail_energy(after) / detail_energy(before) (1.0 for a flat input), ``lowpass_db`` the
-    low-pass agreement (capped at 99 dB), ``why`` the failed criteria in words (None when ok). ``naturalness``: the
-    face prior's (before, after) figures of the two aligned faces (`Prior.naturalness`), which adds
-    ``naturalness_db`` (after - before) and its criterion (:data:`MAX_NATURALNESS_DROP_DB`)."""
+    low-pass agreement (capped at 99 dB), ``why`` the failed criteria in words (None when ok); when ``detail_kept``
+    is under MIN_DETAIL_KEPT also ``removed_structure`` (`metrics.removed_structure`: above MAX_REMOVED_STRUCTURE the
+    loss is a blur). ``naturalness``: the face prior's (before, after) figures of the two aligned faces
+    (`Prior.naturalness`), which adds ``naturalness_db`` (after - before) and its criterion
+    (:data:`MAX_NATURALNESS_DROP_DB`)."""
     before, after = np.asarray(before), np.asarray(after)
     if before.shape != after.shape:
         raise ValueError(f"before {before.shape} and after {after.shape} differ in shape")
@@ -210,17 +213,16 @@ def check_face(before: np.ndarray, after: np.ndarray, weight: np.ndarray | None 
     d_in = max(d_all - noise_detail_energy(noise_sigma(before, weight)), NOISY_FLOOR * d_all)
     kept = detail_energy(after, 1.0, weight) / d_in if d_in > 1e-7 else 1.0
     lp = min(99.0, lowpass_consistency(after, before, sigma, weight))
-    why = []
-    structure = removed_structure(before, after, 1.0, weight) if kept < MIN_DETAIL_KEPT else None
-    if kept < MIN_DETAIL_KEPT and structure > MAX_REMOVED_STRUCTURE:
-        why.append(f"it would blur the face (keeps {kept:.2f} of the input's fine detail, under {MIN_DETAIL_KEPT}, "
-                   f"and what it removes follows the face's edges: {structure:+.2f})")
+    out, why = {"detail_kept": round(float(kept), 3), "lowpass_db": round(float(lp), 2)}, []
+    if kept < MIN_DETAIL_KEPT:
+        structure = removed_structure(before, after, 1.0, weight)
+        out["removed_structure"] = round(float(structure), 3)
+        if structure > MAX_REMOVED_STRUCTURE:
+            why.append(f"it would blur the face (keeps {kept:.2f} of the input's fine detail, under "
+                       f"{MIN_DETAIL_KEPT}, and what it removes follows the face's edges: {structure:+.2f})")
     if lp < MIN_LOWPASS_DB:
         why.append(f"it would change the face's coarse content (low-pass agreement {lp:.1f} dB, under "
                    f"{MIN_LOWPASS_DB:g} dB)")
-    out = {"ok": False, "detail_kept": round(float(kept), 3), "lowpass_db": round(float(lp), 2)}
-    if structure is not None:
-        out["removed_structure"] = round(float(structure), 3)
     if naturalness is not None:
         drop = float(naturalness[1]) - float(naturalness[0])
         out["naturalness_db"] = round(drop, 2)

@@ -304,16 +304,17 @@ class Restorer:
                    guard_prior=guard_prior)
 
     @torch.inference_mode()
-    def naturalness(self, crops: Sequence[np.ndarray]) -> list[float]:
+    def naturalness(self, crops: Sequence[np.ndarray], t: float = NATURALNESS_T,
+                    grid: int = NATURALNESS_GRID) -> list[float]:
         """The guard prior's naturalness figures (dB) of aligned face crops (uint8, any size), in one batch:
-        `Prior.naturalness` of each crop resized to the prior's size, at NATURALNESS_T, over a NATURALNESS_GRID-square
-        grid of area averages (the coarse structure; fine texture does not count), every crop on the same noise
-        (seed 0), so that figures of one face before and after compare."""
+        `Prior.naturalness` of each crop resized to the prior's size, at ``t``, over a ``grid``-square grid of area
+        averages (the check's NATURALNESS_GRID: the coarse structure, fine texture does not count), every crop on the
+        same noise (seed 0), so that figures of one face before and after compare."""
         p = self.guard_prior
         size = int(p.image_size)
         x = torch.stack([torch.from_numpy(np.ascontiguousarray(resize(np.asarray(c), size, size))).permute(2, 0, 1)
                          for c in crops]).float() / 255.0
-        return p.naturalness(x, NATURALNESS_T, seed=0, down=max(1, size // NATURALNESS_GRID), shared_noise=True)
+        return p.naturalness(x, t, seed=0, down=max(1, size // int(grid)), shared_noise=True)
 
     def _naturalness_fn(self) -> NaturalnessFn | None:
         return self.naturalness if self.guard_prior is not None else None

@@ -10,5 +10,6 @@ from restoration.metrics.quality import (psnr, ssim, ssim_map, sharpness, lowpas
 from restoration.metrics.lpips import (LPIPS, LPIPSUnavailable, lpips_available)
 
 __all__ = [
-    "psnr", "ssim", "ssim_map", "sharpness", "lowpass_psnr", "detail_recovered", "removed_structure", "LPIPS", "LPIPSUnavailable", "lpips_available",
+    "psnr", "ssim", "ssim_map", "sharpness", "lowpass_psnr", "detail_recovered", "removed_structure", "LPIPS",
+    "LPIPSUnavailable", "lpips_available",
 ]
