@@ -4,9 +4,11 @@
     python bench/export_defaults.py --only restorer --restorer-run runs/restorer3
 
 * restorer (`--restorer-run`, default `runs/restorer` -> `faceadapt-swinir-small`): PSNR / SSIM on the 500 val faces damaged with the standard
-  pipeline (seeds 3000000 + i), of the restorer, of its input and of the bicubic-upsampled low-resolution image,
-  and on 200 test faces at 128 px through the product path (as bench/restorer_native.py); the card's adaptation
-  defaults (`finetune_defaults`, ...) are kept;
+  pipeline (seeds 3000000 + i) at 64 px, of the restorer, of its input and of the bicubic-upsampled low-resolution
+  image, and on 200 test faces at 128 px through the product path at the size it restores at (as
+  bench/restorer_native.py); the card's adaptation defaults (`finetune_defaults`, ...) are kept; `--input-size` and
+  `--serve-size` for a run trained at two sizes (`--mix-size`): the bundled restorer is adapted at 64 px and restores
+  at 128 (`--input-size 64 --serve-size 128`);
 * prior (`--prior-run`, default `runs/prior` -> `faceadapt-iddpm-small`): `pseudo_target_defaults` from `--ptd start,constrain_until,down_N`,
   the tuning table from `--tune` (the JSON written by bench/tune_pseudo_targets.py) and the denoising PSNR of the
   x0-prediction at the start step on 100 clean val faces.
@@ -19,6 +21,7 @@ import argparse
 import json
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -42,10 +45,11 @@ VAL_SEED = 3_000_000
 PRIOR_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train prior --out runs/prior2 --init-from faceadapt-iddpm-small "
                        "--steps 4500 --seed 1 --threads 1 --lr-schedule cosine --until 13:25 --ckpt-every 500 "
                        "--sample-every 1000")
-RESTORER_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train restorer --out runs/restorer5mse --init-from "
-                          "faceadapt-swinir-small --steps 8000 --seed 4 --threads 1 --batch-size 16 --lr 5e-5 "
-                          "--lr-schedule cosine --gan-weight 0 --pixel-loss mse --native-sizes 64,96,128,160,192 "
-                          "--until 15:40 --ckpt-every 500 --sample-every 1000  # stopped by hand after step 7000")
+RESTORER_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train restorer --out runs/restorer8b --init-from "
+                          "faceadapt-swinir-small --steps 1500 --seed 82 --threads 1 --batch-size 16 --lr 1e-4 "
+                          "--lr-schedule cosine --gan-weight 0.05 --gan-start 100 --size 128 --mix-size 64 "
+                          "--native-sizes 64,96,128,160,192 --damage broad --hold-out motion_blur,shot_noise "
+                          "--until 07:50 --ckpt-every 250 --sample-every 500")
 # card.extra entries that are not about the training run (chosen with the adaptation bench): an export keeps them
 KEEP_EXTRA = ("finetune_defaults", "finetune_defaults_note", "pseudo_target_defaults", "pseudo_target_tuning")
 
@@ -67,7 +71,7 @@ def native_metrics(model, card, size: int, n: int = 200, damage: str = "standard
     rows, count = measure([Restorer(model, card, device="cpu", batch_size=32)], size, n, test_damage(damage))
     by = {r["label"]: r for r in rows}
     res = {"split": "test", "native_size": size, "n": count, "seed": TEST_SEED, "damage": damage,
-           "path": "Restorer.restore_crops (resize to 64, restore, paste back by the native-size rule)"}
+           "path": f"Restorer.restore_crops (resize to {card.restore_size}, restore, paste back by the native-size rule)"}
     for key, label in (("restorer", "restorer 0"), ("bicubic", "bicubic")):
         for m in ("psnr", "ssim", "sharpness", "detail"):
             res[f"{m}_{key}"] = round(by[label][m], 4 if m != "sharpness" else 7)
@@ -83,6 +87,10 @@ def main() -> None:
     ap.add_argument("--tune", help="tuning JSON of bench/tune_pseudo_targets.py (recorded in the prior card)")
     ap.add_argument("--note", default="", help="free text recorded as card.extra.note (e.g. 'preliminary export')")
     ap.add_argument("--only", choices=["restorer", "prior"])
+    ap.add_argument("--input-size", type=int, help="restorer: the card's input size, the size it is adapted at "
+                                                   "(default: the run's --size)")
+    ap.add_argument("--serve-size", type=int, help="restorer: the size it restores faces at, when not --input-size "
+                                                   "(a run trained with --mix-size)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -102,12 +110,14 @@ def main() -> None:
                            "input_is": "degrade() output: LQ upsampled bilinearly",
                            "bicubic_is": "the same LQ upsampled bicubically"}}
         old = Zoo(root=dest, builtin_dir=None).get("faceadapt-swinir-small")
-        metrics["test_native_128"] = native_metrics(m, old, 128)
+        new = replace(old, input_size=args.input_size or old.input_size, serve_size=args.serve_size)
+        metrics["test_native_128"] = native_metrics(m, new, 128)
         for damage in ("broad", *HELD_OUT):  # the broad damage it trained on, and each type it never saw
-            metrics[f"test_native_128_{damage}"] = native_metrics(m, old, 128, damage=damage)
+            metrics[f"test_native_128_{damage}"] = native_metrics(m, new, 128, damage=damage)
         kept = {k: old.extra[k] for k in KEEP_EXTRA if k in old.extra}
         p = export(args.restorer_run, dest / "faceadapt-swinir-small", metrics=metrics, extra={**kept, **note},
-                     command=cmd, train_command=RESTORER_TRAIN_COMMAND)
+                   command=cmd, train_command=RESTORER_TRAIN_COMMAND, input_size=args.input_size,
+                   serve_size=args.serve_size)
         print("restorer", m.step, "steps", json.dumps(metrics), "->", p)
     if args.only in (None, "prior"):
         start, until, n = (int(v) for v in args.ptd.split(","))

@@ -22,13 +22,15 @@ never-worse check and its face prior (FACEADAPT_GUARD_PRIOR), which sends a resu
 detail to the detail-preserving paste; each row then says how many faces fell back.
 
 `--model` takes a zoo name, a zoo folder or a training run folder (its last checkpoint's EMA weights); repeat it to
-compare models on the same faces. `--flip-ensemble` adds, per model, a row for the average of its outputs on the face
+compare models on the same faces. `MODEL@SIZE` restores at that model input size instead of the card's (a run
+trained with `--size 128`: `--model runs/restorer8a@128`; a run folder otherwise gets the bundled card's size). `--flip-ensemble` adds, per model, a row for the average of its outputs on the face
 and on its mirror image (a test-time ensemble the product does not use: two network passes per face).
 """
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,17 +59,34 @@ class _FlipEnsemble(torch.nn.Module):
         return 0.5 * (self.model(x) + self.model(x.flip(-1)).flip(-1))
 
 
-def _load_restorer(spec: str, zoo_dir: str):
+def _spec_size(spec: str) -> tuple[str, int | None]:
+    """'MODEL@SIZE' -> (MODEL, SIZE); 'MODEL' -> (MODEL, None)."""
+    name, _, size = spec.rpartition("@")
+    if not name:
+        return spec, None
+    if not size.isdigit() or int(size) % 32:
+        raise SystemExit(f"--model {spec}: the size after @ is a multiple of 32")
+    return name, int(size)
+
+
+def _load_restorer(spec: str, serve_size: int | None, zoo_dir: str):
+    """A Restorer and its label; `serve_size` overrides the card's (the size the model restores at)."""
     zoo = Zoo(root=zoo_dir, builtin_dir=None)
     p = Path(spec)
     if p.is_dir() and (p / CARD).is_file():
         zoo, spec_name = Zoo(root=p.parent, builtin_dir=None), p.name
     elif p.is_dir() and (ck := last_checkpoint(p)) is not None:  # a run: its EMA weights, the bundled card
         model = load_run_model(p, "ema", ck)
-        return Restorer(model, zoo.get("faceadapt-swinir-small"), device="cpu", batch_size=32), f"{spec} ({ck.name})"
+        card = replace(zoo.get("faceadapt-swinir-small"), serve_size=serve_size)
+        return (Restorer(model, card, device="cpu", batch_size=32),
+                f"{spec} ({ck.name}{f', at {serve_size} px' if serve_size else ''})")
     else:
         spec_name = spec
-    return Restorer(zoo.load(spec_name), zoo.get(spec_name), device="cpu", batch_size=32), spec
+    card = zoo.get(spec_name)
+    if serve_size:
+        card = replace(card, serve_size=serve_size)
+    label = f"{spec} (at {card.restore_size} px)" if card.restore_size != card.input_size else spec
+    return Restorer(zoo.load(spec_name), card, device="cpu", batch_size=32), label
 
 
 @torch.no_grad()
@@ -129,8 +148,9 @@ def detail(img: torch.Tensor, gt: torch.Tensor) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", action="append", help="zoo name/folder or training run folder (repeatable); "
-                                                      "default: the bundled faceadapt-swinir-small")
+    ap.add_argument("--model", action="append", help="zoo name/folder or training run folder (repeatable), with "
+                                                      "@SIZE: restored at that model input size; default: the "
+                                                      "bundled faceadapt-swinir-small")
     ap.add_argument("--zoo-dir", default=str(REPO / "restoration" / "zoo_defaults"))
     ap.add_argument("--sizes", default="128", help="comma-separated native sizes (px)")
     ap.add_argument("--n", type=int, default=200, help="test faces")
@@ -144,7 +164,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    models = [_load_restorer(m, args.zoo_dir) for m in (args.model or ["faceadapt-swinir-small"])]
+    models = [_load_restorer(*_spec_size(m), args.zoo_dir) for m in (args.model or ["faceadapt-swinir-small"])]
     if args.flip_ensemble:
         models += [(Restorer(_FlipEnsemble(r.model), r.card, device="cpu", batch_size=32), f"{label} + flip ensemble")
                    for r, label in list(models)]

@@ -179,8 +179,8 @@ def section_arch(plan: Plan) -> list[dict]:
         del model
     zoo = Zoo()
     card = zoo.get(DEFAULT_RESTORER)
-    rows += bench_model(plan, f"{DEFAULT_RESTORER} (bundled, trained)", zoo.load(DEFAULT_RESTORER), card.input_size,
-                        plan.default_cases(), f"{card.input_size} px")
+    rows += bench_model(plan, f"{DEFAULT_RESTORER} (bundled, trained)", zoo.load(DEFAULT_RESTORER), card.restore_size,
+                        plan.default_cases(), f"{card.restore_size} px")  # the size it restores at
     return rows
 
 

@@ -105,7 +105,8 @@ def _wrap(text: str, lines: int | None = None, width: int = 100) -> str:
 def card_lines(card: dict, where: str) -> list[str]:
     """A short readable card: what the model is, its licence and where it comes from (one line each)."""
     lines = [f"{card['name']}  ({where})",
-             f"  kind:        {card['kind']} ({card['arch']}, {card['input_size']} px input)"]
+             f"  kind:        {card['kind']} ({card['arch']}, {card['input_size']} px input"
+             + (f", restores at {card['serve_size']} px)" if card.get("serve_size") else ")")]
     if card.get("description"):
         lines.append(f"  what:        {_wrap(card['description'], 2)}")
     if card.get("random_init"):

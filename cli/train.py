@@ -159,6 +159,9 @@ def restorer(
     hold_out: Optional[str] = typer.Option(None, "--hold-out", help=f"With --damage broad: comma-separated damage types never trained on ({', '.join(DAMAGE_TYPES)}); the bundled restorer holds out {','.join(HELD_OUT)}."),
     gradient_weight: Optional[float] = typer.Option(None, "--gradient-weight", help="Weight of an L1 between the output's and the clean face's finite differences (default 0: none)."),
     native_loss: bool = typer.Option(False, "--native-loss", help="With --native-sizes: one native size per batch, the loss taken at that size through the product's paste (bicubic upsampling of the output) instead of at 64 px."),
+    size: Optional[int] = typer.Option(None, "--size", help="The model's input size in training (default 64; a multiple of 32 for the small model)."),
+    mix_size: Optional[int] = typer.Option(None, "--mix-size", help="Every 4th step (--mix-every) at this input size instead of --size, e.g. --size 128 --mix-size 64 (default: none)."),
+    mix_every: Optional[int] = typer.Option(None, "--mix-every", help="With --mix-size: one step in this many at --mix-size (default 4)."),
 ):
     """Train the small swinir_face restorer on synthetic degradations (L1 + small GAN term) at 64x64; --damage broad
     --hold-out ... trains on the broad damage model with some damage types held out."""
@@ -203,6 +206,19 @@ def restorer(
         if not cfg.native_sizes:
             raise typer.BadParameter("--native-loss needs --native-sizes")
         cfg.native_loss = True
+    for opt, val in (("--size", size), ("--mix-size", mix_size)):
+        if val is not None and (val < 32 or val > 512 or val % 32):
+            raise typer.BadParameter(f"{opt}: a multiple of 32 from 32 to 512, not {val}")
+    if size is not None:
+        cfg.size = size
+    if mix_size is not None:
+        cfg.mix_size = mix_size
+    if mix_every is not None:
+        if mix_every < 2:
+            raise typer.BadParameter("--mix-every must be >= 2")
+        if not mix_size:
+            raise typer.BadParameter("--mix-every needs --mix-size")
+        cfg.mix_every = mix_every
     _run(train_restorer, cfg, resume)
 
 
@@ -211,13 +227,18 @@ def export_cmd(
     run_dir: Path = typer.Argument(..., help="Run folder written by `faceadapt train prior|restorer`."),
     dest: Path = typer.Argument(..., help="Zoo model folder to (over)write, e.g. restoration/zoo_defaults/faceadapt-iddpm-small."),
     extra_json: Optional[Path] = typer.Option(None, "--extra-json", help="JSON file merged into card.extra (e.g. pseudo_target_defaults, metrics)."),
+    input_size: Optional[int] = typer.Option(None, "--input-size", help="The card's input size, the size the model is adapted at (default: the run's --size)."),
+    serve_size: Optional[int] = typer.Option(None, "--serve-size", help="The size the model restores faces at, when not --input-size (a run with --mix-size trained at both)."),
 ):
     """Export the EMA weights of a run's last checkpoint as a zoo folder (model.safetensors, config.json, card.json)."""
     extra = json.loads(extra_json.read_text()) if extra_json else None
     metrics = extra.pop("metrics", None) if extra else None
     try:
-        p = export(run_dir, dest, extra=extra, metrics=metrics, command=" ".join(shlex.quote(a) for a in sys.argv))
+        p = export(run_dir, dest, extra=extra, metrics=metrics, command=" ".join(shlex.quote(a) for a in sys.argv),
+                   input_size=input_size, serve_size=serve_size)
     except FileNotFoundError as exc:
         fail(str(exc))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc))
     size = (p / "model.safetensors").stat().st_size
     typer.echo(f"exported {run_dir} -> {p} ({size / 1e6:.2f} MB)")

@@ -13,6 +13,8 @@ from restoration.faces.helper import FaceHelper
 from restoration.faces.fidelity import DETAIL_RATIO, check_fidelity, decide
 from restoration.faces.restore import Restorer, restore_photo
 from restoration.models.io import to_tensor, to_uint8
+from restoration.models.zoo import Zoo
+from restoration.settings import get_settings
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +62,9 @@ def test_fidelity_one_returns_the_input_unchanged(restorer, shared_dir):
 
 
 def test_fidelity_zero_at_model_size_is_the_plain_output(restorer, helper, shared_dir):
-    crop = cv2.resize(_hq(shared_dir, 1)[0], (64, 64), interpolation=cv2.INTER_AREA)
-    plain = to_uint8(restorer.restore_tensor(to_tensor([crop], 64)))[0]  # the network output, nothing else
+    s = restorer.size
+    crop = cv2.resize(_hq(shared_dir, 1)[0], (s, s), interpolation=cv2.INTER_AREA)
+    plain = to_uint8(restorer.restore_tensor(to_tensor([crop], s)))[0]  # the network output, nothing else
     for f in (None, 0.0):
         out, info = restorer.restore_crops([crop], fidelity=f, return_info=True)
         assert np.array_equal(out[0], plain) and info[0]["mode"] == "restored"
@@ -74,11 +77,12 @@ def test_fidelity_zero_at_model_size_is_the_plain_output(restorer, helper, share
 
 
 def test_detail_preserving_keeps_a_large_sharp_crop_sharp(restorer, shared_dir):
-    for crop in _hq(shared_dir, 3, 256):
-        plain = restorer.restore_crops([crop], detail_ratio=1e9)[0]  # the old behaviour: upsampled 64 px output
+    side = 4 * restorer.size  # above DETAIL_RATIO x the model size
+    for crop in _hq(shared_dir, 3, side):
+        plain = restorer.restore_crops([crop], detail_ratio=1e9)[0]  # the old behaviour: upsampled model output
         outs, info = restorer.restore_crops([crop], return_info=True)  # default: auto
         out = outs[0]
-        assert info[0] == {"native_size": 256.0, "mode": "detail_preserving", "fidelity": 0.0}
+        assert info[0] == {"native_size": float(side), "mode": "detail_preserving", "fidelity": 0.0}
         src = _lapvar(crop)
         assert _lapvar(plain) < 0.1 * src  # what the issue saw (337 -> 1.3 at its size)
         assert _lapvar(out) > 0.8 * src
@@ -86,7 +90,8 @@ def test_detail_preserving_keeps_a_large_sharp_crop_sharp(restorer, shared_dir):
 
 
 def test_detail_preserving_paste_in_a_photo(restorer, shared_dir):
-    photo = _photo(shared_dir)
+    # a sharp face far above DETAIL_RATIO x the model size: a 512 px face on a plain background
+    photo = cv2.copyMakeBorder(_hq(shared_dir, 1, 512)[0], 160, 160, 160, 160, cv2.BORDER_CONSTANT, value=(120, 120, 120))
     old = restorer.restore_image(photo, detector="retinaface", detail_ratio=1e9, guard=False)
     new = restorer.restore_image(photo, detector="retinaface", guard=False)
     assert [f.extra["mode"] for f in old.faces] == ["restored"] * len(old.faces)
@@ -131,6 +136,7 @@ def test_api_fidelity_field(embedded_api, shared_dir):
     """POST /v1/restore: `fidelity` in [0, 1] (else a 422 naming the field and why), per-face native_size / mode /
     fidelity in JSON mode, X-FaceAdapt-Modes / X-FaceAdapt-Fidelity headers in image mode."""
     img = (shared_dir / "data/realworld/whole/Blake_Lively.jpg").read_bytes()
+    size = Zoo().get(get_settings().default_restorer).restore_size  # the model input size faces are restored at
     c = embedded_api
     post = lambda data, **kw: c.post("/v1/restore", files={"image": ("f.jpg", img, "image/jpeg")},  # noqa: E731
                                      data=data, **kw)
@@ -145,7 +151,7 @@ def test_api_fidelity_field(embedded_api, shared_dir):
     assert body["gray"] is False
     for f in body["faces"]:  # the mode by native size, or (never worse) a fallback from it, with the reason
         planned = f["planned"] or f["mode"]
-        assert planned == ("detail_preserving" if f["native_size"] > DETAIL_RATIO * 64 else "restored")
+        assert planned == ("detail_preserving" if f["native_size"] > DETAIL_RATIO * size else "restored")
         assert (f["reason"] is None) == (f["planned"] is None) and f["check"]["detail_kept"] >= 0.8
         assert f["fidelity"] in (0.0, 1.0)
     fell = [k for k, f in enumerate(body["faces"], 1) if f["reason"]]

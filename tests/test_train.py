@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from restoration.data import faces as D
+from restoration.faces import Restorer
 from restoration.models.io import to_tensor
 from restoration.models.zoo import Zoo
 from restoration.training import state
@@ -181,6 +182,39 @@ def test_restorer_trains_on_native_sizes(tmp_path, faces_root):
     ck = state.load(last_checkpoint(out))
     assert ck["config"]["native_sizes"] == [16, 32]
     assert (out / "samples_00000002.png").is_file()
+
+
+def test_restorer_trains_at_two_sizes_and_restores_at_its_serve_size(tmp_path, faces_root):
+    """--size 32 --mix-size 16 --mix-every 2: every 2nd step at 16 px (the log's mean size says so); the export's card
+    is adapted at 16 px and restores at 32 (Restorer.size); a size the run never trained at is refused."""
+    out = tmp_path / "two"
+    cfg = RestorerTrainConfig(out_dir=str(out), size=32, mix_size=16, mix_every=2, batch_size=2, steps=4, limit=4,
+                              model=TINY_RESTORER, data_root=str(faces_root), cache_dir=None, ckpt_every=4,
+                              sample_every=0, gan_weight=0.0, warmup_steps=1, log_every=4)
+    assert train_restorer(cfg, show_bar=False)["step"] == 4
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["size"] for r in rows if "loss" in r] == [24.0]  # 32, 16, 32, 16
+    card = Zoo(root=tmp_path / "zoo", builtin_dir=None).get(
+        export(out, tmp_path / "zoo" / "two", input_size=16, serve_size=32).name)
+    assert (card.input_size, card.serve_size, card.restore_size) == (16, 32, 32)
+    assert "16x16 and 32x32" in card.description and card.extra["training"]["mix_size"] == 16
+    r = Restorer(Zoo(root=tmp_path / "zoo", builtin_dir=None).load("two"), card, device="cpu")
+    assert r.size == 32
+    crops = r.restore_crops([np.full((48, 48, 3), 128, np.uint8)])
+    assert crops[0].shape == (48, 48, 3)
+    with pytest.raises(ValueError, match="trained at 16, 32 px only"):
+        export(out, tmp_path / "zoo" / "bad", serve_size=64)
+    # a plain export keeps the card as before: no serve_size key
+    plain = json.loads((export(out, tmp_path / "zoo" / "plain") / "card.json").read_text())
+    assert plain["input_size"] == 32 and "serve_size" not in plain
+
+
+def test_cli_train_refuses_bad_sizes(tmp_path, faces_root):
+    for args in (["--size", "100"], ["--mix-size", "16"], ["--mix-every", "3"]):
+        r = CliRunner().invoke(app, ["train", "restorer", "--out", str(tmp_path / "r"), *args,
+                                     "--data-root", str(faces_root), "--limit", "2", "--cache-dir", ""])
+        assert r.exit_code == 2 and "Traceback" not in r.output, (args, r.output)
+        assert not (tmp_path / "r").exists()
 
 
 def test_restorer_mse_stage_without_gan(tmp_path, faces_root):

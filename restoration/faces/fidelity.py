@@ -1,7 +1,8 @@
 """Fidelity modes and blends: how much of a restoration goes into each face, by its native size (a restored face is
 never a blurry upsampled model crop by default), and the archs that take the fidelity as their own input.
 
-A restorer works at ``size`` = ``card.input_size`` (64 px for the bundled demo model). A face's *native size* is the
+A restorer works at ``size`` = ``card.restore_size`` (its card's ``serve_size``, else ``input_size``: 128 px for the
+bundled demo model). A face's *native size* is the
 side, in the input's own pixels, of the square that is aligned to the model input: ``size / scale`` of the
 image -> crop similarity for detected faces, the crop's side for aligned crops.
 
@@ -146,7 +147,7 @@ def demo_model_warning(card) -> str | None:
     """A one-line warning when ``card`` is a bundled small demo restorer (input below 256 px), else None."""
     if card is None or getattr(card, "kind", None) != "restorer" or not getattr(card, "builtin", False):
         return None
-    size = int(card.input_size)
+    size = card.restore_size
     if size >= 256:
         return None
     return (f"{card.name} is the bundled {size} px demo restorer: faces up to {int(DETAIL_RATIO * size)} px are "

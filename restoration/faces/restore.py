@@ -287,7 +287,7 @@ class Restorer:
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
         self.model = model.to(self.device).eval()
         self.card = card
-        self.size = int(card.input_size)
+        self.size = card.restore_size  # the model's input size when restoring (card.serve_size, else input_size)
         self.batch_size = max(1, int(batch_size))
         self._helpers: dict = {}
         #: the face prior of the never-worse check's naturalness criterion (a `restoration.diffusion.Prior`, or None:

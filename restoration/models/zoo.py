@@ -53,14 +53,24 @@ class ModelCard:
     description: str = ""
     random_init: bool = False
     extra: dict = field(default_factory=dict)
+    # The input size the model is run at to restore faces, when it differs from `input_size` (the size it is trained
+    # and adapted at): the bundled restorer, trained at both, restores at 128 px and is adapted at 64. None: input_size.
+    serve_size: int | None = None
     # Filled in when read from disk; not stored in card.json.
     builtin: bool = field(default=False, compare=False)
     path: str = field(default="", compare=False)
+
+    @property
+    def restore_size(self) -> int:
+        """The input size the model restores faces at (`serve_size`, else `input_size`)."""
+        return int(self.serve_size or self.input_size)
 
     def to_json(self) -> dict:
         d = asdict(self)
         d.pop("builtin")
         d.pop("path")
+        if d["serve_size"] is None:  # cards without one stay as they were
+            d.pop("serve_size")
         return d
 
     @classmethod

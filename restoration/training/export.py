@@ -21,8 +21,12 @@ LICENSE_TEXT = ("Weights trained on UTKFace (non-commercial research use only): 
 
 def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | None = None, metrics: dict | None = None,
            extra: dict | None = None, description: str | None = None, command: str | None = None,
-           train_command: str | None = None) -> Path:
+           train_command: str | None = None, input_size: int | None = None, serve_size: int | None = None) -> Path:
     """Write the EMA weights of the last checkpoint of `run_dir` as the zoo folder `dest` (`<zoo>/<name>`).
+
+    `input_size` (default: the run's `size`) and `serve_size` (the size the model restores at, when it differs; a
+    restorer trained at two sizes, `mix_size`, is adapted at one and restores at the other) go into the card; each
+    must be a size the run trained at.
 
     The card records the data (UTKFace subset, terms), the split files and their sha256, steps, seed, wall time,
     the training config and `metrics`; `extra` is merged into `card.extra` (e.g. `pseudo_target_defaults`).
@@ -32,6 +36,12 @@ def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | No
         raise FileNotFoundError(f"no checkpoint in {run_dir}")
     s = state.load(ck)
     kind, arch, tcfg = s["kind"], s["arch"], s["config"]
+    trained = {int(tcfg["size"])} | ({int(tcfg["mix_size"])} if tcfg.get("mix_size") else set())
+    input_size = int(input_size or tcfg["size"])
+    for label, v in (("input size", input_size), ("serve size", serve_size)):
+        if v is not None and int(v) not in trained:
+            raise ValueError(f"{label} {v}: {run_dir} trained at {', '.join(map(str, sorted(trained)))} px only")
+    serve_size = int(serve_size) if serve_size and int(serve_size) != input_size else None
     dest = Path(dest)
     imgs_per_s = tcfg["batch_size"] * s["step"] / max(1e-9, s["train_seconds"])
     card_extra: dict = {
@@ -46,6 +56,7 @@ def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | No
                        ", AdamW, EMA; no LPIPS (no LPIPS weights available locally)"),
             "steps": s["step"], "seed": tcfg["seed"], "batch_size": tcfg["batch_size"], "lr": tcfg["lr"],
             "lr_schedule": tcfg["lr_schedule"], "ema_rate": tcfg["ema_rate"], "size": tcfg["size"],
+            "mix_size": tcfg.get("mix_size") or None,
             "images_seen": s["step"] * tcfg["batch_size"], "wall_seconds": round(s["train_seconds"], 1),
             "images_per_second": round(imgs_per_s, 2), "threads": tcfg["threads"], "device": tcfg["device"],
             "segments": s.get("segments", []), "config": tcfg, "checkpoint": ck.name, "weights": "EMA",
@@ -81,7 +92,8 @@ def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | No
         card_extra["lpips"] = "not used: no LPIPS weights on disk"
     for k, v in (extra or {}).items():
         card_extra[k] = v
-    what = f"Small {arch} {'diffusion prior' if kind == 'prior' else 'face restorer'} at {tcfg['size']}x{tcfg['size']}"
+    sizes = " and ".join(f"{v}x{v}" for v in sorted(trained))
+    what = f"Small {arch} {'diffusion prior' if kind == 'prior' else 'face restorer'} at {sizes}"
     if init:
         how = (f"trained on the UTK200 training split: {init['steps']} steps ({init['name']}, sha256 "
                f"{init['sha256'][:12]}) then {s['step']} more (batch {tcfg['batch_size']}), "
@@ -91,7 +103,7 @@ def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | No
     desc = description or f"{what}, {how}"
     zoo = Zoo(root=dest.parent, builtin_dir=None)
     zoo.register(
-        dest.name, arch, tcfg["model"], s["ema"], kind=kind, input_size=int(tcfg["size"]),
+        dest.name, arch, tcfg["model"], s["ema"], kind=kind, input_size=input_size, serve_size=serve_size,
         value_range=[-1.0, 1.0] if kind == "prior" else [0.0, 1.0], overwrite=True,
         license=LICENSE_TEXT, provenance=(f"FaceAdapt `faceadapt train {kind}` (restoration/training/{kind}.py), EMA weights of "
                                           f"{ck.name}; data: UTKFace subset faces-utk200 (non-commercial research terms)"),

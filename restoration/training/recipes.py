@@ -111,6 +111,10 @@ class RestorerTrainConfig(TrainConfig):
     # (`restoration.faces.restore.resize_for_model`); its target is the clean face resized to `size`. Empty: damaged
     # at `size`.
     native_sizes: list = field(default_factory=list)
+    # A second model input size: every `mix_every`-th step trains at `mix_size` instead of `size` (0: never), so that
+    # a model trained to run at 128 px keeps its 64 px behaviour (the size adaptation fine-tunes it at).
+    mix_size: int = 0
+    mix_every: int = 4
 
 
 def make_diffusion(respacing: str | None = "250", diffusion: dict | None = None):

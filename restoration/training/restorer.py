@@ -3,7 +3,7 @@
 A small `swinir_face` trained on synthetic degradations (`cfg.damage`: the standard `restoration.degrade.damage`,
 overridable by `cfg.degradation`, or the broad `restoration.degrade.broad` with `cfg.damage_holdout` held out;
 optionally damaged at native sizes, `cfg.native_sizes`, with the loss taken there through the product's paste,
-`cfg.native_loss`) with an L1 (or MSE) pixel loss plus, after
+`cfg.native_loss`; at the model input size `cfg.size`, every `cfg.mix_every`-th step at `cfg.mix_size`) with an L1 (or MSE) pixel loss plus, after
 `gan_start` steps, a small non-saturating GAN term against a spectral-norm patch discriminator (warmed up 100 steps
 before). AdamW with a warm-up and cosine decay (`schedules.warmup_lr`), gradient clipping, an EMA of the weights.
 LPIPS is not used: no LPIPS weights are available on these machines. Seeded and resumable (see `runs.Run`); every
@@ -35,7 +35,7 @@ def train_restorer(cfg: RestorerTrainConfig, progress: ProgressFn | None = None,
                    show_bar: bool = True) -> dict:
     """Train (or continue training) the small restorer; returns {step, train_seconds, stopped, checkpoint}."""
     run = Run(cfg, "restorer", RESTORER_ARCH, progress, show_bar)  # the out dir and its log; threads, seeds
-    load_size = max([cfg.size, *cfg.native_sizes])  # faces are loaded large enough for every native size
+    load_size = max([cfg.size, cfg.mix_size, *cfg.native_sizes])  # faces are loaded large enough for every native size
     images = run.load_faces(load_size)
     gen = torch.Generator().manual_seed(cfg.seed)  # data order and flips
     batches = EpochBatches(len(images), cfg.batch_size, gen)
@@ -80,14 +80,16 @@ def train_restorer(cfg: RestorerTrainConfig, progress: ProgressFn | None = None,
             gt = batch_images(images, batches.next(), gen, flip=True).to(run.device)
             lr = warmup_lr(run.step, cfg.lr, cfg.warmup_steps, cfg.steps, cfg.lr_schedule)
             set_lr(opt, lr)
+            mixed = cfg.mix_size and run.step % cfg.mix_every == cfg.mix_every - 1
+            size = cfg.mix_size if mixed else cfg.size  # the model's input size for this step
             if cfg.native_loss:  # one native size per batch; the loss where the product shows the face
                 lq, lq_s, gt_s = (t.to(run.device) for t in native_batch(gt, params, np_rng, cfg.native_sizes,
-                                                                          cfg.size))
+                                                                          size))
                 out = model(lq)
                 shown, target = pasted_output(out, lq, lq_s), gt_s
                 gt = gt_s  # the discriminator judges what is shown against clean faces of that size
             else:
-                lq, gt = damage_batch(gt, params, np_rng, cfg.native_sizes, cfg.size)
+                lq, gt = damage_batch(gt, params, np_rng, cfg.native_sizes, size)
                 lq, gt = lq.to(run.device), gt.to(run.device)
                 out = model(lq)
                 shown, target = out, gt
@@ -95,7 +97,7 @@ def train_restorer(cfg: RestorerTrainConfig, progress: ProgressFn | None = None,
             # generator: pixel loss (+ the GAN term from `gan_start`)
             l1 = (shown - target).abs().mean()
             loss = l1
-            vals = {"l1": l1.item()}
+            vals = {"l1": l1.item(), **({"size": float(size)} if cfg.mix_size else {})}
             if cfg.pixel_loss == "mse":
                 loss = (shown - target).pow(2).mean()
                 vals["mse"] = loss.item()
