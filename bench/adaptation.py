@@ -48,6 +48,7 @@ import json
 import random
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +58,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from restoration.adaptation import (MANIFEST, crop_size, default_config, evaluate, finetune, generate_targets,
-                                    load_adapted, prepare, read_job)  # noqa: E402
+from restoration.adaptation import (MANIFEST, adapted_serve_size, crop_size, default_config, evaluate,  # noqa: E402
+                                    finetune, generate_targets, load_adapted, prepare, read_job)
 
 from restoration import data
 
@@ -234,11 +235,20 @@ def run_domain(domain: str, args, zoo: Zoo, hq_paths: list[Path]) -> list[dict]:
         ev = evaluate(wd, zoo=zoo, device="cpu")
         minutes = (time.perf_counter() - t0) / 60
         model = load_adapted(wd, read_job(wd), zoo, torch.device("cpu"))
-        adapted = Restorer(model, base_card, device="cpu", batch_size=32)
+        # restored as the registered model is: its card's sizes (`adapted_serve_size`)
+        card = replace(base_card, input_size=man["size"], serve_size=adapted_serve_size(base_card, man["size"]))
+        adapted = Restorer(model, card, device="cpu", batch_size=32)
         outs = restore_all(adapted, test_lq)
         ps, ss = score(outs, test_gt)
         gate = ev.get("gate", {})
         es = res.get("early_stopping")
+        if card.restore_size != man["size"]:  # for comparison: restored at the size it was fine-tuned at
+            o2 = restore_all(Restorer(model, replace(card, serve_size=None), device="cpu", batch_size=32), test_lq)
+            p2, s2 = score(o2, test_gt)
+            rows.append({"method": f"{METHODS[m]}, restored at {man['size']} px", "n": n_train,
+                         "psnr": p2, "ssim": s2, "sharpness": sharp(o2), "minutes": 0.0})
+            print(f"  {m} x{n_train} restored at {man['size']} px: PSNR {p2:.2f} SSIM {s2:.4f} sharpness "
+                  f"{rows[-1]['sharpness']:.2f}", flush=True)
         rows.append({"method": METHODS[m], "n": n_train, "psnr": ps, "ssim": ss, "sharpness": sharp(outs),
                      "steps": res["steps"], "best_step": es.get("step") if isinstance(es, dict) else None,
                      "minutes": minutes, "pt_minutes": t_pt / 60,

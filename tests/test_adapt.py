@@ -257,6 +257,18 @@ def test_config_json_roundtrip():
         PseudoTargetParams(schedule="euler")
 
 
+def test_adapted_model_restores_at_its_base_serve_size(zoo):
+    """A base trained at two sizes (serve_size) passes it on when adapted at its input size, not at another size."""
+    from dataclasses import replace
+
+    from restoration.adaptation import adapted_serve_size
+
+    base = zoo.get("tiny-restorer")
+    assert adapted_serve_size(base, 64) is None  # no serve_size: restored at the size it is adapted at
+    two = replace(base, serve_size=128)
+    assert adapted_serve_size(two, 64) == 128 and adapted_serve_size(two, 96) is None
+
+
 def test_run_adaptation_registers_model(tmp_path, faces, zoo):
     stages = set()
     res = run_adaptation(faces / "lq", base="tiny-restorer", prior="tiny-prior", name="tiny-adapted",
@@ -266,7 +278,7 @@ def test_run_adaptation_registers_model(tmp_path, faces, zoo):
     assert res["faces"] == {"train": 4, "eval": 2}
     card = zoo.get("tiny-adapted")
     ex = card.extra
-    assert card.kind == "restorer" and card.input_size == 64
+    assert card.kind == "restorer" and card.input_size == 64 and card.serve_size is None and card.restore_size == 64
     assert ex["base"] == "tiny-restorer" and ex["prior"] == "tiny-prior" and ex["data_count"] == N_IMAGES
     assert len(ex["data_sha256"]) == 64 and ex["config"]["pseudo"]["start"] == 4
     ev = ex["evaluation"]["metrics"]

@@ -18,7 +18,17 @@ from restoration.adaptation.workdir import (FINETUNE_RESULT, GRID, METRICS, MODE
 from restoration.faces.alignment import template_for_card
 from restoration.models.zoo import ModelCard
 
-__all__ = ["register"]
+__all__ = ["register", "adapted_serve_size"]
+
+
+def adapted_serve_size(base_card: ModelCard, size: int) -> int | None:
+    """The `serve_size` of a model adapted from `base_card` at crop side `size`: the base's, when the adaptation ran
+    at the base's input size (a base trained at two sizes, such as the bundled restorer: adapted at 64 px, its weights
+    restore better at 128 px as well; bench/adaptation.py prints both, docs/MODELS.md), else None (restored at
+    `size`, the size it was fine-tuned at)."""
+    if base_card.serve_size and int(size) == int(base_card.input_size):
+        return int(base_card.serve_size)
+    return None
 
 
 def register(workdir: str | Path, zoo=None, name: str | None = None, overwrite: bool = False,
@@ -68,6 +78,7 @@ def register(workdir: str | Path, zoo=None, name: str | None = None, overwrite: 
     card = zoo.register(
         name, base_cfg["arch"], base_cfg["config"], load_file(str(workdir / MODEL)),
         kind="restorer", input_size=man["size"], value_range=base_card.value_range, overwrite=overwrite,
+        serve_size=adapted_serve_size(base_card, man["size"]),
         license=base_card.license,
         provenance=f"FaceAdapt adaptation of {job['base']} on {man['data_count']} customer images "
                    f"(data sha256 {man['data_sha256'][:12]}), pseudo targets from "
