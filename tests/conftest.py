@@ -35,7 +35,7 @@ def facexlib_root(shared_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def restorer(facexlib_root):
-    """The bundled 64 px restorer (faceadapt-swinir-small) on the CPU, the shared facexlib weights in the settings."""
+    """The bundled restorer (faceadapt-swinir-small: adapted at 64 px, restores at 128) on the CPU, the shared facexlib weights in the settings."""
     from restoration.faces.restore import Restorer
     from restoration.settings import get_settings
 
