@@ -166,7 +166,11 @@ def test_run_adaptation_gfpgan_end_to_end(tmp_path, faces, zoo):
     man = json.loads((wd / "prepare" / "manifest.json").read_text())
     it = next(i for i in man["items"] if i["split"] == "train")
     crop = torch.from_numpy(_png(wd / "prepare" / it["crop"])).permute(2, 0, 1)[None].float() / 255
-    assert np.array_equal(_png(wd / "targets" / f"{it['id']}.x0.png"), to_uint8(restore_batch(base, crop, [-1, 1]))[0])
+    # (to the rounding of a level: the pipeline ran it in a batch, on one thread, and convolutions may sum in another
+    # order for another batch size or thread count on some CPUs)
+    mine = to_uint8(restore_batch(base, crop, [-1, 1]))[0].astype(np.int16)
+    diff = np.abs(_png(wd / "targets" / f"{it['id']}.x0.png").astype(np.int16) - mine)
+    assert diff.max() <= 1 and diff.mean() < 0.01, (diff.max(), diff.mean())
 
     # evaluation is reproducible and the adapted model restores through the product path in its own range
     ev = res["evaluation"]
