@@ -20,7 +20,7 @@ from restoration.training import (DAMAGE_MODELS, PIXEL_LOSSES, PriorTrainConfig,
                                   last_checkpoint, train_prior, train_restorer)
 
 train_app = typer.Typer(
-    help=("Train the small default models on the UTK200 faces (64x64): the diffusion prior (iddpm_unet) and the "
+    help=("Train the small default models on the UTK200 faces (64x64 by default): the diffusion prior (iddpm_unet) and the "
           "restorer (swinir_face). Runs are seeded and resume from the last checkpoint in their out dir. "
           "See docs/MODELS.md for the commands used for the shipped weights."),
     no_args_is_help=True,
@@ -163,7 +163,8 @@ def restorer(
     mix_size: Optional[int] = typer.Option(None, "--mix-size", help="Every 4th step (--mix-every) at this input size instead of --size, e.g. --size 128 --mix-size 64 (default: none)."),
     mix_every: Optional[int] = typer.Option(None, "--mix-every", help="With --mix-size: one step in this many at --mix-size (default 4)."),
 ):
-    """Train the small swinir_face restorer on synthetic degradations (L1 + small GAN term) at 64x64; --damage broad
+    """Train the small swinir_face restorer on synthetic degradations (L1 + small GAN term) at 64x64 (--size for
+    another input size, --mix-size for a second one); --damage broad
     --hold-out ... trains on the broad damage model with some damage types held out."""
     _check_fresh(out, resume)
     cfg = _common(RestorerTrainConfig(), out, steps, seed, device, batch_size, lr, threads, ckpt_every, sample_every,
