@@ -43,7 +43,7 @@ _demo_warned = False
 
 
 def warn_demo_model() -> None:
-    """Log once per process when the default restorer is the bundled small demo model (under 256 px) (and how to pull a 512 px one)."""
+    """Log once per process when the default restorer is a bundled demo model under 256 px, with how to pull a 512 px one."""
     global _demo_warned
     if _demo_warned:
         return

@@ -116,8 +116,8 @@ def test_respaced_schedule_array(diffusion, schedule, name):
     ref = schedule[name].numpy()
     mine = np.asarray(getattr(diffusion, name))
     assert mine.dtype == np.float64 and ref.dtype == np.float64
-    # computed with the same float64 operations: equal to the last bit or two (numpy's log is vectorised per CPU
-    # (AVX2 / AVX-512 paths), and differs by one ulp between machines: 3 of 250 log values, 1.8e-16 relative)
+    # computed with the same float64 operations: equal to the last bit or two (on an AVX2 machine without AVX-512,
+    # 3 of 250 log values differed from the fixture by one ulp, 1.8e-16 relative: vectorised log differs by CPU)
     np.testing.assert_allclose(mine, ref, rtol=5e-16, atol=0,
                                err_msg=f"{name}: max abs diff {np.abs(mine - ref).max():.3g}")
 

@@ -13,6 +13,7 @@ import pytest
 
 pytest_plugins = ["test_service_harness"]
 
+from service.jobs import ORDER  # noqa: E402
 from service.webhooks import sign, url_allowed, verify  # noqa: E402
 from test_service_events import read_sse  # noqa: E402
 from test_service_harness import TINY_PARAMS, face_files  # noqa: E402
@@ -205,7 +206,7 @@ def test_live_stream_and_webhooks_of_one_job(service_stack, tenant_a, dataset, r
     progress = [(m["data"]["progress"]["stage"], m["data"]["progress"]["done"]) for m in msgs
                 if m.get("event") == "status"]
     assert len(set(progress)) >= 2, progress
-    stage_order = [None, "prepare", "targets", "finetune", "evaluate", "register"]
+    stage_order = [None, *ORDER]  # before the first stage, then the engine's stages
     stages_seen = [stage_order.index(s) for s, _ in progress if s in stage_order]
     assert len(stages_seen) == len(progress) and stages_seen == sorted(stages_seen), progress
     assert msgs[-1]["event"] == "end"

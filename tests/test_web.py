@@ -191,8 +191,8 @@ def test_restore_photos(server, browser):
     from PIL import Image, ImageChops
 
     page = open_page(browser, server)
-    card = httpx.get(f"{server.url}/v1/models/default", headers={"Authorization": f"Bearer {server.key}"}).json()["card"]
-    size = card.get("serve_size") or card["input_size"]  # the size the bundled restorer restores at
+    model = httpx.get(f"{server.url}/v1/models/default", headers={"Authorization": f"Bearer {server.key}"}).json()
+    size = model["card"].get("serve_size") or model["card"]["input_size"]  # the size the bundled restorer restores at
     expect(page.locator("#restore-model-note")).to_contain_text(f"{size} px demo restorer")
     photos = [PHOTOS / "Blake_Lively.jpg", PHOTOS / "01.jpg"]  # the last one is shown first
     # what the API answers for each photo (JSON), which the page must show face by face

@@ -200,9 +200,11 @@
     if (extra.source_file) return 'pulled';
     return m.public ? 'bundled' : 'imported';
   }
+  // the size a restorer restores at (ModelCard.restore_size): its serve_size, else its input size
+  const restoreSize = (card) => card.serve_size || card.input_size;
   function modelNote(card) {
-    const s = card && (card.serve_size || card.input_size);  // the size it restores at
-    if (!card || card.kind !== 'restorer' || !(s < 256)) return '';
+    if (!card || card.kind !== 'restorer' || !(restoreSize(card) < 256)) return '';
+    const s = restoreSize(card);
     const head = card.extra && card.extra.adapted
       ? `${card.name} works at ${s} px (adapted from a small demo restorer)`
       : `${card.name} is the bundled ${s} px demo restorer`;
@@ -266,9 +268,9 @@
       const dl = h('dl', {},
         h('dt', { text: 'Kind' }), h('dd', { text: `${m.kind} (${origin(m, card)})` }),
         h('dt', { text: 'Architecture' }), h('dd', { text: m.arch }),
-        h('dt', { text: 'Input size' }), h('dd', { text: card.input_size
-          ? `${card.input_size} px${card.serve_size && card.serve_size !== card.input_size
-            ? ` (restores at ${card.serve_size} px)` : ''}` : '?' }),
+        h('dt', { text: 'Input size' }), h('dd', { text: !card.input_size ? '?'
+          : restoreSize(card) === card.input_size ? `${card.input_size} px`
+            : `${card.input_size} px (restores at ${restoreSize(card)} px)` }),
         h('dt', { text: 'Licence' }), h('dd', { text: card.license || '?' }),
         h('dt', { text: 'Provenance' }), h('dd', { text: card.provenance || '?' }));
       const article = h('article', { class: 'card model', dataset: { name: m.name } },
