@@ -41,7 +41,8 @@ class FaceOut(BaseModel):
         "detail), removed_structure (when detail_kept is under 0.8: how much what was removed follows the face's "
         "edges; at most 0 it was noise, not detail), lowpass_db (low-pass agreement with the input) and, with a "
         "guard prior (FACEADAPT_GUARD_PRIOR), naturalness_db (how much more natural the face prior finds the "
-        "result's coarse structure than the input's; under -1 dB the face falls back)")
+        "result's coarse structure than the input's; under -1 dB the face falls back; at least +0.5 dB, the detail "
+        "removed was noise)")
 
 
 class RestoreJSON(BaseModel):

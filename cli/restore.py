@@ -14,7 +14,8 @@ from cli.checks import check_detector, check_device, check_outdir, check_restore
 from cli.errors import fail
 from cli.models import service_model
 from restoration.faces import (DETAIL_RATIO, FORMATS, ImageError, MAX_NATURALNESS_DROP_DB, MIN_DETAIL_KEPT,
-                               MIN_LOWPASS_DB, demo_model_warning, load_image, mode_counts, save_image, sniff_format)
+                               MIN_LOWPASS_DB, MIN_NOISE_NATURALNESS_GAIN_DB, demo_model_warning, load_image,
+                               mode_counts, save_image, sniff_format)
 from restoration.settings import get_settings
 from service.registry import open_zoo
 
@@ -142,7 +143,8 @@ def restore(
                "never_worse": {"on": fidelity is None, "min_detail_kept": MIN_DETAIL_KEPT,
                                "min_lowpass_db": MIN_LOWPASS_DB,
                                "guard_prior": get_settings().guard_prior if restorer.guard_prior is not None else None,
-                               "max_naturalness_drop_db": MAX_NATURALNESS_DROP_DB},
+                               "max_naturalness_drop_db": MAX_NATURALNESS_DROP_DB,
+                               "min_noise_naturalness_gain_db": MIN_NOISE_NATURALNESS_GAIN_DB},
                "files": []}
     t_start = time.perf_counter()
     bar = tqdm(total=len(files), unit="img", desc="restore")

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from restoration.faces import MAX_NATURALNESS_DROP_DB, MIN_DETAIL_KEPT, check_face, is_gray, keep_gray, load_image
+from restoration.faces import (MAX_NATURALNESS_DROP_DB, MIN_DETAIL_KEPT, MIN_DETAIL_KEPT_PRIOR,
+                               MIN_NOISE_NATURALNESS_GAIN_DB, check_face, is_gray, keep_gray, load_image)
 from restoration.faces.alignment import template_for_card
 from restoration.faces.helper import FaceHelper
 from restoration.faces.restore import restore_photo
@@ -65,6 +66,32 @@ def test_removing_upsampled_noise_is_not_blurring(shared_dir):
     assert clean["ok"] and clean["detail_kept"] < MIN_DETAIL_KEPT and clean["removed_structure"] <= 0, clean
     blurred = check_face(noisy, cv2.GaussianBlur(noisy, (0, 0), 1.5))
     assert not blurred["ok"] and "blur" in blurred["why"] and blurred["removed_structure"] > 0, blurred
+
+
+def test_the_priors_gain_tells_removed_noise_from_a_blur(shared_dir):
+    """With the face prior's figures, a result that loses detail along the face's edges passes when the prior finds it
+    at least MIN_NOISE_NATURALNESS_GAIN_DB more natural (what went was noise), and fails when it does not; a heavy blur
+    whose removed detail does not follow the edges (removed_structure <= 0: too little fine detail left) fails when it
+    keeps under MIN_DETAIL_KEPT_PRIOR and the prior sees no gain."""
+    face = _hq(shared_dir, 128)
+    rng = np.random.default_rng(0)
+    noise = cv2.resize(rng.normal(0, 30, (64, 64, 3)).astype(np.float32), (128, 128), interpolation=cv2.INTER_LINEAR)
+    noisy = np.clip(face + noise, 0, 255).astype(np.uint8)
+    smooth = cv2.GaussianBlur(noisy, (0, 0), 1.5)
+    assert not check_face(noisy, smooth)["ok"]
+    gained = check_face(noisy, smooth, naturalness=(30.0, 30.0 + MIN_NOISE_NATURALNESS_GAIN_DB + 0.1))
+    assert gained["ok"] and gained["removed_structure"] > 0, gained
+    flat = check_face(noisy, smooth, naturalness=(30.0, 30.0 + MIN_NOISE_NATURALNESS_GAIN_DB - 0.2))
+    assert not flat["ok"] and "blur" in flat["why"], flat
+
+    crop = load_image(shared_dir / "data/realworld/cropped/0240.png")
+    heavy = cv2.GaussianBlur(crop, (0, 0), 4.0)
+    alone = check_face(crop, heavy, native_size=512)
+    assert alone["detail_kept"] < MIN_DETAIL_KEPT_PRIOR and alone["removed_structure"] <= 0, alone
+    judged = check_face(crop, heavy, native_size=512, naturalness=(30.0, 30.1))
+    assert not judged["ok"] and "does not find it more natural" in judged["why"], judged
+    assert check_face(crop, heavy, native_size=512,
+                      naturalness=(30.0, 30.0 + MIN_NOISE_NATURALNESS_GAIN_DB))["ok"]
 
 
 def test_naturalness_criterion_of_check_face(shared_dir):

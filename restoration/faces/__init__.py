@@ -11,7 +11,8 @@ from restoration.faces.detection import (Face, FaceError, FaceDetector, RETINAFA
 from restoration.faces.alignment import (TEMPLATES, FaceAligner, template, template_for_card)
 from restoration.faces.fidelity import (DETAIL_RATIO, MODES, NETWORK_FIDELITY, FaceMode, decide, check_fidelity,
                                         demo_model_warning, mode_counts, MIN_DETAIL_KEPT, MIN_LOWPASS_DB,
-                                        MAX_NATURALNESS_DROP_DB, check_face)
+                                        MAX_NATURALNESS_DROP_DB, MIN_NOISE_NATURALNESS_GAIN_DB, MIN_DETAIL_KEPT_PRIOR,
+                                        check_face)
 from restoration.faces.helper import FaceHelper
 from restoration.faces.restore import (Restorer, RestoreResult, RestoreFn, NaturalnessFn, restore_photo, is_gray,
                                        keep_gray)
@@ -22,5 +23,6 @@ __all__ = [
     "RETINAFACE_WEIGHTS", "DEFAULT_SCORE_THRESHOLD", "TEMPLATES", "FaceAligner", "template", "template_for_card",
     "DETAIL_RATIO", "MODES", "NETWORK_FIDELITY", "FaceMode", "decide", "check_fidelity", "demo_model_warning",
     "mode_counts", "FaceHelper", "Restorer", "RestoreResult", "RestoreFn", "NaturalnessFn", "restore_photo",
-    "MIN_DETAIL_KEPT", "MIN_LOWPASS_DB", "MAX_NATURALNESS_DROP_DB", "check_face", "is_gray", "keep_gray",
+    "MIN_DETAIL_KEPT", "MIN_LOWPASS_DB", "MAX_NATURALNESS_DROP_DB", "MIN_NOISE_NATURALNESS_GAIN_DB",
+    "MIN_DETAIL_KEPT_PRIOR", "check_face", "is_gray", "keep_gray",
 ]

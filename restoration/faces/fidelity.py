@@ -24,7 +24,8 @@ Never worse (auto fidelity only, :func:`check_face`): the result of every face i
 input's own scale, over the face's paste mask: the share of the input's fine detail it keeps (:data:`MIN_DETAIL_KEPT`)
 unless what it removed does not follow the result's edges (:data:`MAX_REMOVED_STRUCTURE`: removed noise, not detail),
 and the agreement of the two low-passes (:data:`MIN_LOWPASS_DB`); with a face prior, also how natural the prior finds
-the two faces' coarse structure (:data:`MAX_NATURALNESS_DROP_DB`). A face that fails falls back one mode
+the two faces' coarse structure (:data:`MAX_NATURALNESS_DROP_DB`), which also tells removed noise from a blur
+(:data:`MIN_NOISE_NATURALNESS_GAIN_DB`, :data:`MIN_DETAIL_KEPT_PRIOR`). A face that fails falls back one mode
 (:data:`FALLBACK`: restored -> detail_preserving -> kept), and its ``extra`` says why (``reason``).
 """
 from __future__ import annotations
@@ -42,7 +43,7 @@ __all__ = [
     "DETAIL_RATIO", "MODES", "NETWORK_FIDELITY", "FaceMode", "decide", "network_fidelity", "demo_model_warning",
     "mode_counts", "check_fidelity", "affine_native_size", "blend_aligned", "MIN_DETAIL_KEPT", "MIN_LOWPASS_DB",
     "FALLBACK", "check_face", "fallback_mode", "MAX_REMOVED_STRUCTURE", "MAX_NATURALNESS_DROP_DB", "NATURALNESS_T",
-    "NATURALNESS_GRID",
+    "NATURALNESS_GRID", "MIN_NOISE_NATURALNESS_GAIN_DB", "MIN_DETAIL_KEPT_PRIOR",
 ]
 
 #: faces whose native size exceeds DETAIL_RATIO x the model input size get the detail-preserving paste by default
@@ -175,6 +176,18 @@ MIN_DETAIL_KEPT = 0.8
 #: criterion alone sends back score -0.48 to +0.15 (median -0.30 / -0.18 / -0.11 on the standard / motion blur / shot
 #: noise damages, 60 faces each). docs/MODELS.md, "What a user gets", has the effect on bench/restorer_native.py
 MAX_REMOVED_STRUCTURE = 0.0
+#: ... or, when a face prior is given, unless the prior finds the result's coarse structure at least this much more
+#: natural than the input's (dB of `Prior.naturalness`, as for MAX_NATURALNESS_DROP_DB below): then what it removed
+#: was noise the prior sees. Chosen with the bundled model's results on 1,200 damaged UTK test faces at 128 px and
+#: on shared/data/realworld (docs/MODELS.md, "Never worse: denoised faces"): the 49 results that lose detail with
+#: removed_structure > 0 all gained on the input (+0.45 to +5.3 dB PSNR against the clean face) and score +0.29 to
+#: +2.35 (all but one >= +0.59); the realworld smears score +0.04 to +0.27, plain Gaussian blurs of the UTK faces
+#: mostly under +0.5
+MIN_NOISE_NATURALNESS_GAIN_DB = 0.5
+#: with a face prior, a result that keeps under this share of the input's fine detail is a blur however
+#: `removed_structure` comes out (after a heavy blur too little fine detail is left for that correlation to mean
+#: anything: Gaussian blurs of the realworld faces score -0.4 to 0), unless the prior's gain above says it was noise
+MIN_DETAIL_KEPT_PRIOR = 0.5
 #: and its low-pass must agree with the input's to this PSNR (`lowpass_consistency`, sigma native/48 px, >= 1.5 px);
 #: below it the face was washed out, recoloured or moved
 MIN_LOWPASS_DB = 30.0
@@ -203,7 +216,9 @@ def check_face(before: np.ndarray, after: np.ndarray, weight: np.ndarray | None 
     is under MIN_DETAIL_KEPT also ``removed_structure`` (`metrics.removed_structure`: above MAX_REMOVED_STRUCTURE the
     loss is a blur). ``naturalness``: the face prior's (before, after) figures of the two aligned faces
     (`Prior.naturalness`), which adds ``naturalness_db`` (after - before) and its criterion
-    (:data:`MAX_NATURALNESS_DROP_DB`)."""
+    (:data:`MAX_NATURALNESS_DROP_DB`), and weighs in on a loss of detail: a gain of at least
+    :data:`MIN_NOISE_NATURALNESS_GAIN_DB` says the detail removed was noise; without it a result that keeps under
+    :data:`MIN_DETAIL_KEPT_PRIOR` is a blur."""
     before, after = np.asarray(before), np.asarray(after)
     if before.shape != after.shape:
         raise ValueError(f"before {before.shape} and after {after.shape} differ in shape")
@@ -215,20 +230,25 @@ def check_face(before: np.ndarray, after: np.ndarray, weight: np.ndarray | None 
     kept = detail_energy(after, 1.0, weight) / d_in if d_in > 1e-7 else 1.0
     lp = min(99.0, lowpass_consistency(after, before, sigma, weight))
     out, why = {"detail_kept": round(float(kept), 3), "lowpass_db": round(float(lp), 2)}, []
+    gain = None if naturalness is None else float(naturalness[1]) - float(naturalness[0])
     if kept < MIN_DETAIL_KEPT:
         structure = removed_structure(before, after, 1.0, weight)
         out["removed_structure"] = round(float(structure), 3)
-        if structure > MAX_REMOVED_STRUCTURE:
+        noise = gain is not None and gain >= MIN_NOISE_NATURALNESS_GAIN_DB  # the prior: what went was noise
+        if structure > MAX_REMOVED_STRUCTURE and not noise:
             why.append(f"it would blur the face (keeps {kept:.2f} of the input's fine detail, under "
                        f"{MIN_DETAIL_KEPT}, and what it removes follows the face's edges: {structure:+.2f})")
+        elif gain is not None and kept < MIN_DETAIL_KEPT_PRIOR and not noise:
+            why.append(f"it would blur the face (keeps {kept:.2f} of the input's fine detail, under "
+                       f"{MIN_DETAIL_KEPT_PRIOR}, and the face prior does not find it more natural: {gain:+.2f} dB, "
+                       f"under +{MIN_NOISE_NATURALNESS_GAIN_DB:g})")
     if lp < MIN_LOWPASS_DB:
         why.append(f"it would change the face's coarse content (low-pass agreement {lp:.1f} dB, under "
                    f"{MIN_LOWPASS_DB:g} dB)")
-    if naturalness is not None:
-        drop = float(naturalness[1]) - float(naturalness[0])
-        out["naturalness_db"] = round(drop, 2)
-        if drop < -MAX_NATURALNESS_DROP_DB:
-            why.append(f"it would look less natural to the face prior ({drop:+.2f} dB against the input, under "
+    if gain is not None:
+        out["naturalness_db"] = round(gain, 2)
+        if gain < -MAX_NATURALNESS_DROP_DB:
+            why.append(f"it would look less natural to the face prior ({gain:+.2f} dB against the input, under "
                        f"-{MAX_NATURALNESS_DROP_DB:g} dB: artefacts)")
     out.update(ok=not why, why="; ".join(why) or None)
     return out
