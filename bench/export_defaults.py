@@ -13,7 +13,13 @@
   the tuning table from `--tune` (the JSON written by bench/tune_pseudo_targets.py) and the denoising PSNR of the
   x0-prediction at the start step on 100 clean val faces.
 
-Both go through `restoration.training.export.export` (EMA weights of the last checkpoint).
+Both go through `restoration.training.export.export` (EMA weights of the last checkpoint; `--restorer-checkpoint`
+another one). `--average-with NAME` exports the mean of the restorer run's EMA weights and the zoo model NAME's (the
+shipped restorer is the mean of run 9 at step 550 and its warm start, run 8b: docs/MODELS.md):
+
+    python bench/export_defaults.py --only restorer --restorer-run runs/restorer9 \
+        --restorer-checkpoint runs/restorer9/ckpt_00000550.pt --average-with faceadapt-swinir-small \
+        --input-size 64 --serve-size 128 --threads 2
 """
 from __future__ import annotations
 
@@ -36,7 +42,8 @@ from restoration.data import FacesDataset  # noqa: E402
 from restoration.degrade import HELD_OUT  # noqa: E402
 from restoration.faces import Restorer, load_image  # noqa: E402
 from restoration.models import Zoo  # noqa: E402
-from restoration.training import denoise_psnr, evaluate_restorer, export, load_run_model  # noqa: E402
+from restoration.training import (average_state_dicts, denoise_psnr, evaluate_restorer, export,  # noqa: E402
+                                  load_run_model)
 
 VAL_SEED = 3_000_000
 # the commands of the last training run behind the shipped weights (docs/MODELS.md); run from the repo root. Each
@@ -45,11 +52,12 @@ VAL_SEED = 3_000_000
 PRIOR_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train prior --out runs/prior2 --init-from faceadapt-iddpm-small "
                        "--steps 4500 --seed 1 --threads 1 --lr-schedule cosine --until 13:25 --ckpt-every 500 "
                        "--sample-every 1000")
-RESTORER_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train restorer --out runs/restorer8b --init-from "
-                          "faceadapt-swinir-small --steps 1500 --seed 82 --threads 1 --batch-size 16 --lr 1e-4 "
-                          "--lr-schedule cosine --gan-weight 0.05 --gan-start 100 --size 128 --mix-size 64 "
+RESTORER_TRAIN_COMMAND = ("OMP_NUM_THREADS=1 faceadapt train restorer --out runs/restorer9 --init-from "
+                          "faceadapt-swinir-small --steps 1000 --seed 91 --threads 1 --batch-size 16 --lr 5e-5 "
+                          "--lr-schedule cosine --gan-weight 0.05 --gan-start 0 --size 128 --mix-size 64 "
                           "--native-sizes 64,96,128,160,192 --damage broad --hold-out motion_blur,shot_noise "
-                          "--until 07:50 --ckpt-every 250 --sample-every 500")
+                          "--ckpt-every 50 --sample-every 500  # stopped after step 600; exported: step 550, "
+                          "averaged with its warm start (run 8b)")
 # card.extra entries that are not about the training run (chosen with the adaptation bench): an export keeps them
 KEEP_EXTRA = ("finetune_defaults", "finetune_defaults_note", "pseudo_target_defaults", "pseudo_target_tuning")
 
@@ -91,6 +99,9 @@ def main() -> None:
                                                    "(default: the run's --size)")
     ap.add_argument("--serve-size", type=int, help="restorer: the size it restores faces at, when not --input-size "
                                                    "(a run trained with --mix-size)")
+    ap.add_argument("--restorer-checkpoint", help="restorer: this checkpoint of the run instead of its last one")
+    ap.add_argument("--average-with", help="restorer: export the mean of the run's EMA weights and this zoo model's "
+                                           "(a name in --dest, e.g. faceadapt-swinir-small: the run's warm start)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -103,7 +114,16 @@ def main() -> None:
     if args.only in (None, "prior") and not args.ptd:
         ap.error("--ptd start,constrain_until,down_N is needed to export the prior")
     if args.only in (None, "restorer"):
-        m = load_run_model(args.restorer_run)
+        m = load_run_model(args.restorer_run, "ema", args.restorer_checkpoint)
+        average = None
+        if args.average_with:  # loaded before the export overwrites it
+            other_zoo = Zoo(root=dest, builtin_dir=None)
+            other_card = other_zoo.get(args.average_with)
+            average = (f"{other_card.name} (sha256 {other_card.sha256[:12]})",
+                       other_zoo.load(args.average_with).state_dict())
+            step = m.step
+            m.load_state_dict(average_state_dicts(m.state_dict(), average[1]))
+            m.step = step
         r = evaluate_restorer(m, gt, seed=VAL_SEED)
         metrics = {"val": {"split": "val", "degradation": "DegradationParams() standard, seeds 3000000+i",
                            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()},
@@ -115,9 +135,9 @@ def main() -> None:
         for damage in ("broad", *HELD_OUT):  # the broad damage it trained on, and each type it never saw
             metrics[f"test_native_128_{damage}"] = native_metrics(m, new, 128, damage=damage)
         kept = {k: old.extra[k] for k in KEEP_EXTRA if k in old.extra}
-        p = export(args.restorer_run, dest / "faceadapt-swinir-small", metrics=metrics, extra={**kept, **note},
-                   command=cmd, train_command=RESTORER_TRAIN_COMMAND, input_size=args.input_size,
-                   serve_size=args.serve_size)
+        p = export(args.restorer_run, dest / "faceadapt-swinir-small", checkpoint=args.restorer_checkpoint,
+                   metrics=metrics, extra={**kept, **note}, command=cmd, train_command=RESTORER_TRAIN_COMMAND,
+                   input_size=args.input_size, serve_size=args.serve_size, average_with=average)
         print("restorer", m.step, "steps", json.dumps(metrics), "->", p)
     if args.only in (None, "prior"):
         start, until, n = (int(v) for v in args.ptd.split(","))

@@ -140,6 +140,17 @@ def test_warm_start_from_an_exported_model(tmp_path, faces_root):
     assert tr["steps"] == 3 and tr["total"]["steps"] == 5 and tr["total"]["images_seen"] == 10
     assert tr["init_from"]["sha256"] == Zoo(root=tmp_path / "zoo", builtin_dir=None).get("first").sha256
 
+    # exported as the mean of its EMA weights and the warm start's: every weight halfway, and the card says so
+    export(tmp_path / "b", tmp_path / "zoo" / "mean", average_with=("first", sd))
+    mean = Zoo(root=tmp_path / "zoo", builtin_dir=None)
+    second = mean.load("second").state_dict()
+    got = mean.load("mean").state_dict()
+    assert all(torch.allclose(got[k], (second[k] + v) / 2) for k, v in sd.items() if v.is_floating_point())
+    card = mean.get("mean")
+    assert "mean of the EMA weights" in card.provenance and "first" in card.extra["training"]["weights"]
+    with pytest.raises(ValueError, match="differ"):
+        export(tmp_path / "b", tmp_path / "zoo" / "bad", average_with=("x", {k: v[..., :1] for k, v in sd.items()}))
+
     # a different model config is refused with the keys that differ
     bad = dict(base, model=dict(TINY_RESTORER, embed_dim=8, num_heads=[1]))
     with pytest.raises(TrainSetupError, match="embed_dim"):

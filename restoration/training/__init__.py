@@ -21,7 +21,7 @@ from restoration.training.restorer import train_restorer
 from restoration.training.batches import (degradation_params, degrade_native_batch)
 from restoration.training.evaluate import (psnr_ssim, save_grid, sample_prior, denoise_psnr, evaluate_restorer,
                                            degrade_pair)
-from restoration.training.export import (LICENSE_TEXT, export)
+from restoration.training.export import (LICENSE_TEXT, export, average_state_dicts)
 from restoration.training.finetune import (FinetuneConfig, FinetuneResult, finetune)
 from restoration.training.finetune_codeformer import (CodeFormerFinetuneConfig, HQCodes, code_losses,
                                                       trainable_parameters, finetune_codeformer)
@@ -31,6 +31,6 @@ __all__ = [
     "RestorerTrainConfig", "make_diffusion", "TrainSetupError", "last_checkpoint", "list_checkpoints",
     "load_run_model", "param_count", "train_prior", "train_restorer", "degradation_params", "degrade_native_batch",
     "psnr_ssim", "save_grid", "sample_prior", "denoise_psnr", "evaluate_restorer", "degrade_pair", "LICENSE_TEXT",
-    "export", "FinetuneConfig", "FinetuneResult", "finetune", "CodeFormerFinetuneConfig", "HQCodes", "code_losses",
+    "export", "average_state_dicts", "FinetuneConfig", "FinetuneResult", "finetune", "CodeFormerFinetuneConfig", "HQCodes", "code_losses",
     "trainable_parameters", "finetune_codeformer",
 ]

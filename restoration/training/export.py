@@ -13,7 +13,7 @@ import restoration.training.state as state
 from restoration.training.recipes import DIFFUSION_DEFAULT, PSEUDO_TARGET_DEFAULTS_REFERENCE
 from restoration.training.runs import last_checkpoint
 
-__all__ = ["LICENSE_TEXT", "export"]
+__all__ = ["LICENSE_TEXT", "export", "average_state_dicts"]
 
 LICENSE_TEXT = ("Weights trained on UTKFace (non-commercial research use only): research / non-commercial use only. "
                 "Code: Apache-2.0.")
@@ -21,12 +21,14 @@ LICENSE_TEXT = ("Weights trained on UTKFace (non-commercial research use only): 
 
 def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | None = None, metrics: dict | None = None,
            extra: dict | None = None, description: str | None = None, command: str | None = None,
-           train_command: str | None = None, input_size: int | None = None, serve_size: int | None = None) -> Path:
+           train_command: str | None = None, input_size: int | None = None, serve_size: int | None = None,
+           average_with: tuple[str, dict] | None = None) -> Path:
     """Write the EMA weights of the last checkpoint of `run_dir` as the zoo folder `dest` (`<zoo>/<name>`).
 
     `input_size` (default: the run's `size`) and `serve_size` (the size the model restores at, when it differs; a
     restorer trained at two sizes, `mix_size`, is adapted at one and restores at the other) go into the card; each
-    must be a size the run trained at.
+    must be a size the run trained at. `average_with` (label, state dict of the same arch): the weights written are
+    the mean of the checkpoint's EMA weights and these (a weight average of two runs), and the card says so.
 
     The card records the data (UTKFace subset, terms), the split files and their sha256, steps, seed, wall time,
     the training config and `metrics`; `extra` is merged into `card.extra` (e.g. `pseudo_target_defaults`).
@@ -101,12 +103,32 @@ def export(run_dir: str | Path, dest: str | Path, *, checkpoint: str | Path | No
     else:
         how = f"trained from scratch on the UTK200 training split ({s['step']} steps, batch {tcfg['batch_size']})."
     desc = description or f"{what}, {how}"
+    weights, what_weights = s["ema"], f"EMA weights of {ck.name}"
+    if average_with is not None:
+        label, other = average_with
+        weights = average_state_dicts(s["ema"], other)
+        what_weights = f"the mean of the EMA weights of {ck.name} and of {label}"
+        card_extra["training"]["weights"] = f"mean of the EMA weights and {label}"
+        desc = f"{desc} Its weights are {what_weights}."
     zoo = Zoo(root=dest.parent, builtin_dir=None)
     zoo.register(
-        dest.name, arch, tcfg["model"], s["ema"], kind=kind, input_size=input_size, serve_size=serve_size,
+        dest.name, arch, tcfg["model"], weights, kind=kind, input_size=input_size, serve_size=serve_size,
         value_range=[-1.0, 1.0] if kind == "prior" else [0.0, 1.0], overwrite=True,
-        license=LICENSE_TEXT, provenance=(f"FaceAdapt `faceadapt train {kind}` (restoration/training/{kind}.py), EMA weights of "
-                                          f"{ck.name}; data: UTKFace subset faces-utk200 (non-commercial research terms)"),
+        license=LICENSE_TEXT, provenance=(f"FaceAdapt `faceadapt train {kind}` (restoration/training/{kind}.py), "
+                                          f"{what_weights}; data: UTKFace subset faces-utk200 (non-commercial "
+                                          "research terms)"),
         description=desc, random_init=False, extra=card_extra,
     )
     return dest
+
+
+def average_state_dicts(a: dict, b: dict) -> dict:
+    """The parameter-wise mean of two state dicts of one architecture (non-float buffers taken from ``a``)."""
+    if set(a) != set(b):
+        raise ValueError(f"the two state dicts differ in keys: {sorted(set(a) ^ set(b))[:5]}")
+    out = {}
+    for k, v in a.items():
+        if v.shape != b[k].shape:
+            raise ValueError(f"{k}: shapes {tuple(v.shape)} and {tuple(b[k].shape)} differ")
+        out[k] = ((v.float() + b[k].float()) / 2).to(v.dtype) if v.is_floating_point() else v.clone()
+    return out
