@@ -178,7 +178,7 @@ MIN_DETAIL_KEPT = 0.8
 MAX_REMOVED_STRUCTURE = 0.0
 #: ... or, when a face prior is given, unless the prior finds the result's coarse structure at least this much more
 #: natural than the input's (dB of `Prior.naturalness`, as for MAX_NATURALNESS_DROP_DB below): then what it removed
-#: was noise the prior sees. Chosen with the bundled model's results on 1,200 damaged UTK test faces at 128 px and
+#: was noise the prior sees. Chosen with run 8b's results on 1,200 damaged UTK test faces at 128 px and
 #: on shared/data/realworld (docs/MODELS.md, "Never worse: denoised faces"): the 49 results that lose detail with
 #: removed_structure > 0 all gained on the input (+0.45 to +5.3 dB PSNR against the clean face) and score +0.29 to
 #: +2.35 (all but one >= +0.59); the realworld smears score +0.04 to +0.27, plain Gaussian blurs of the UTK faces
@@ -186,7 +186,8 @@ MAX_REMOVED_STRUCTURE = 0.0
 MIN_NOISE_NATURALNESS_GAIN_DB = 0.5
 #: with a face prior, a result that keeps under this share of the input's fine detail is a blur however
 #: `removed_structure` comes out (after a heavy blur too little fine detail is left for that correlation to mean
-#: anything: Gaussian blurs of the realworld faces score -0.4 to 0), unless the prior's gain above says it was noise
+#: anything: many Gaussian blurs of the realworld crops score -0.4 to 0), unless the prior's gain above says it
+#: was noise
 MIN_DETAIL_KEPT_PRIOR = 0.5
 #: and its low-pass must agree with the input's to this PSNR (`lowpass_consistency`, sigma native/48 px, >= 1.5 px);
 #: below it the face was washed out, recoloured or moved
