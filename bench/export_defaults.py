@@ -115,21 +115,18 @@ def main() -> None:
         ap.error("--ptd start,constrain_until,down_N is needed to export the prior")
     if args.only in (None, "restorer"):
         m = load_run_model(args.restorer_run, "ema", args.restorer_checkpoint)
+        zoo = Zoo(root=dest, builtin_dir=None)
         average = None
-        if args.average_with:  # loaded before the export overwrites it
-            other_zoo = Zoo(root=dest, builtin_dir=None)
-            other_card = other_zoo.get(args.average_with)
-            average = (f"{other_card.name} (sha256 {other_card.sha256[:12]})",
-                       other_zoo.load(args.average_with).state_dict())
-            step = m.step
+        if args.average_with:  # loaded before the export overwrites it; measured as exported
+            other = zoo.get(args.average_with)
+            average = (f"{other.name} (sha256 {other.sha256[:12]})", zoo.load(args.average_with).state_dict())
             m.load_state_dict(average_state_dicts(m.state_dict(), average[1]))
-            m.step = step
         r = evaluate_restorer(m, gt, seed=VAL_SEED)
         metrics = {"val": {"split": "val", "degradation": "DegradationParams() standard, seeds 3000000+i",
                            **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()},
                            "input_is": "degrade() output: LQ upsampled bilinearly",
                            "bicubic_is": "the same LQ upsampled bicubically"}}
-        old = Zoo(root=dest, builtin_dir=None).get("faceadapt-swinir-small")
+        old = zoo.get("faceadapt-swinir-small")
         new = replace(old, input_size=args.input_size or old.input_size, serve_size=args.serve_size)
         metrics["test_native_128"] = native_metrics(m, new, 128)
         for damage in ("broad", *HELD_OUT):  # the broad damage it trained on, and each type it never saw

@@ -33,7 +33,8 @@ from restoration.adaptation.stages import (PREPARE_STAGE, TARGETS_STAGE, FINETUN
 
 __all__ = [
     "AdaptConfig", "default_config", "crop_size", "nest_overrides", "SMALL_SET", "scale_for_faces",
-    "adapted_serve_size", "FIXED_SIZE_ARCHS", "MIN_IMAGES", "check_cards", "check_min_images", "check_job", "min_images",
+    "adapted_serve_size", "FIXED_SIZE_ARCHS", "MIN_IMAGES", "check_cards", "check_min_images", "check_job",
+    "min_images",
     "IMAGE_EXTS", "list_images", "INPUTS", "ZOO", "MANIFEST", "read_job", "PseudoTargetParams", "COLOR_DEAD_ZONE",
     "COLOR_REFERENCE_COUNT", "color_stats", "domain_color_gains", "color_correction", "prepare", "face_record", "describe_faces", "image_usage",
     "usage_label", "ALIGNED_CROP", "PHOTO",

@@ -31,6 +31,7 @@ __all__ = [
     "RestorerTrainConfig", "make_diffusion", "TrainSetupError", "last_checkpoint", "list_checkpoints",
     "load_run_model", "param_count", "train_prior", "train_restorer", "degradation_params", "degrade_native_batch",
     "psnr_ssim", "save_grid", "sample_prior", "denoise_psnr", "evaluate_restorer", "degrade_pair", "LICENSE_TEXT",
-    "export", "average_state_dicts", "FinetuneConfig", "FinetuneResult", "finetune", "CodeFormerFinetuneConfig", "HQCodes", "code_losses",
+    "export", "average_state_dicts", "FinetuneConfig", "FinetuneResult", "finetune", "CodeFormerFinetuneConfig",
+    "HQCodes", "code_losses",
     "trainable_parameters", "finetune_codeformer",
 ]
